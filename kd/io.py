@@ -1,0 +1,118 @@
+"""Files that are never half-written and never trusted blindly.
+
+Every file this repository writes goes through :func:`atomic_write` (temp file in the same folder, fsync,
+``os.replace``). Weights are safetensors (no pickle) with a JSON of metadata beside them that records the
+sha256 of the weights; :func:`load_weights` refuses a file whose hash does not match.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from kd.config import KDError
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | Path, mode: str = "wb"):
+    """Open a temp file beside ``path``; on success fsync and rename over ``path``, else remove it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path: str | Path, obj) -> None:
+    with atomic_write(path, "w") as fh:
+        json.dump(obj, fh, indent=2, sort_keys=True, default=str)
+        fh.write("\n")
+
+
+def read_json(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise KDError(f"missing file {path}") from None
+    except json.JSONDecodeError as e:
+        raise KDError(f"corrupt JSON in {path} ({e.msg} at line {e.lineno}): delete it and rerun") from None
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> str:
+    """Atomically write a safetensors file; returns its sha256."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        clean = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+        save_file(clean, tmp, metadata={k: str(v) for k, v in (metadata or {}).items()})
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        digest = sha256_file(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return digest
+
+
+def load_tensors(path: str | Path, sha256: str | None = None, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """Load a safetensors file, verifying its sha256 first when one is given."""
+    path = Path(path)
+    if not path.exists():
+        raise KDError(f"missing file {path}")
+    if sha256 is not None:
+        actual = sha256_file(path)
+        if actual != sha256:
+            raise KDError(
+                f"{path} is corrupt or was changed: sha256 {actual[:12]}... does not match the recorded "
+                f"{sha256[:12]}...; delete it and recreate it"
+            )
+    try:
+        return load_file(str(path), device=device)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise KDError(f"{path} is not a readable safetensors file ({e}); delete it and recreate it") from None
+
+
+def save_weights(folder: str | Path, state: dict[str, torch.Tensor], meta: dict) -> dict:
+    """``folder/model.safetensors`` + ``folder/meta.json`` (meta gains ``sha256`` and ``file``)."""
+    folder = Path(folder)
+    digest = save_tensors(folder / "model.safetensors", state)
+    meta = {**meta, "sha256": digest, "file": "model.safetensors"}
+    write_json(folder / "meta.json", meta)
+    return meta
+
+
+def load_weights(folder: str | Path, device: str = "cpu") -> tuple[dict[str, torch.Tensor], dict]:
+    folder = Path(folder)
+    meta = read_json(folder / "meta.json")
+    if "sha256" not in meta:
+        raise KDError(f"{folder / 'meta.json'} records no sha256: the weights cannot be verified")
+    return load_tensors(folder / meta.get("file", "model.safetensors"), meta["sha256"], device), meta

@@ -1,0 +1,196 @@
+"""Models: the authors' PreResNet family, a timm bridge, and ensembles.
+
+``build_model("preresnet56", 100)`` is the network of Stanton et al. (gnosis code): bottleneck blocks from
+depth 44 (n = (depth-2)/9 per stage), basic blocks below (n = (depth-2)/6); a bare 3x3 stem; pre-activation
+blocks whose projection shortcut (1x1 conv, stride s, no BN) sees the raw block input; BN-ReLU-pool-linear
+head. ``build_model("timm:resnet18", 10)`` builds any timm model, untrained.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, stack_module_state
+
+from kd.config import KDError
+
+_PRERESNET = re.compile(r"^preresnet(\d+)$")
+
+
+def check_arch(arch: str) -> None:
+    m = _PRERESNET.match(arch)
+    if m:
+        depth = int(m.group(1))
+        if not _valid_depth(depth):
+            raise KDError(
+                f"invalid depth in {arch!r}: use depth = 6n+2 below 44 (8, 14, 20, 26, 32, 38) "
+                "or 9n+2 from 44 (47, 56, 65, ..., 110)"
+            )
+        return
+    if arch.startswith("timm:"):
+        import timm
+
+        name = arch[5:]
+        if name not in timm.list_models():
+            raise KDError(f"unknown timm model {name!r}: see timm.list_models() for the names")
+        return
+    raise KDError(f"unknown arch {arch!r}: use preresnet{{depth}} (e.g. preresnet56) or timm:{{name}}")
+
+
+def _valid_depth(depth: int) -> bool:
+    if depth >= 44:
+        return (depth - 2) % 9 == 0
+    return depth >= 8 and (depth - 2) % 6 == 0
+
+
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(inplanes)
+        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.downsample = _shortcut(inplanes, planes * self.expansion, stride)
+
+    def forward(self, x):
+        out = self.conv1(F.relu(self.bn1(x)))
+        out = self.conv2(F.relu(self.bn2(out)))
+        return out + (x if self.downsample is None else self.downsample(x))
+
+
+class Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(inplanes)
+        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
+        self.downsample = _shortcut(inplanes, planes * self.expansion, stride)
+
+    def forward(self, x):
+        out = self.conv1(F.relu(self.bn1(x)))
+        out = self.conv2(F.relu(self.bn2(out)))
+        out = self.conv3(F.relu(self.bn3(out)))
+        return out + (x if self.downsample is None else self.downsample(x))
+
+
+def _shortcut(inplanes: int, outplanes: int, stride: int):
+    if stride == 1 and inplanes == outplanes:
+        return None
+    return nn.Conv2d(inplanes, outplanes, 1, stride, bias=False)  # on the raw input, no BN
+
+
+class PreResNet(nn.Module):
+    def __init__(self, depth: int, num_classes: int):
+        super().__init__()
+        if not _valid_depth(depth):
+            raise KDError(f"invalid PreResNet depth {depth}")
+        block = Bottleneck if depth >= 44 else BasicBlock
+        n = (depth - 2) // (9 if depth >= 44 else 6)
+        self.inplanes = 16
+        self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
+        self.layer1 = self._stage(block, 16, n, 1)
+        self.layer2 = self._stage(block, 32, n, 2)
+        self.layer3 = self._stage(block, 64, n, 2)
+        self.bn = nn.BatchNorm2d(64 * block.expansion)
+        self.fc = nn.Linear(64 * block.expansion, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                k = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
+                m.weight.data.normal_(0, math.sqrt(2.0 / k))
+            elif isinstance(m, nn.BatchNorm2d):
+                m.weight.data.fill_(1)
+                m.bias.data.zero_()
+
+    def _stage(self, block, planes: int, n: int, stride: int) -> nn.Sequential:
+        layers = [block(self.inplanes, planes, stride)]
+        self.inplanes = planes * block.expansion
+        layers += [block(self.inplanes, planes) for _ in range(1, n)]
+        return nn.Sequential(*layers)
+
+    def forward(self, x):
+        x = self.layer3(self.layer2(self.layer1(self.conv1(x))))
+        x = F.relu(self.bn(x))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+def build_model(arch: str, num_classes: int) -> nn.Module:
+    check_arch(arch)
+    m = _PRERESNET.match(arch)
+    if m:
+        return PreResNet(int(m.group(1)), num_classes)
+    import timm
+
+    return timm.create_model(arch[5:], pretrained=False, num_classes=num_classes)
+
+
+def ensemble_log_probs(logits: torch.Tensor) -> torch.Tensor:
+    """[m, B, C] member logits -> [B, C] log of the mean member probability (logsumexp, stable)."""
+    if logits.dim() != 3:
+        raise ValueError(f"expected member logits of shape [m, B, C], got {tuple(logits.shape)}")
+    m = logits.shape[0]
+    return torch.logsumexp(F.log_softmax(logits.float(), dim=-1), dim=0) - math.log(m)
+
+
+class Ensemble(nn.Module):
+    """m frozen members in eval mode, run as one stacked model (torch.func vmap over stacked weights).
+
+    ``forward(x)`` returns the ensemble's log-probabilities (log of mean probabilities), ``[B, C]``;
+    ``member_logits(x)`` returns ``[m, B, C]``. ``stacked=False`` runs the members one by one (reference).
+    """
+
+    def __init__(self, members: list[nn.Module], stacked: bool = True):
+        super().__init__()
+        if not members:
+            raise ValueError("an ensemble needs at least one member")
+        self.members = nn.ModuleList(members)
+        for p in self.parameters():
+            p.requires_grad_(False)
+        self.stacked = stacked and len(members) > 1
+        self.eval()
+        self._stack = None
+
+    def train(self, mode: bool = True):  # members stay in eval mode whatever the caller asks
+        return super().train(False)
+
+    def _stacked_state(self):
+        dev = next(self.members[0].parameters()).device
+        if self._stack is None or self._stack[2] != dev:
+            params, buffers = stack_module_state(list(self.members))
+            base = copy.deepcopy(self.members[0]).to("meta")
+            self._stack = (params, buffers, dev, base)
+        return self._stack
+
+    @torch.no_grad()
+    def member_logits(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.stacked:
+            return torch.stack([m(x) for m in self.members])
+        params, buffers, _, base = self._stacked_state()
+
+        def one(p, b, inp):
+            return functional_call(base, (p, b), (inp,))
+
+        return torch.vmap(one, in_dims=(0, 0, None))(params, buffers, x)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ensemble_log_probs(self.member_logits(x))
+
+    def _apply(self, fn, recurse=True):  # .to(device) invalidates the stacked copy
+        self._stack = None
+        return super()._apply(fn, recurse)
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

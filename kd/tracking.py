@@ -1,0 +1,142 @@
+"""W&B online or offline, and a local mirror of every artifact the repository logs.
+
+* :func:`wandb_mode`: ``WANDB_MODE`` if set, else online when a W&B login exists, else offline.
+* The local store (``--store``, ``$KD_STORE`` or ``./artifacts``) holds ``NAME/vK/`` folders with a
+  ``manifest.json`` (files and their sha256, metadata, aliases, the producing run) and ``NAME/latest.json``
+  pointing at the newest version. A version folder appears by one rename, so a reader never sees half of it.
+* :func:`publish` logs a W&B artifact (online: uploaded; offline: staged in the run for ``wandb sync``) and
+  mirrors it. :func:`resolve` returns a verified local folder: online through ``run.use_artifact(...)
+  .download()`` so W&B records lineage, offline from the mirror.
+"""
+
+from __future__ import annotations
+
+import netrc
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from urllib.parse import urlparse
+
+from kd.config import KDError, check_name
+from kd.io import read_json, sha256_file, write_json
+
+
+def wandb_mode() -> str:
+    mode = os.environ.get("WANDB_MODE", "").strip().lower()
+    if mode in ("online", "run"):
+        return "online"
+    if mode in ("offline", "dryrun"):
+        return "offline"
+    if mode == "disabled":
+        return "disabled"
+    return "online" if _logged_in() else "offline"
+
+
+def _logged_in() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
+    try:
+        auth = netrc.netrc(os.environ.get("NETRC") or None).authenticators(host)
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+    return bool(auth and auth[2])
+
+
+def announce_mode(mode: str) -> str:
+    if mode == "online":
+        return "W&B: online (logged in); runs and artifacts go to your W&B project"
+    if mode == "disabled":
+        return "W&B: disabled (WANDB_MODE=disabled); nothing is tracked, the local store still is"
+    return ("W&B: offline (no login found); runs are written under ./wandb (upload later with `wandb sync`), "
+            "artifacts mirrored in the local store")
+
+
+def store_root(store: str | Path | None = None) -> Path:
+    return Path(store or os.environ.get("KD_STORE") or "artifacts").resolve()
+
+
+def _artifact_dir(name: str, store) -> Path:
+    check_name(name, "artifact name")
+    root = store_root(store)
+    folder = (root / name).resolve()
+    if root not in folder.parents:
+        raise KDError(f"artifact name {name!r} would leave the store {root}")
+    return folder
+
+
+def publish(name: str, type: str, files: list[str | Path], metadata: dict, run=None,
+            aliases: list[str] | None = None, store=None) -> Path:
+    """Mirror ``files`` as the next version of ``name`` in the local store and log them to W&B."""
+    folder = _artifact_dir(name, store)
+    folder.mkdir(parents=True, exist_ok=True)
+    versions = [int(p.name[1:]) for p in folder.glob("v*") if p.name[1:].isdigit()]
+    version = f"v{max(versions, default=-1) + 1}"
+    tmp = Path(tempfile.mkdtemp(prefix=".incoming-", dir=folder))
+    try:
+        hashes = {}
+        for f in map(Path, files):
+            shutil.copy2(f, tmp / f.name)
+            hashes[f.name] = sha256_file(tmp / f.name)
+        aliases = ["latest", *(aliases or [])]
+        run_id = getattr(run, "id", None)
+        if run_id:
+            aliases.append(run_id)
+        manifest = {"name": name, "type": type, "version": version, "files": hashes,
+                    "metadata": metadata, "aliases": aliases, "run_id": run_id}
+        write_json(tmp / "manifest.json", manifest)
+        os.replace(tmp, folder / version)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    write_json(folder / "latest.json", {"version": version})
+    if run is not None:
+        import wandb
+
+        art = wandb.Artifact(name, type=type, metadata=metadata)
+        for f in files:
+            art.add_file(str(f))
+        run.log_artifact(art, aliases=aliases)
+    return folder / version
+
+
+def local_versions(name: str, store=None) -> Path | None:
+    folder = _artifact_dir(name, store)
+    if not (folder / "latest.json").exists():
+        return None
+    return folder / read_json(folder / "latest.json")["version"]
+
+
+def list_artifacts(prefix: str = "", store=None) -> list[str]:
+    root = store_root(store)
+    if not root.exists():
+        return []
+    return sorted(p.name for p in root.iterdir() if p.name.startswith(prefix) and (p / "latest.json").exists())
+
+
+def verify_folder(folder: Path) -> dict:
+    manifest = read_json(folder / "manifest.json")
+    for fname, digest in manifest["files"].items():
+        path = folder / fname
+        if not path.exists():
+            raise KDError(f"artifact file {path} is missing: delete {folder} and publish it again")
+        if sha256_file(path) != digest:
+            raise KDError(f"artifact file {path} is corrupt (sha256 mismatch): delete {folder} and publish it again")
+    return manifest
+
+
+def resolve(name: str, run=None, store=None, kind: str = "artifact", hint: str = "") -> Path:
+    """A verified local folder holding artifact ``name:latest`` (online: downloaded with lineage)."""
+    if run is not None and wandb_mode() == "online":
+        art = run.use_artifact(f"{name}:latest")
+        path = Path(art.download(root=str(_artifact_dir(name, store) / f"wandb-{art.version}")))
+        return path
+    folder = local_versions(name, store)
+    if folder is None:
+        prefix = name.rsplit("-", 1)[0] + "-" if "-" in name else ""
+        have = list_artifacts(prefix.split("-")[0] + "-", store)
+        listing = ", ".join(have) if have else "none"
+        raise KDError(f"no {kind} {name!r} in the local store {store_root(store)} (have: {listing}){hint}")
+    verify_folder(folder)
+    return folder
