@@ -122,7 +122,7 @@ class PreResNet(nn.Module):
     def forward(self, x):
         x = self.layer3(self.layer2(self.layer1(self.conv1(x))))
         x = F.relu(self.bn(x))
-        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+        return self.fc(x.mean((2, 3)))
 
 
 def build_model(arch: str, num_classes: int) -> nn.Module:
@@ -147,17 +147,19 @@ class Ensemble(nn.Module):
     """m frozen members in eval mode, run as one stacked model (torch.func vmap over stacked weights).
 
     ``forward(x)`` returns the ensemble's log-probabilities (log of mean probabilities), ``[B, C]``;
-    ``member_logits(x)`` returns ``[m, B, C]``. ``stacked=False`` runs the members one by one (reference).
+    ``member_logits(x)`` returns ``[m, B, C]``. ``stacked=False`` runs the members one by one (reference);
+    ``stacked=None`` (default) stacks on accelerators and loops on the CPU, where vmap over convolutions is
+    slower than the loop (``make bench`` measures both).
     """
 
-    def __init__(self, members: list[nn.Module], stacked: bool = True):
+    def __init__(self, members: list[nn.Module], stacked: bool | None = None):
         super().__init__()
         if not members:
             raise ValueError("an ensemble needs at least one member")
         self.members = nn.ModuleList(members)
         for p in self.parameters():
             p.requires_grad_(False)
-        self.stacked = stacked and len(members) > 1
+        self.stacked = stacked
         self.eval()
         self._stack = None
 
@@ -174,7 +176,8 @@ class Ensemble(nn.Module):
 
     @torch.no_grad()
     def member_logits(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.stacked:
+        stacked = x.device.type != "cpu" if self.stacked is None else self.stacked
+        if not stacked or len(self.members) == 1:
             return torch.stack([m(x) for m in self.members])
         params, buffers, _, base = self._stacked_state()
 

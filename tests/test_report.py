@@ -1,0 +1,295 @@
+"""kd.report on real offline W&B runs: grouping, CSV, figures, grid warnings, resumed runs, errors."""
+
+from __future__ import annotations
+
+import csv
+import os
+import statistics
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import wandb
+
+from kd import report
+from kd.config import KDError
+
+STUDY = "tiny"
+N_REAL = 1437
+EPOCHS = 3
+# (ensemble_size, synthetic_ratio, temperature): 2 trials each. Missing on purpose: (3, 0.5, 1) for
+# figure 1 and (3, 0, 4) for figure 2. (`wandb leet inspect` costs ~0.7 s a call: keep the study small.)
+GRID = [(1, 0.0, 1.0), (1, 0.5, 1.0), (3, 0.0, 1.0), (1, 0.0, 4.0)]
+TRIALS = (0, 1)
+RESUMED = (1, 0.5, 1.0, 1)  # this student is written as two offline folders with one run id
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def final_metrics(m, r, tau, trial) -> dict:
+    """What each student logs at its last epoch (a made-up but distinct value per run)."""
+    return {
+        "test/acc": 0.60 + 0.02 * m - 0.03 * r + 0.011 * trial + 0.005 * tau,
+        "test/agreement": 0.70 + 0.03 * m + 0.04 * r + 0.017 * trial - 0.002 * tau,
+        "test/kl": 0.50 - 0.05 * m + 0.1 * trial + 0.01 * tau,
+        "test/ece": 0.05 + 0.013 * trial + 0.001 * m,
+        "teacher/test_acc": 0.65 + 0.03 * m + 0.007 * trial,
+    }
+
+
+def epoch_row(final: dict, epoch: int) -> dict:
+    row = {k: v * epoch / EPOCHS for k, v in final.items() if k != "teacher/test_acc"}
+    return {**row, "train/loss": 1.0 / epoch, "train/agreement": 0.5, "lr": 0.05, "epoch": epoch,
+            "throughput/img_per_s": 1000.0}
+
+
+SETTINGS = dict(silent=True, console="off", x_disable_stats=True, x_disable_meta=True,
+                x_disable_machine_info=True)
+
+
+def _init(root: Path, config: dict, **kw):
+    return wandb.init(mode="offline", dir=str(root), project="kd-fidelity", config=config,
+                      name=config["run_name"], settings=wandb.Settings(**SETTINGS), **kw)
+
+
+def student_config(m, r, tau, trial, study=STUDY) -> dict:
+    names = [f"teacher-digits-preresnet8-s{(trial * m + i) % 6}" for i in range(m)]
+    return {"job": "student", "run_name": f"student-m{m}-t{trial}-r{r:g}-T{tau:g}", "dataset": "digits",
+            "arch": "preresnet8", "seed": -1, "study": study, "epochs": EPOCHS, "ensemble_size": m,
+            "trial": trial, "temperature": tau, "synthetic_ratio": r, "synthetic_pool": "", "teachers": "",
+            "teacher_names": names, "teacher_hashes": [f"h{n[-1]}" for n in names]}
+
+
+def make_student(root: Path, m, r, tau, trial, study=STUDY, finish=True) -> str:
+    final = final_metrics(m, r, tau, trial)
+    run = _init(root, student_config(m, r, tau, trial, study))
+    run.log({"teacher/test_acc": final["teacher/test_acc"]}, step=1)
+    for e in range(1, EPOCHS + 1):
+        run.log(epoch_row(final, e), step=e)
+    if finish:
+        run.summary.update({"data/n_real": N_REAL, "data/n_synthetic": round(r * N_REAL),
+                            "teacher/test_acc": final["teacher/test_acc"], "final": True})
+    run_id = run.id
+    run.finish()
+    return run_id
+
+
+def make_resumed_student(root: Path, m, r, tau, trial) -> str:
+    """Cut off after epoch 2, resumed: the second folder logs epoch 2 again (a new value) and epoch 3."""
+    final = final_metrics(m, r, tau, trial)
+    run = _init(root, student_config(m, r, tau, trial))
+    run_id = run.id
+    run.log({"teacher/test_acc": final["teacher/test_acc"]}, step=1)
+    for e in (1, 2):
+        run.log(epoch_row(final, e), step=e)
+    run.finish()
+    run = _init(root, student_config(m, r, tau, trial), id=run_id, resume="allow")
+    run.log({**epoch_row(final, 2), "test/acc": 0.4242}, step=2)
+    run.log(epoch_row(final, 3), step=3)
+    run.summary.update({"data/n_real": N_REAL, "data/n_synthetic": round(r * N_REAL),
+                        "teacher/test_acc": final["teacher/test_acc"], "final": True})
+    run.finish()
+    return run_id
+
+
+def make_teacher(root: Path, seed: int) -> None:
+    config = {"job": "teacher", "run_name": f"teacher-digits-preresnet8-s{seed}", "dataset": "digits",
+              "arch": "preresnet8", "seed": seed, "study": STUDY, "epochs": EPOCHS}
+    run = _init(root, config)
+    for e in range(1, EPOCHS + 1):
+        run.log({"train/loss": 1.0 / e, "test/acc": 0.7 + 0.01 * seed, "lr": 0.1, "epoch": e,
+                 "throughput/img_per_s": 900.0}, step=e)
+    run.summary["final"] = True
+    run.finish()
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    root = tmp_path_factory.mktemp("study")
+    ids = {}
+    for m, r, tau in GRID:
+        for trial in TRIALS:
+            if (m, r, tau, trial) == RESUMED:
+                ids["resumed"] = make_resumed_student(root, *RESUMED)
+            else:
+                make_student(root, m, r, tau, trial)
+    for seed in range(2):
+        make_teacher(root, seed)
+    ids["cut"] = make_student(root, 1, 0.0, 1.0, 2, finish=False)  # cut off, never resumed
+    make_student(root, 1, 0.0, 1.0, 0, study="other")  # another study in the same folder
+    return root, ids
+
+
+def _args(root: Path, out: Path, *extra: str):
+    return report.parse_args([f"--study={STUDY}", f"--wandb_dir={root}", f"--out={out}", "--offline",
+                              f"--cache_dir={root / '.cache' / 'report'}", *extra])
+
+
+@pytest.fixture(scope="module")
+def result(study):
+    root, _ = study
+    return report.run_report(_args(root, root / "figures"))
+
+
+def test_groups_match_logged_values(result):
+    assert [g.key for g in result.groups] == sorted(GRID)
+    for g in result.groups:
+        assert len(g.runs) == 2
+        assert g.n_real == N_REAL and g.n_synthetic == round(g.synthetic_ratio * N_REAL)
+        for metric in report.METRICS:
+            vals = [final_metrics(*g.key, t)[metric] for t in TRIALS]
+            s = g.stats[metric]
+            assert s["n"] == 2
+            assert s["mean"] == pytest.approx(statistics.fmean(vals), abs=1e-9)
+            assert s["std"] == pytest.approx(statistics.stdev(vals), abs=1e-9)
+            assert (s["min"], s["max"]) == pytest.approx((min(vals), max(vals)), abs=1e-9)
+    assert len(result.teachers) == 2
+    assert all(r.config["study"] == STUDY for r in result.students)  # the other study is left out
+
+
+def test_csv_has_one_row_per_group(result):
+    with open(result.paths["csv"], newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == len(GRID)
+    for row in rows:
+        key = (int(row["ensemble_size"]), float(row["synthetic_ratio"]), float(row["temperature"]))
+        vals = [final_metrics(*key, t)["test/agreement"] for t in TRIALS]
+        assert row["study"] == STUDY and row["dataset"] == "digits" and row["n_runs"] == "2"
+        assert float(row["test_agreement_mean"]) == pytest.approx(statistics.fmean(vals))
+        assert float(row["test_agreement_std"]) == pytest.approx(statistics.stdev(vals))
+        assert float(row["teacher_test_acc_max"]) == pytest.approx(final_metrics(*key, 1)["teacher/test_acc"])
+        assert len(row["run_ids"].split()) == 2
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    return struct.unpack(">II", data[16:24])
+
+
+@pytest.mark.parametrize("name", ["fig1", "fig2"])
+def test_figures_written(result, name):
+    path = result.paths[name]
+    w, h = _png_size(path)
+    assert w > 1200 and h > 500 and path.stat().st_size > 40_000
+    assert not [p for p in path.parent.iterdir() if p.name.startswith(".")]  # no temp files left behind
+
+
+def test_missing_grid_points_and_cut_runs_are_named(result, study):
+    _, ids = study
+    assert sorted(result.missing) == [
+        "missing grid point (fig1): no finished run with ensemble_size=3 synthetic_ratio=0.5 temperature=1",
+        "missing grid point (fig2): no finished run with ensemble_size=3 synthetic_ratio=0 temperature=4",
+    ]
+    cut = [w for w in result.warnings if "not finished" in w]
+    assert len(cut) == 1 and ids["cut"] in cut[0] and "student-m1-t2-r0-T1" in cut[0]
+
+
+def test_resumed_run_is_merged(result, study):
+    root, ids = study
+    folders = sorted((root / "wandb").glob(f"offline-run-*-{ids['resumed']}*"))
+    assert len(folders) == 2
+    (run,) = [r for r in result.students if r.id == ids["resumed"]]
+    assert len(run.sources) == 2
+    assert [row["_step"] for row in run.history] == [1, 2, 3]
+    assert run.history[1]["test/acc"] == 0.4242  # step 2 logged twice: the resumed folder's row wins
+    final = final_metrics(*RESUMED)
+    assert run.history[2]["test/acc"] == pytest.approx(final["test/acc"])
+    assert run.summary["test/acc"] == pytest.approx(final["test/acc"])
+    assert run.config["trial"] == 1 and run.finished
+    assert sum(r.id == ids["resumed"] for g in result.groups for r in g.runs) == 1
+
+
+def test_expect_reads_sweep_specs(study, tmp_path):
+    root, _ = study
+    sweeps = tmp_path / "sweeps"
+    sweeps.mkdir()
+    common = "program: distill.py\nmethod: grid\n"
+    (sweeps / "self_distill.yaml").write_text(common + (
+        "parameters:\n  ensemble_size: {value: 1}\n  synthetic_ratio: {values: [0.0, 0.5]}\n"
+        "  trial: {values: [0, 1]}\n  temperature: {value: 1.0}\n  study: {value: tiny}\n"))
+    (sweeps / "ensemble_distill.yaml").write_text(common + (
+        "parameters:\n  ensemble_size: {value: 3}\n  synthetic_ratio: {values: [0.0, 0.5]}\n"
+        "  trial: {values: [0, 1]}\n"))
+    (sweeps / "ensemble_size.yaml").write_text(common + (
+        "parameters:\n  ensemble_size: {values: [1, 3]}\n  temperature: {values: [1.0, 4.0]}\n"
+        "  trial: {values: [0, 1]}\n"))
+    (sweeps / "teachers.yaml").write_text("program: train.py\nmethod: grid\n"
+                                          "parameters:\n  seed: {values: [0, 1]}\n")
+    res = report.run_report(_args(root, tmp_path / "figs", f"--expect={sweeps}"))
+    expected = [f"missing grid point ({src}): no finished run with ensemble_size={m} synthetic_ratio={r} "
+                f"temperature={t} trial={k}"
+                for src, m, r, t in (("ensemble_distill.yaml", 3, 0.5, 1), ("ensemble_size.yaml", 3, 0, 4))
+                for k in (0, 1)]
+    assert sorted(res.missing) == sorted(expected)
+
+
+def test_cli_subprocess(study, tmp_path):
+    root, _ = study
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "offline", "WANDB_DIR": str(root)}
+    (tmp_path / ".cache").symlink_to(root / ".cache")  # reuse what the module fixture inspected
+    out = subprocess.run([sys.executable, "-m", "kd.report", f"--study={STUDY}", "--out=figs"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "agreement %" in out.stdout and "teacher runs: 2 finished" in out.stdout
+    assert "missing grid point (fig1)" in out.stderr
+    for name in ("fig1.png", "fig2.png", "results.csv"):
+        assert (tmp_path / "figs" / name).stat().st_size > 0
+
+
+def test_no_runs_exits_2_and_writes_nothing(study, tmp_path):
+    root, _ = study
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "offline"}
+    cache = f"--cache_dir={root / '.cache' / 'report'}"  # already filled: fast
+    out = subprocess.run([sys.executable, "-m", "kd.report", "--study=nothing", f"--wandb_dir={root}",
+                          "--out=figs", cache], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [
+        f"error: no finished runs for study nothing in {root}: run the sweeps first, see README"]
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--study=../x"], "error: invalid study '../x'"),
+    (["--study=tiny", "--publish", "--offline"], "error: --publish needs a W&B login: run `wandb login`"),
+])
+def test_user_errors_exit_2(study, tmp_path, capsys, flags, message):
+    root, _ = study
+    assert report.main([f"--wandb_dir={root}", f"--out={tmp_path / 'figs'}", *flags]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(message)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unreadable_folder_is_named(tmp_path):
+    bad = tmp_path / "wandb" / "offline-run-20260101_000000-garbage1"
+    bad.mkdir(parents=True)
+    (bad / "run-garbage1.wandb").write_bytes(os.urandom(3000))
+    with pytest.raises(KDError, match="cannot read W&B run folder .*offline-run-20260101_000000-garbage1"):
+        report.run_report(_args(tmp_path, tmp_path / "figs"))
+    assert not (tmp_path / "figs").exists()
+
+
+def test_x_labels():
+    def g(r, n):
+        return report.Group(1, r, 1.0, runs=[], stats={}, n_real=None, n_synthetic=n)
+
+    assert [report.x_label(g(0.0, 0)), report.x_label(g(0.25, 12500)), report.x_label(g(1.0, 50000)),
+            report.x_label(g(0.5, 719)), report.x_label(g(0.5, None))] == [
+        "real only", "+12.5k", "+50k", "+719", "ratio 0.5"]
+
+
+def test_report_object_builds_offline(result):
+    import wandb_workspaces.reports.v2 as wr
+
+    rep = report.build_report("someone", "kd-fidelity", STUDY, "digits", "preresnet8", result.groups, 3,
+                              "abc123", result.table)
+    assert rep.entity == "someone" and STUDY in rep.title
+    grids = [b for b in rep.blocks if isinstance(b, wr.PanelGrid)]
+    panels = [type(p).__name__ for grid in grids for p in grid.panels]
+    assert panels.count("MediaBrowser") == 2
+    assert {"LinePlot", "ScatterPlot", "BarPlot"} <= set(panels)
+    live = grids[-1].runsets[0]
+    assert "study" in str(live.filters) and STUDY in str(live.filters)

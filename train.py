@@ -1,0 +1,50 @@
+"""Train one teacher with the paper's recipe and publish it as the artifact teacher-{dataset}-{arch}-s{seed}.
+
+    python train.py --dataset=cifar100 --arch=preresnet56 --seed=0            # the paper's teacher
+    accelerate launch train.py --dataset=cifar10 --seed=3 --mixed_precision=bf16
+    python train.py --dataset=digits --arch=preresnet8 --epochs=3             # offline demo size
+
+Every setting is a --key=value flag (python train.py --help). Killed, the same command resumes.
+"""
+
+from kd.config import TrainConfig, parse_flags
+from kd.engine import Session, user_errors
+
+
+def main(argv=None) -> None:
+    with user_errors():
+        cfg = parse_flags(TrainConfig, argv)
+        session = Session(cfg, job="teacher")
+        if session.finished and str(cfg.resume) == "auto":
+            info = session.done_info()
+            print(f"already finished: {session.run_dir} (teacher artifact {info['artifact']}); "
+                  "pass --resume=False to train again")
+            return
+        from kd.data import load_dataset
+        from kd.models import build_model, count_params
+        from kd.objectives import Supervised
+
+        data = load_dataset(cfg.dataset, cfg.data_dir, session.device)
+        model = build_model(cfg.arch, data.spec.num_classes)
+        acc = session.accelerator
+        objective = Supervised(data, cfg.batch_size, cfg.seed, acc.process_index, acc.num_processes)
+        session.start_tracking({"n_params": count_params(model), "n_train": data.n_train})
+        try:
+            history = session.fit(model, objective)
+            final = history[-1]
+            name = f"teacher-{cfg.dataset}-{cfg.arch}-s{cfg.seed}"
+            meta = {"kind": "teacher", "arch": cfg.arch, "dataset": cfg.dataset, "seed": cfg.seed,
+                    "num_classes": data.spec.num_classes, "test_acc": final["test/acc"],
+                    "epochs": cfg.epochs, "run_id": session.run_id, "config": session.config()}
+            path = session.publish(session.model, name, "model", meta)
+            session.summary({**{k: v for k, v in final.items()}, "final": True})
+        finally:
+            session.end()
+        if session.main:
+            print(f"teacher test accuracy {final['test/acc']:.4f}")
+            print(session.where())
+            print(f"teacher artifact {name}: {path}")
+
+
+if __name__ == "__main__":
+    main()
