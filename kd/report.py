@@ -222,6 +222,7 @@ class InspectCache:
 
     def save(self) -> None:
         if self.path is not None and self.dirty:
+            self.entries = {k: v for k, v in self.entries.items() if Path(k).exists()}  # drop deleted runs
             write_json(self.path, {"version": CACHE_VERSION, "entries": self.entries})
 
 
@@ -274,6 +275,16 @@ def read_offline(study: str, wandb_dir: str | Path, cache: InspectCache) -> list
                     merged[row["_step"]] = row  # a step logged again (a resume) keeps its last row
             run.history = [merged[s] for s in sorted(merged)]
     return runs
+
+
+def _default_entity() -> str | None:
+    import wandb
+
+    try:
+        return wandb.Api(timeout=60).default_entity
+    except (wandb.errors.Error, ValueError) as e:
+        why = (str(e).splitlines() or [type(e).__name__])[0]
+        raise KDError(f"W&B API: cannot find your default entity ({why}): pass --entity=NAME") from None
 
 
 def _plain(v):
@@ -361,9 +372,6 @@ class Group:
     @property
     def key(self) -> tuple[int, float, float]:
         return self.ensemble_size, self.synthetic_ratio, self.temperature
-
-    def mean(self, metric: str):
-        return self.stats[metric]["mean"]
 
 
 def _count(runs: list[Run], key: str, what: str, warnings: list[str]) -> int | None:
@@ -557,13 +565,21 @@ def x_label(g: Group) -> str:
     return f"+{n}"
 
 
-def _band(ax, x, groups: list[Group], metric: str, color, **kw):
-    mean = [_pct(g.stats[metric]["mean"]) for g in groups]
-    lo = [_pct(g.stats[metric]["min"]) for g in groups]
-    hi = [_pct(g.stats[metric]["max"]) for g in groups]
-    (line,) = ax.plot(x, mean, color=color, marker=kw.pop("marker", "o"), **kw)
-    if any(g.stats[metric]["n"] > 1 for g in groups):
-        ax.fill_between(x, lo, hi, color=color, alpha=0.18, linewidth=0)
+def _band(ax, x, groups: list[Group | None], metric: str, color, **kw):
+    """Mean line with a min–max band over trials; a None group (no runs) is skipped (labelled elsewhere)."""
+    pts = [(xi, g.stats[metric]) for xi, g in zip(x, groups) if g is not None and g.stats[metric]["n"]]
+    x = [xi for xi, _ in pts]
+    mean, lo, hi = ([_pct(s[k]) for _, s in pts] for k in ("mean", "min", "max"))
+    marker = kw.pop("marker", "o")
+    if len(pts) == 1 and not marker:  # a lone point of a marker-less line: a short horizontal dash
+        marker, kw["markersize"] = "_", 28
+    (line,) = ax.plot(x, mean, color=color, marker=marker, **kw)
+    if any(s["n"] > 1 for _, s in pts):
+        if len(pts) == 1:  # a band needs two points: show the range as an error bar
+            ax.errorbar(x, mean, yerr=[[mean[0] - lo[0]], [hi[0] - mean[0]]], color=color, capsize=4,
+                        alpha=0.5)
+        else:
+            ax.fill_between(x, lo, hi, color=color, alpha=0.18, linewidth=0)
     return line
 
 
@@ -584,41 +600,54 @@ def _trials(groups: list[Group]) -> str:
 
 def figure1(groups: list[Group], study: str, dataset: str, arch: str):
     from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
 
     tau = fig1_temperature(groups)
-    fig = Figure(figsize=(12.5, 5.0), layout="constrained")
+    fig = Figure(figsize=(12.5, 5.8))  # laid out by hand: a shared legend sits between title and panels
     axes = fig.subplots(1, 2)
+    fig.subplots_adjust(left=0.065, right=0.935, top=0.79, bottom=0.2, wspace=0.42)
     titles = {1: "(a) Self-distillation: 1 teacher", 3: "(b) Ensemble distillation: 3 teachers"}
-    shown = []
+    at_tau = [g for g in groups if g.ensemble_size in FIG1_SIZES and g.temperature == tau]
+    ratios = sorted({g.synthetic_ratio for g in at_tau})  # the same categories in both panels
+    labels = {g.synthetic_ratio: f"{x_label(g)}\n(ratio {g.synthetic_ratio:g})" for g in at_tau}
+    x = list(range(len(ratios)))
+    drawn = False
     for ax, m in zip(axes, FIG1_SIZES):
         ax.set_title(titles[m], fontsize=12)
-        gs = sorted((g for g in groups if g.ensemble_size == m and g.temperature == tau),
-                    key=lambda g: g.synthetic_ratio)
-        if not gs:
+        by_ratio = {g.synthetic_ratio: g for g in at_tau if g.ensemble_size == m}
+        if not by_ratio:
             _empty(ax, f"no finished student runs with ensemble_size={m}" + (f", τ={tau:g}" if tau else ""))
             continue
-        shown += gs
-        x = list(range(len(gs)))
+        gs = [by_ratio.get(r) for r in ratios]  # None: a grid point without runs (a gap in the lines)
         right = ax.twinx()
-        h1 = _band(ax, x, gs, "test/agreement", "tab:blue", label="test agreement (left axis)")
-        h2 = _band(right, x, gs, "test/acc", "tab:orange", label="student test accuracy (right axis)")
-        h3 = _band(right, x, gs, "teacher/test_acc", "0.25", linestyle="--", marker="",
-                   label="teacher test accuracy (right axis)")
-        ax.set_xticks(x, [f"{x_label(g)}\n(ratio {g.synthetic_ratio:g})" for g in gs])
-        ax.set_xlim(-0.3, len(gs) - 0.7)
+        _band(ax, x, gs, "test/agreement", "tab:blue")
+        _band(right, x, gs, "test/acc", "tab:orange")
+        _band(right, x, gs, "teacher/test_acc", "0.25", linestyle="--", marker="")
+        drawn = True
+        for xi, g in zip(x, gs):
+            if g is None:
+                ax.text(xi, 0.03, "no runs", transform=ax.get_xaxis_transform(), ha="center", fontsize=8.5,
+                        color="0.35", style="italic")
+        ax.set_xticks(x, [labels[r] for r in ratios])
+        ax.set_xlim(-0.3, len(ratios) - 0.7)
         ax.set_xlabel("distillation data: real training set + synthetic images")
         ax.set_ylabel("test agreement with teacher (%)", color="tab:blue")
         right.set_ylabel("test accuracy (%)", color="tab:orange")
         ax.tick_params(axis="y", colors="tab:blue")
+        right.tick_params(axis="y", colors="tab:orange")
         ax.grid(True, alpha=0.3)
-        band = f"line: mean; shaded: {BAND}"
-        ax.legend([h1, h2, h3], [h.get_label() for h in (h1, h2, h3)], loc="best", fontsize=8.5,
-                  title=band, title_fontsize=8.5, framealpha=0.85)
-    fig.suptitle("Fidelity vs generalization as synthetic data is added to distillation", fontsize=13)
+    fig.suptitle("Fidelity vs generalization as synthetic data is added to distillation", fontsize=13, y=0.99)
+    if drawn:
+        handles = [Line2D([], [], color="tab:blue", marker="o", label="test agreement (left axis)"),
+                   Line2D([], [], color="tab:orange", marker="o", label="student test accuracy (right axis)"),
+                   Line2D([], [], color="0.25", linestyle="--", label="teacher test accuracy (right axis)")]
+        fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.945),
+                   ncol=3, fontsize=9.5, title=f"lines: mean over trials; shaded: {BAND}", title_fontsize=9,
+                   frameon=False)
     tau_txt = "-" if tau is None else f"{tau:g}"
-    fig.text(0.5, -0.02, f"study {study} · dataset {dataset} · student {arch} · temperature τ = {tau_txt} · "
-             f"trials per point: {_trials(shown)} · metrics on the test set after the last epoch",
-             ha="center", va="top", fontsize=9, color="0.3")
+    fig.text(0.5, 0.01, f"study {study} · dataset {dataset} · student {arch} · temperature τ = {tau_txt} · "
+             f"trials per point: {_trials(at_tau)} · metrics on the test set after the last epoch",
+             ha="center", va="bottom", fontsize=9, color="0.3")
     return fig
 
 
@@ -639,7 +668,7 @@ def figure2(groups: list[Group], study: str, dataset: str, arch: str):
         sizes = sorted({g.ensemble_size for g in at0})
         teacher = _teacher_groups(at0)
         _band(ax_acc, [g.ensemble_size for g in teacher], teacher, "teacher/test_acc", "0.25", linestyle="--",
-              marker="s", label="teacher ensemble")
+              marker="s", label="teacher (ensemble) accuracy")
         for i, t in enumerate(temps):
             gs = sorted((g for g in at0 if g.temperature == t), key=lambda g: g.ensemble_size)
             c = colors[i % len(colors)]
@@ -651,7 +680,8 @@ def figure2(groups: list[Group], study: str, dataset: str, arch: str):
             ax.set_xlabel("teacher ensemble size m (number of teachers)")
             ax.set_ylabel(ylabel)
             ax.grid(True, alpha=0.3)
-            ax.legend(loc="best", fontsize=9, title=f"line: mean; shaded: {BAND}", title_fontsize=8.5)
+            ax.legend(loc="best", fontsize=9, title=f"lines: mean over trials; shaded: {BAND}",
+                      title_fontsize=8.5)
     fig.suptitle("Does a bigger teacher ensemble give a better or a more faithful student?", fontsize=13)
     fig.text(0.5, -0.02, f"study {study} · dataset {dataset} · student {arch} · real data only "
              f"(synthetic_ratio 0) · trials per point: {_trials(at0)} · one line per distillation "
@@ -744,7 +774,7 @@ def publish(entity: str, project: str, study: str, dataset: str, arch: str, grou
             n_teachers: int, out: Path, table_md: str) -> str:
     import wandb
 
-    run = wandb.init(entity=entity, project=project, job_type="report", name=f"report-{study}",
+    run = wandb.init(entity=entity, project=project, mode="online", job_type="report", name=f"report-{study}",
                      config={"study": study, "job": "report"}, settings=wandb.Settings(silent=True))
     try:
         run.log({"figures/fig1": wandb.Image(str(out / "fig1.png")),
@@ -814,9 +844,7 @@ def run_report(args: argparse.Namespace) -> Result:
         entity = args.entity or os.environ.get("WANDB_ENTITY")
         project = check_name(args.project or os.environ.get("WANDB_PROJECT") or DEFAULT_PROJECT, "project")
         if not entity:
-            import wandb
-
-            entity = wandb.Api(timeout=60).default_entity
+            entity = _default_entity()
         if not entity:
             raise KDError("no W&B entity: pass --entity=NAME (your user or team)")
         check_name(entity, "entity")
@@ -860,7 +888,13 @@ def run_report(args: argparse.Namespace) -> Result:
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     result = Result(groups, students, teachers, unfinished, warnings, missing, paths, text)
     if args.publish:
-        result.url = publish(entity, project, study, dataset, arch, groups, len(teachers), out, text)
+        import wandb
+
+        try:
+            result.url = publish(entity, project, study, dataset, arch, groups, len(teachers), out, text)
+        except (wandb.errors.Error, OSError, ValueError) as e:  # requests' errors are OSErrors
+            why = (str(e).splitlines() or [type(e).__name__])[0]
+            raise KDError(f"--publish failed ({why}); the figures and CSV in {out} are written") from None
         print(f"W&B Report: {result.url}")
     return result
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+import shutil
 import statistics
 import struct
 import subprocess
@@ -238,29 +239,24 @@ def test_cli_subprocess(study, tmp_path):
         assert (tmp_path / "figs" / name).stat().st_size > 0
 
 
-def test_no_runs_exits_2_and_writes_nothing(study, tmp_path):
-    root, _ = study
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "offline"}
-    cache = f"--cache_dir={root / '.cache' / 'report'}"  # already filled: fast
-    out = subprocess.run([sys.executable, "-m", "kd.report", "--study=nothing", f"--wandb_dir={root}",
-                          "--out=figs", cache], cwd=tmp_path, env=env, capture_output=True, text=True,
-                         timeout=120)
-    assert out.returncode == 2
-    assert out.stderr.strip().splitlines() == [
-        f"error: no finished runs for study nothing in {root}: run the sweeps first, see README"]
-    assert list(tmp_path.iterdir()) == []
-
-
 @pytest.mark.parametrize("flags,message", [
+    (["--study=nothing"], "error: no finished runs for study nothing in {root}: run the sweeps first, "
+                          "see README"),
     (["--study=../x"], "error: invalid study '../x'"),
     (["--study=tiny", "--publish", "--offline"], "error: --publish needs a W&B login: run `wandb login`"),
 ])
 def test_user_errors_exit_2(study, tmp_path, capsys, flags, message):
+    """Exit code 2, one line on stderr, no figures and no cache written (the cache dir here is empty)."""
     root, _ = study
-    assert report.main([f"--wandb_dir={root}", f"--out={tmp_path / 'figs'}", *flags]) == 2
+    cache = tmp_path / "cache"
+    shutil.copytree(root / ".cache", cache)  # already filled by the module fixture: fast
+    before = sorted(p.stat().st_mtime_ns for p in cache.rglob("*"))
+    argv = [f"--wandb_dir={root}", f"--out={tmp_path / 'figs'}", f"--cache_dir={cache / 'report'}", *flags]
+    assert report.main(argv) == 2
     lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(message)
-    assert list(tmp_path.iterdir()) == []
+    assert len(lines) == 1 and lines[0].startswith(message.format(root=root)), lines
+    assert [p.name for p in tmp_path.iterdir()] == ["cache"]
+    assert sorted(p.stat().st_mtime_ns for p in cache.rglob("*")) == before
 
 
 def test_unreadable_folder_is_named(tmp_path):
