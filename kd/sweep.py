@@ -1,4 +1,4 @@
-"""Run a W&B sweep spec offline: the stand-in for ``wandb sweep`` + ``wandb agent`` when no server is reachable.
+"""Run a W&B sweep spec offline: the stand-in for ``wandb sweep`` + ``wandb agent`` where no server is.
 
     python -m kd.sweep sweeps/demo/teachers.yaml               # run every run of the grid, here
     python -m kd.sweep sweeps/demo/teachers.yaml --dry-run     # print each run's command, run nothing
@@ -29,7 +29,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime as dt
+import difflib
 import fcntl
 import hashlib
 import json
@@ -56,9 +58,10 @@ STATE_VERSION = 1
 
 
 def _sweeps():
-    """W&B's sweep engine; its import warns about a pydantic v2 rename, which is not ours to fix."""
+    """W&B's sweep engine; its import warns about pydantic v2 renames, which are not ours to fix."""
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Valid config keys have changed in V2", category=UserWarning)
+        warnings.filterwarnings("ignore", "Valid config keys have changed in V2", UserWarning)
+        warnings.filterwarnings("ignore", "Support for class-based `config` is deprecated")
         import sweeps
     return sweeps
 
@@ -99,7 +102,7 @@ def load_spec(path: str | Path) -> Spec:
     try:
         text = path.read_text()
     except FileNotFoundError:
-        raise KDError(f"no sweep spec at {path}: pass a YAML file such as sweeps/demo/teachers.yaml") from None
+        raise KDError(f"no sweep spec at {path}: pass a YAML file, e.g. sweeps/demo/teachers.yaml") from None
     except IsADirectoryError:
         raise KDError(f"{path} is a folder: pass one spec file, e.g. {path}/teachers.yaml") from None
     try:
@@ -135,12 +138,21 @@ def load_spec(path: str | Path) -> Spec:
 def _check_flags(spec: Spec) -> None:
     if spec.flags_cls is None:  # not one of ours: its flags are its own business
         return
-    known = {f for f in spec.flags_cls.__dataclass_fields__}
+    known = {f.name: f for f in dataclasses.fields(spec.flags_cls)}
     unknown = [name for name in spec.config["parameters"] if name not in known]
     if unknown:
-        raise KDError(f"{spec.path}: {spec.program} has no flag --{unknown[0]}"
-                      f"{' (nor ' + ', '.join('--' + u for u in unknown[1:]) + ')' if unknown[1:] else ''}: "
-                      f"remove it or rename it to one of `python {spec.program} --help`")
+        close = difflib.get_close_matches(unknown[0], sorted(known), n=1)
+        hint = f"rename it to --{close[0]}" if close else "remove it"
+        others = f" (nor {', '.join('--' + u for u in unknown[1:])})" if unknown[1:] else ""
+        raise KDError(f"{spec.path}: {spec.program} has no flag --{unknown[0]}{others}: {hint} "
+                      f"(the flags: python {spec.program} --help)")
+    for name, p in spec.config["parameters"].items():
+        numeric = known[name].type in ("int", "float", int, float)
+        values = (p.get("values", []) + ([p["value"]] if "value" in p else [])) if isinstance(p, dict) else []
+        for value in values:
+            if numeric and isinstance(value, str):
+                raise KDError(f"{spec.path}: {name} value {value!r} is a string in YAML (PyYAML reads 1e-5 "
+                              "as text): write the number with a dot, e.g. 1.0e-5")
 
 
 def _enumerate_grid(spec: Spec) -> list[dict]:
@@ -156,7 +168,7 @@ def _enumerate_grid(spec: Spec) -> list[dict]:
 
 
 def _check_values(spec: Spec) -> None:
-    """Each run's flags, parsed by the program's own parser: a wrong type or value fails now, not at run 40."""
+    """Each run's flags through the program's own parser: a wrong type or value fails now, not at run 40."""
     if spec.flags_cls is None:
         return
     from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
@@ -175,12 +187,11 @@ def run_label(spec: Spec, config: dict) -> str:
 
 
 # ------------------------------------------------------------------------------------------ the command
-def build_argv(spec: Spec, config: dict, args_json_file: str, environ: dict | None = None) -> list[str]:
+def build_argv(spec: Spec, config: dict, args_json_file: str) -> list[str]:
     """The argv ``wandb agent`` builds for one run (wandb_agent.Agent._command_run, CLI branch), exactly."""
     from wandb.sdk.launch.sweeps.utils import create_sweep_command, create_sweep_command_args
 
-    with _environ(environ):
-        command = create_sweep_command(list(spec.command))  # ${envvar:NAME}, from the agent's own code
+    command = create_sweep_command(list(spec.command))  # ${envvar:NAME} from os.environ: the agent's own code
     sweep_vars = create_sweep_command_args({"args": config})
     sweep_vars["interpreter"] = ["python"]
     sweep_vars["program"] = [spec.program]
@@ -195,21 +206,6 @@ def build_argv(spec: Spec, config: dict, args_json_file: str, environ: dict | No
         else:
             argv += [c]
     return argv
-
-
-@contextlib.contextmanager
-def _environ(environ: dict | None):
-    if environ is None:
-        yield
-        return
-    saved = dict(os.environ)
-    os.environ.clear()
-    os.environ.update(environ)
-    try:
-        yield
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
 
 
 def find_root(spec: Spec) -> Path | None:
@@ -277,7 +273,7 @@ def _now() -> str:
 
 
 def _proc_stat(pid: int) -> tuple[str, int, int] | None:
-    """(state letter, process group, start time in clock ticks) from /proc, or None if there is no such pid."""
+    """(state letter, process group, start time in clock ticks) from /proc; None if there is no such pid."""
     try:
         raw = Path(f"/proc/{pid}/stat").read_text()
     except (FileNotFoundError, ProcessLookupError):
@@ -370,7 +366,7 @@ class Runner:
         self.host = socket.gethostname()
         self.pid = os.getpid()
         self.pid_start = process_start(self.pid)
-        self.tried: set[str] = set()  # run keys this runner attempted: a failed one is not retried in one call
+        self.tried: set[str] = set()  # keys this runner attempted: a failed run is retried in the next call
         self.durations: list[float] = []
         self.ran = 0
         self.failed: list[dict] = []
@@ -402,7 +398,8 @@ class Runner:
                         attempts=pick.get("attempts", 0) + 1)
             pick.setdefault("run_id", None)
             pick["run_id"] = pick["run_id"] or new_run_id()
-            pick["argv"] = build_argv(self.spec, pick["config"], str(self.params_path(pick["run_id"], ".json")))
+            json_file = str(self.params_path(pick["run_id"], ".json"))
+            pick["argv"] = build_argv(self.spec, pick["config"], json_file)
             self.tried.add(pick["key"])
             position = sum(r["status"] in ("finished", "running") for r in runs)
             return {**pick, "_position": position}, stale
@@ -411,18 +408,11 @@ class Runner:
         cap = self.spec.config.get("run_cap")
         if cap is not None and len(runs) >= cap:
             return None
-        if self.spec.grid is not None:
-            taken = {json.dumps(r["config"], sort_keys=True) for r in runs}
-            config = next((c for c in self.spec.grid if json.dumps(c, sort_keys=True) not in taken), None)
-            if config is not None:  # the engine proposes it too: its order, minus what the state holds
-                sweeps = _sweeps()
-                done = [sweeps.SweepRun(name=r["key"], state=_engine_state(r["status"]), config=r["config"])
-                        for r in runs]
-                proposed = sweeps.next_run(self.spec.config, done, validate=False)
-                config = proposed.config if proposed is not None else None
-        else:
-            proposed = _sweeps().next_run(self.spec.config, [], validate=False)
-            config = proposed.config if proposed is not None else None
+        sweeps = _sweeps()
+        done = [sweeps.SweepRun(name=r["key"], state=_engine_state(r["status"]), config=r["config"])
+                for r in runs]
+        proposed = sweeps.next_run(self.spec.config, done, validate=False)  # grid: the first config not held
+        config = proposed.config if proposed is not None else None
         if config is None:
             return None
         slug = "_".join(f"{k}{config[k]['value']}" for k in self.spec.varying() if k in config)
@@ -483,8 +473,8 @@ class Runner:
             except OSError as e:
                 log.write(f"could not start: {e}\n".encode())
                 return 127
-        self.update(run["key"], pgid=child.pid)
         try:
+            self.update(run["key"], pgid=child.pid)
             return child.wait()
         except _Stop as stop:
             print(f"{stop}: stopping {run['key']} (its program checkpoints on SIGTERM)...", file=sys.stderr)
@@ -496,14 +486,17 @@ class Runner:
     def loop(self) -> int:
         total = self.spec.total(None)
         started = time.monotonic()
+        shown = total if total is not None else "?"
+        print(f"sweep {self.spec.sweep_id}: {shown} runs of {self.spec.program} in {self.root}; "
+              f"state and logs in {self.state.folder}", flush=True)
         while self.count is None or self.ran < self.count:
             claimed = self.claim()
             if claimed is None:
                 break
             run, stale = claimed
             if stale and stale.get("pgid") and group_alive(stale["pgid"]):
-                print(f"run {run['key']} was cut off (runner pid {stale['pid']} is gone) but its program still "
-                      f"runs: stopping process group {stale['pgid']} before rerunning", file=sys.stderr)
+                print(f"run {run['key']} was cut off (runner pid {stale['pid']} is gone) but its program "
+                      f"still runs: stopping process group {stale['pgid']} before rerunning", file=sys.stderr)
                 stop_group(stale["pgid"])
             remaining = (total - run["_position"] + 1) if total is not None else None
             if self.count is not None:
@@ -520,7 +513,8 @@ class Runner:
             self.durations.append(took)
             self.ran += 1
             status = "finished" if code == 0 else "failed"
-            self.update(run["key"], status=status, returncode=code, ended_at=_now(), duration_s=round(took, 3))
+            self.update(run["key"], status=status, returncode=code, ended_at=_now(),
+                        duration_s=round(took, 3))
             if code != 0:
                 log = self.state.folder / run["log"]
                 print(f"error: run {run['key']} failed with exit code {code}: {shlex.join(run['argv'])} "
@@ -540,7 +534,8 @@ class Runner:
         parts = [f"sweep {self.spec.sweep_id}: {done}/{total if total is not None else len(runs)} finished",
                  f"this call ran {self.ran} in {fmt_duration(took)}"]
         if failed:
-            parts.append(f"{len(failed)} failed ({', '.join(str(self.state.folder / r['log']) for r in failed)})")
+            logs = ", ".join(str(self.state.folder / r["log"]) for r in failed)
+            parts.append(f"{len(failed)} failed ({logs})")
         if elsewhere:
             parts.append(f"{len(elsewhere)} running in other runners ("
                          + ", ".join(f"{r['key']}: pid {r['pid']} on {r['host']}" for r in elsewhere) + ")")
@@ -552,6 +547,10 @@ def _engine_state(status: str) -> str:
     return {"finished": "finished", "failed": "failed", "running": "running"}.get(status, "pending")
 
 
+def never_ends(spec: Spec) -> str:
+    return f"{spec.path}: method {spec.method} never ends: set run_cap in the spec or pass --count N"
+
+
 def dry_run(spec: Spec, state_dir: Path, root: Path, count: int | None) -> int:
     state = State(state_dir, spec).peek()
     known = {json.dumps(r["config"], sort_keys=True): r for r in (state or {}).get("runs", [])}
@@ -560,7 +559,7 @@ def dry_run(spec: Spec, state_dir: Path, root: Path, count: int | None) -> int:
     else:
         n = spec.total(count)
         if n is None:
-            raise KDError(f"{spec.path}: method {spec.method} never ends: set run_cap in the spec or pass --count N")
+            raise KDError(never_ends(spec))
         configs = [_sweeps().next_run(spec.config, [], validate=False).config for _ in range(n)]
     if count is not None:
         configs = configs[:count]
@@ -573,7 +572,7 @@ def dry_run(spec: Spec, state_dir: Path, root: Path, count: int | None) -> int:
     if state:
         finished = sum(r["status"] == "finished" for r in state["runs"])
         status = f", {finished} already finished"
-    print(f"dry run: {len(configs)} runs of {spec.program} in {root}{status}; state would be {folder}/state.json; "
+    print(f"dry run: {len(configs)} runs of {spec.program} in {root}{status}; state: {folder}/state.json; "
           "nothing was run", file=sys.stderr)
     return 0
 
@@ -583,8 +582,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("spec", help="a W&B sweep spec (YAML), e.g. sweeps/demo/teachers.yaml")
     parser.add_argument("--dry-run", action="store_true", help="print each run's command; run nothing")
     parser.add_argument("--count", type=int, default=None, help="run at most N runs, then stop")
-    parser.add_argument("--keep-going", action="store_true", help="go on after a failed run (exit 1 at the end)")
-    parser.add_argument("--state-dir", default=None, help="default runs/sweeps/<spec-stem>-<sha8> in the root")
+    parser.add_argument("--keep-going", action="store_true", help="go on after a failed run (exit 1)")
+    parser.add_argument("--state-dir", default=None, help="default: runs/sweeps/<stem>-<sha8>")
     args = parser.parse_args(argv)
     try:
         if args.count is not None and args.count < 1:
@@ -601,9 +600,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             return dry_run(spec, state_dir, root, args.count)
         if spec.grid is None and spec.total(args.count) is None:
-            raise KDError(f"{spec.path}: method {spec.method} never ends: set run_cap in the spec or pass --count N")
+            raise KDError(never_ends(spec))
         runner = Runner(spec, state_dir, root, args.count, args.keep_going)
-        previous = {s: signal.signal(s, _raise_stop) for s in (signal.SIGTERM, signal.SIGHUP)}
+        previous = {s: signal.signal(s, _raise_stop) for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)}
         try:
             return runner.loop()
         finally:
@@ -615,9 +614,6 @@ def main(argv: list[str] | None = None) -> int:
     except _Stop as stop:
         print(f"stopped by {stop}: run the same command again to go on", file=sys.stderr)
         return 128 + stop.signum
-    except KeyboardInterrupt:
-        print("interrupted: run the same command again to go on", file=sys.stderr)
-        return 130
 
 
 if __name__ == "__main__":

@@ -1,0 +1,299 @@
+"""The sweep specs and the offline runner (python -m kd.sweep), against W&B's own validator and agent code.
+
+Nothing here runs train.py or distill.py: the runner is exercised with a small program the tests write.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kd import sweep
+from kd.config import DistillConfig, TrainConfig
+
+REPO = Path(__file__).resolve().parents[1]
+SPECS = sorted((REPO / "sweeps").glob("*/*.yaml"))
+STUDY = {"cifar10": "cifar10-paper", "cifar100": "cifar100-paper", "demo": "demo"}
+POOL = {"cifar10": "synthetic-cifar10-ddpm-cifar10-32", "cifar100": "synthetic-cifar100-generator-cifar100",
+        "demo": "synthetic-digits-generator-digits"}
+RUNS = {("cifar10", "teachers"): 12, ("cifar10", "self_distill"): 15, ("cifar10", "ensemble_distill"): 15,
+        ("cifar10", "ensemble_size"): 54, ("demo", "teachers"): 4, ("demo", "self_distill"): 5,
+        ("demo", "ensemble_distill"): 5, ("demo", "ensemble_size"): 8}
+ACCELERATE = ["${env}", "accelerate", "launch", "${program}", "${args}"]
+
+PROGRAM = r'''
+import json, os, signal, sys, time
+args = dict(a[2:].split("=", 1) for a in sys.argv[1:] if a.startswith("--") and "=" in a)
+
+def log(event):
+    with open("calls.jsonl", "a") as fh:
+        fh.write(json.dumps({"event": event, "x": args.get("x"), "run_id": os.environ.get("WANDB_RUN_ID"),
+                             "param_path": os.environ.get("WANDB_SWEEP_PARAM_PATH"), "argv": sys.argv[1:],
+                             "python": sys.executable, "pid": os.getpid(), "t": time.time()}) + "\n")
+
+def on_term(signum, frame):
+    log("term")
+    sys.exit(143)
+
+signal.signal(signal.SIGTERM, on_term)
+log("start")
+marker = f"attempted-{args.get('x')}"
+first = not os.path.exists(marker)
+open(marker, "a").close()
+slow = first and args.get("x") == args.get("slow_x")  # the first attempt of slow_x hangs until killed
+time.sleep(float(args["first_sleep"] if slow else args.get("sleep", "0")))
+if args.get("x") == args.get("fail_on"):
+    print("boom: failing on purpose", file=sys.stderr)
+    sys.exit(3)
+log("end")
+'''
+
+
+def make_sweep(folder: Path, parameters: dict, command: list | None = None, name: str = "tiny.yaml") -> Path:
+    (folder / "prog.py").write_text(PROGRAM)
+    spec = {"program": "prog.py", "method": "grid", "metric": {"name": "test/acc", "goal": "maximize"},
+            "parameters": parameters}
+    if command is not None:
+        spec["command"] = command
+    path = folder / name
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def calls(folder: Path) -> list[dict]:
+    path = folder / "calls.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def state_of(folder: Path) -> dict:
+    (path,) = (folder / "runs" / "sweeps").glob("*/state.json")
+    return json.loads(path.read_text())
+
+
+def cli(folder: Path, monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    monkeypatch.chdir(folder)
+    rc = sweep.main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def spawn(folder: Path, *args: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.Popen([sys.executable, "-m", "kd.sweep", *args], cwd=folder, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+# ------------------------------------------------------------------------------------------ the specs
+def test_every_spec_is_there():
+    assert {(p.parent.name, p.stem) for p in SPECS} == {
+        (d, s) for d in STUDY for s in ("teachers", "self_distill", "ensemble_distill", "ensemble_size")}
+
+
+@pytest.mark.parametrize("path", SPECS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_spec_is_valid_for_wandb_and_the_program(path):
+    config = yaml.safe_load(path.read_text())
+    assert sweep._sweeps().schema_violations_from_proposed_config(config) == []
+    spec = sweep.load_spec(path)  # also parses every run's flags with the program's own parser
+    cls = {"train.py": TrainConfig, "distill.py": DistillConfig}[config["program"]]
+    assert set(config["parameters"]) <= {f.name for f in fields(cls)}
+    assert config["command"] == ACCELERATE
+    assert config["method"] == "grid"
+    params = config["parameters"]
+    folder, kind = path.parent.name, path.stem
+    assert params["study"] == {"value": STUDY[folder]}
+    teacher = kind == "teachers"
+    assert config["program"] == ("train.py" if teacher else "distill.py")
+    assert config["metric"] == {"name": "test/acc" if teacher else "test/agreement", "goal": "maximize"}
+    if folder != "demo":
+        assert params["arch"] == {"value": "preresnet56"} and params["dataset"] == {"value": folder}
+        assert len(spec.grid) == RUNS.get((folder, kind), RUNS[("cifar10", kind)])
+    else:
+        assert len(spec.grid) == RUNS[(folder, kind)]
+    if not teacher:
+        assert params["synthetic_pool"] == {"value": POOL[folder]}
+    if kind in ("self_distill", "ensemble_distill"):
+        assert params["synthetic_ratio"] == {"values": [0.0, 0.25, 0.5, 0.75, 1.0]}
+        assert params["ensemble_size"] == {"value": 1 if kind == "self_distill" else 3}
+
+
+def test_demo_fits_in_minutes():
+    total = sum(len(sweep.load_spec(p).grid) for p in SPECS if p.parent.name == "demo")
+    assert total <= 22
+
+
+# ------------------------------------------------------------------------- the argv equals the agent's
+class _Captured:
+    commands: list = []
+
+    def __init__(self, command=None, env=None, **kwargs):
+        _Captured.commands.append((command, env))
+
+
+def agent_argv(monkeypatch, tmp_path, command: list, program: str, config: dict, run_id: str, sweep_id: str):
+    """What wandb's own Agent._command_run starts for one run (its process class swapped for a recorder)."""
+    from wandb import wandb_agent
+
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SWEEP_ID", sweep_id)
+    monkeypatch.setenv("WANDB_RUN_ID", "placeholder")  # set so that monkeypatch restores them afterwards
+    monkeypatch.setenv("WANDB_SWEEP_PARAM_PATH", "placeholder")
+    monkeypatch.setattr(wandb_agent, "AgentProcess", _Captured)
+    _Captured.commands = []
+    agent = wandb_agent.Agent(api=None, queue=None, sweep_id=sweep_id)
+    agent._sweep_command = list(command)
+    agent._command_run({"run_id": run_id, "args": config, "program": program})
+    ((argv, _env),) = _Captured.commands
+    return argv
+
+
+@pytest.mark.parametrize("path", SPECS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_dry_run_prints_the_agents_argv(path, tmp_path, monkeypatch, capsys):
+    rc, out, err = cli(REPO, monkeypatch, capsys, path, "--dry-run", "--state-dir", tmp_path / "state")
+    assert rc == 0, err
+    lines = out.splitlines()
+    spec = sweep.load_spec(path)
+    assert len(lines) == len(spec.grid)
+    for i, (line, config) in enumerate(zip(lines, spec.grid)):
+        want = agent_argv(monkeypatch, tmp_path, spec.command, spec.program, config, f"run{i}", spec.sweep_id)
+        assert shlex.split(line) == want
+        assert want[:4] == ["/usr/bin/env", "accelerate", "launch", spec.program]
+    assert not (tmp_path / "state").exists()  # a dry run writes nothing
+
+
+def test_every_macro_matches_the_agent(tmp_path, monkeypatch):
+    monkeypatch.setenv("KD_TEST_VAR", "hello")
+    command = ["${env}", "${interpreter}", "${program}", "--fixed", "pre-${envvar:KD_TEST_VAR}-post",
+               "${args}", "${args_no_boolean_flags}", "${args_json_file}", "${args_no_hyphens}",
+               "${args_json}", "${args_no_equals}", "${not_a_macro}", 7]
+    path = make_sweep(tmp_path, {"flag": {"values": [True, False]}, "lr": {"value": 1.0e-5},
+                                 "name": {"value": "a b"}, "n": {"values": [1, 2]}}, command)
+    spec = sweep.load_spec(path)
+    assert len(spec.grid) == 4
+    for i, config in enumerate(spec.grid):
+        run_id = f"r{i}"
+        json_file = tmp_path / "wandb" / f"sweep-{spec.sweep_id}" / f"config-{run_id}.json"
+        ours = sweep.build_argv(spec, config, str(json_file))
+        assert ours == agent_argv(monkeypatch, tmp_path, command, "prog.py", config, run_id, spec.sweep_id)
+        assert "pre-hello-post" in ours and "--lr=1e-05" in ours and "--name=a b" in ours
+
+
+# ------------------------------------------------------------------------------------------- the runner
+def test_runs_every_config_once_and_skips_finished_ones(tmp_path, monkeypatch, capsys):
+    path = make_sweep(tmp_path, {"x": {"values": [1, 2, 3]}, "sleep": {"value": 0}})
+    rc, out, err = cli(tmp_path, monkeypatch, capsys, path, "--count", "2")
+    assert rc == 0, err
+    assert "[1/3] running prog.py --x=1" in out and "[2/3] running prog.py --x=2 (eta " in out
+    assert [c["x"] for c in calls(tmp_path) if c["event"] == "end"] == ["1", "2"]
+    rc, out, err = cli(tmp_path, monkeypatch, capsys, path)
+    assert rc == 0, err
+    assert "[3/3] running prog.py --x=3" in out and "3/3 finished" in out
+    rc, out, err = cli(tmp_path, monkeypatch, capsys, path)  # complete: runs nothing
+    assert rc == 0 and "running" not in out and "3/3 finished; this call ran 0" in out
+    done = calls(tmp_path)
+    assert sorted(c["x"] for c in done if c["event"] == "start") == ["1", "2", "3"]
+    assert len({c["run_id"] for c in done}) == 3
+    for c in done:  # the agent's environment: venv first on PATH, the parameters where wandb.init reads them
+        assert os.path.dirname(c["python"]) == os.path.dirname(sys.executable)
+        assert yaml.safe_load(Path(c["param_path"]).read_text())["x"] == {"value": int(c["x"])}
+        assert c["argv"] == ["--sleep=0", f"--x={c['x']}"]
+    state = state_of(tmp_path)
+    assert [r["status"] for r in state["runs"]] == ["finished"] * 3
+    logs = sorted(p.name for p in (tmp_path / "runs" / "sweeps").glob("*/*.log"))
+    assert logs == ["000-x1.log", "001-x2.log", "002-x3.log"]
+
+
+def test_a_failed_run_stops_the_runner_with_its_log(tmp_path, monkeypatch, capsys):
+    path = make_sweep(tmp_path, {"x": {"values": [1, 2, 3]}, "fail_on": {"value": 2}})
+    rc, out, err = cli(tmp_path, monkeypatch, capsys, path)
+    assert rc == 1
+    (line,) = err.strip().splitlines()
+    assert "failed with exit code 3" in line and "prog.py --fail_on=2 --x=2" in line
+    log = Path(line.rsplit("(log: ", 1)[1].rstrip(")"))
+    assert log.name == "001-x2.log" and "boom: failing on purpose" in log.read_text()
+    assert [c["x"] for c in calls(tmp_path) if c["event"] == "start"] == ["1", "2"]  # x=3 never started
+    rc, out, err = cli(tmp_path, monkeypatch, capsys, path, "--keep-going")  # retries x=2, then runs x=3
+    assert rc == 1 and "2/3 finished" in out and "1 failed" in out
+    assert [c["x"] for c in calls(tmp_path) if c["event"] == "end"] == ["1", "3"]
+    assert [r["status"] for r in state_of(tmp_path)["runs"]] == ["finished", "failed", "finished"]
+
+
+def test_user_errors_are_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
+    cases = {
+        "broken.yaml": ("method: grid\nparameters: [unclosed\n", "not valid YAML"),
+        "schema.yaml": ("program: prog.py\nparameters:\n  x:\n    value: 1\n", "'method' is a required"),
+        "unknown.yaml": (yaml.safe_dump({"program": "train.py", "method": "grid",
+                                         "parameters": {"seeed": {"values": [0, 1]}}}), "--seeed"),
+        "string.yaml": ("program: distill.py\nmethod: grid\nparameters:\n  weight_decay:\n    value: 1e-5\n",
+                        "is a string in YAML"),
+        "continuous.yaml": (yaml.safe_dump({"program": "prog.py", "method": "grid",
+                                            "parameters": {"lr": {"min": 0.1, "max": 1.0}}}), "grid"),
+    }
+    (tmp_path / "prog.py").write_text(PROGRAM)
+    for name, (text, needle) in cases.items():
+        (tmp_path / name).write_text(text)
+        rc, out, err = cli(tmp_path, monkeypatch, capsys, name)
+        assert rc == 2, (name, err)
+        (line,) = err.strip().splitlines()
+        assert line.startswith("error: ") and needle in line, (name, line)
+        assert out == ""
+    assert "rename it to --seed" in cli(tmp_path, monkeypatch, capsys, "unknown.yaml")[2]
+    assert not (tmp_path / "runs").exists()
+
+
+def test_malformed_spec_exits_2_from_the_command_line(tmp_path):
+    (tmp_path / "bad.yaml").write_text("method: grid\nparameters: {x: [1\n")
+    proc = spawn(tmp_path, "bad.yaml")
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2
+    assert len(err.strip().splitlines()) == 1 and "not valid YAML" in err
+
+
+def wait_for(predicate, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_a_run_cut_off_by_sigkill_is_rerun_with_the_same_run_id(tmp_path):
+    path = make_sweep(tmp_path, {"x": {"values": [1, 2, 3]}, "sleep": {"value": 0.2}, "slow_x": {"value": 2},
+                                 "first_sleep": {"value": 60}})
+    first = spawn(tmp_path, path.name)
+    wait_for(lambda: any(c["event"] == "start" and c["x"] == "2" for c in calls(tmp_path)))
+    wait_for(lambda: state_of(tmp_path)["runs"][1].get("pgid"))
+    first.send_signal(signal.SIGKILL)  # the runner dies; its orphaned program goes on
+    first.communicate(timeout=30)
+    second = spawn(tmp_path, path.name)
+    out, err = second.communicate(timeout=120)
+    assert second.returncode == 0, err
+    assert "cut off" in err and "3/3 finished" in out
+    events = calls(tmp_path)
+    for x in ("1", "2", "3"):
+        assert sum(c["event"] == "end" and c["x"] == x for c in events) == 1
+    twos = [c for c in events if c["x"] == "2"]
+    assert [c["event"] for c in twos] == ["start", "term", "start", "end"]  # stopped before the rerun began
+    assert len({c["run_id"] for c in twos}) == 1  # the W&B run continues
+    runs = state_of(tmp_path)["runs"]
+    assert [r["status"] for r in runs] == ["finished"] * 3
+    assert [r["attempts"] for r in runs] == [1, 2, 1]
+
+
+def test_two_runners_never_run_the_same_config(tmp_path):
+    path = make_sweep(tmp_path, {"x": {"values": list(range(6))}, "sleep": {"value": 0.5}})
+    runners = [spawn(tmp_path, path.name) for _ in range(2)]
+    results = [r.communicate(timeout=120) for r in runners]
+    assert [r.returncode for r in runners] == [0, 0], results
+    events = calls(tmp_path)
+    for x in map(str, range(6)):
+        assert [c["event"] for c in events if c["x"] == x] == ["start", "end"]
+    assert [r["status"] for r in state_of(tmp_path)["runs"]] == ["finished"] * 6
