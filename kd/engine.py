@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from kd import tracking
+from kd import faults, tracking
 from kd.config import KDError, to_dict
 from kd.io import load_tensors, read_json, save_tensors, write_json
 
@@ -111,6 +111,7 @@ class Session:
         counter = (self.ckpt or {}).get("counter", 0) + 1
         fname = f"ckpt-{counter}.safetensors"
         digest = save_tensors(self.run_dir / fname, tensors)
+        faults.point("ckpt-write")
         self.ckpt = {
             "file": fname, "sha256": digest, "counter": counter, "epoch": epoch, "step": step,
             "sums": sums, "history": history, "run_id": self.run_id, "fingerprint": self.cfg.fingerprint(),
@@ -243,6 +244,7 @@ class Session:
                     for k, v in stats.items():
                         sums[k] = sums.get(k, 0.0) + float(v)
                     step += 1
+                    faults.point("train-step")
                     n_img += x.shape[0]
                     bar.update(1)
                     if step % 10 == 0:
@@ -258,7 +260,9 @@ class Session:
                     row.update(objective.evaluate(model))
                 history.append(row)
                 self.save_checkpoint(model, optimizer, epoch + 1, 0, {}, history)
+                faults.point("epoch-saved")
                 self.log(row, step=epoch + 1)
+                faults.point("epoch-logged")
                 if self.main:
                     shown = {k: round(v, 4) for k, v in row.items() if k.startswith("test/")}
                     bar.write(f"epoch {epoch + 1}/{cfg.epochs} " + json.dumps(shown))

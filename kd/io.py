@@ -74,6 +74,9 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: d
         save_file(clean, tmp, metadata={k: str(v) for k, v in (metadata or {}).items()})
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
+        from kd import faults
+
+        faults.point("tensors-write")  # the file is complete but not yet in place
         digest = sha256_file(tmp)
         os.replace(tmp, path)
     except BaseException:

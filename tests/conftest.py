@@ -1,0 +1,50 @@
+"""Every test runs offline in its own folder: W&B offline, the artifact store and runs under tmp_path."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def offline_env(folder: Path) -> dict:
+    return {"WANDB_MODE": "offline", "WANDB_DIR": str(folder), "KD_STORE": str(folder / "artifacts"),
+            "WANDB_SILENT": "true", "WANDB_CONSOLE": "off", "HF_HUB_OFFLINE": "1",
+            "TQDM_MININTERVAL": "5"}
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    for k, v in offline_env(tmp_path).items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("WANDB_RUN_ID", raising=False)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def run_script(script: str, *args: str, cwd: Path, check: bool = True, timeout: int = 300, env=None):
+    """Run train.py / distill.py / a module as a user would, offline, in ``cwd``."""
+    full = {**os.environ, **offline_env(cwd), **(env or {})}
+    full.pop("WANDB_RUN_ID", None) if not (env and "WANDB_RUN_ID" in env) else None
+    cmd = [sys.executable, *(["-m", script[3:]] if script.startswith("-m ") else [str(ROOT / script)]), *args]
+    out = subprocess.run(cmd, cwd=cwd, env=full, capture_output=True, text=True, timeout=timeout)
+    if check and out.returncode != 0:
+        raise AssertionError(f"{cmd} exited {out.returncode}:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+    return out
+
+
+TINY = ["--dataset=digits", "--arch=preresnet8", "--batch_size=128"]
+
+
+@pytest.fixture(scope="session")
+def teachers_dir(tmp_path_factory):
+    """Three tiny digits teachers (seeds 0..2), trained once for the whole session."""
+    folder = tmp_path_factory.mktemp("teachers")
+    for seed in range(3):
+        run_script("train.py", *TINY, "--epochs=2", f"--seed={seed}", cwd=folder)
+    return folder
