@@ -238,22 +238,23 @@ class Session:
                     acc.backward(loss)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
-                    if not torch.isfinite(loss.detach()):
-                        raise FloatingPointError(f"loss became {loss.item()} at epoch {epoch + 1} step {step}: "
-                                                 "lower --lr or use --mixed_precision=no")
-                    for k, v in stats.items():
-                        sums[k] = sums.get(k, 0.0) + float(v)
+                    for k, v in stats.items():  # tensors stay on the device: no sync per step
+                        sums[k] = sums.get(k, 0.0) + (v.detach() if torch.is_tensor(v) else v)
                     step += 1
                     faults.point("train-step")
                     n_img += x.shape[0]
                     bar.update(1)
-                    if step % 10 == 0:
-                        bar.set_postfix(epoch=epoch + 1, loss=f"{sums['loss'] / max(sums['n'], 1):.3f}",
+                    if step % 25 == 0:
+                        mean_loss = float(sums["loss"]) / max(float(sums["n"]), 1)
+                        _check_finite(mean_loss, epoch, step)
+                        bar.set_postfix(epoch=epoch + 1, loss=f"{mean_loss:.3f}",
                                         img_s=f"{n_img / (time.perf_counter() - t0):.0f}")
                     if self._stop:
-                        self.save_checkpoint(model, optimizer, epoch, step, sums, history)
+                        self.save_checkpoint(model, optimizer, epoch, step, _floats(sums), history)
                         raise Interrupted()
+                sums = _floats(sums)
                 dt = time.perf_counter() - t0
+                _check_finite(sums["loss"], epoch, step)
                 row = {"epoch": epoch + 1, "lr": lr, **objective.epoch_metrics(sums)}
                 row["throughput/img_per_s"] = n_img * acc.num_processes / max(dt, 1e-9)
                 if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
@@ -291,6 +292,16 @@ class Session:
                                                     "run_id": self.run_id, "wandb": self.where()})
         self.accelerator.wait_for_everyone()
         return path
+
+
+def _floats(sums: dict) -> dict:
+    return {k: float(v) for k, v in sums.items()}
+
+
+def _check_finite(loss: float, epoch: int, step: int) -> None:
+    if not math.isfinite(loss):
+        raise KDError(f"the training loss became {loss} in epoch {epoch + 1} (step {step}): lower --lr, or use "
+                      "--mixed_precision=no if fp16 overflowed")
 
 
 def _in_main_thread() -> bool:

@@ -45,6 +45,6 @@ TINY = ["--dataset=digits", "--arch=preresnet8", "--batch_size=128"]
 def teachers_dir(tmp_path_factory):
     """Three tiny digits teachers (seeds 0..2), trained once for the whole session."""
     folder = tmp_path_factory.mktemp("teachers")
-    for seed in range(3):
-        run_script("train.py", *TINY, "--epochs=2", f"--seed={seed}", cwd=folder)
+    for seed in range(3):  # W&B off here: these only need to be in the store (tests of W&B runs make their own)
+        run_script("train.py", *TINY, "--epochs=2", f"--seed={seed}", cwd=folder, env={"WANDB_MODE": "disabled"})
     return folder
