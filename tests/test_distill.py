@@ -1,0 +1,167 @@
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kd.engine import leet_records
+from kd.io import save_tensors, write_json
+from kd.losses import kd_loss
+from kd.metrics import accuracy, agreement, ece, predictive_kl
+from kd.models import build_model
+from tests.conftest import TINY, run_script
+
+# ------------------------------------------------------------------------------------------- loss and metrics
+
+
+@pytest.mark.parametrize("tau", [1.0, 4.0])
+def test_kd_loss_matches_formula_with_logits_and_log_probs(tau):
+    torch.manual_seed(0)
+    zs, zt = torch.randn(7, 5), torch.randn(7, 5) * 3
+    want = 0.0
+    for i in range(7):
+        pt = [math.exp(zt[i, j] / tau) for j in range(5)]
+        ps = [math.exp(zs[i, j] / tau) for j in range(5)]
+        want += -(tau**2) * sum(pt[j] / sum(pt) * math.log(ps[j] / sum(ps)) for j in range(5))
+    want /= 7
+    assert kd_loss(zs, zt, tau).item() == pytest.approx(want, rel=1e-5)
+    assert kd_loss(zs, F.log_softmax(zt, -1), tau).item() == pytest.approx(want, rel=1e-5)
+    members = torch.randn(3, 7, 5)
+    ens = torch.log(F.softmax(members, -1).mean(0))  # an ensemble's log-probabilities
+    assert kd_loss(zs, ens, tau).item() == pytest.approx(kd_loss(zs, ens + 11.0, tau).item(), rel=1e-6)
+
+
+def test_kd_loss_minimised_by_matching_teacher():
+    zt = torch.randn(4, 6)
+    assert kd_loss(zt, zt) < kd_loss(zt.flip(-1), zt)
+
+
+def test_agreement_kl_ece_on_hand_made_cases():
+    teacher = torch.tensor([[3.0, 0.0, 0.0], [0.0, 3.0, 0.0], [0.0, 0.0, 3.0], [3.0, 0.0, 0.0]])
+    student = torch.tensor([[2.0, 0.0, 0.0], [0.0, 0.0, 2.0], [0.0, 0.0, 1.0], [1.0, 0.0, 0.0]])
+    assert agreement(student, teacher) == 0.75
+    assert predictive_kl(teacher, teacher) == pytest.approx(0.0, abs=1e-12)
+    p = torch.tensor([0.5, 0.5], dtype=torch.float64)
+    q = torch.tensor([0.9, 0.1], dtype=torch.float64)
+    kl = (p * (p / q).log()).sum().item()  # KL(teacher || student), not the reverse
+    assert predictive_kl(q.log()[None], p.log()[None]) == pytest.approx(kl, rel=1e-9)
+    assert predictive_kl(q.log()[None], p.log()[None]) != pytest.approx((q * (q / p).log()).sum().item())
+    labels = torch.tensor([0, 0, 2, 1])
+    assert accuracy(student, labels) == 0.5
+    # ece: confidences 0.7, 0.9 (bins 7 and 9), one right one wrong
+    logits = torch.log(torch.tensor([[0.7, 0.3], [0.9, 0.1]]))
+    assert ece(logits, torch.tensor([0, 1])) == pytest.approx((abs(1 - 0.7) + abs(0 - 0.9)) / 2)
+    perfect = torch.log(torch.tensor([[1.0 - 1e-9, 1e-9]] * 4))
+    assert ece(perfect, torch.zeros(4, dtype=torch.long)) == pytest.approx(0.0, abs=1e-6)
+
+
+# ------------------------------------------------------------------------------------------- command line
+
+
+def write_pool(folder, images: torch.Tensor):
+    folder.mkdir(parents=True, exist_ok=True)
+    digest = save_tensors(folder / "pool.safetensors", {"images": images})
+    write_json(folder / "pool.json", {"sha256": digest, "count": len(images), "model": "test", "dataset": "digits",
+                                      "height": images.shape[2], "width": images.shape[3]})
+    return folder / "pool.safetensors"
+
+
+def run_distill(cwd, teachers_dir, *args, check=True):
+    return run_script("distill.py", *TINY, *args, cwd=cwd, check=check,
+                      env={"KD_STORE": str(teachers_dir / "artifacts")})
+
+
+def test_distill_end_to_end_with_ensemble_and_synthetic_pool(tmp_path, teachers_dir):
+    gen = torch.Generator().manual_seed(0)
+    pool = write_pool(tmp_path / "pool", torch.randint(0, 256, (800, 3, 8, 8), dtype=torch.uint8, generator=gen))
+    out = run_distill(tmp_path, teachers_dir, "--ensemble_size=3", "--trial=0", "--synthetic_ratio=0.5",
+                      f"--synthetic_pool={pool}", "--epochs=2")
+    assert "student test acc" in out.stdout
+    folder = next((tmp_path / "wandb").glob("offline-run-*"))
+    records = leet_records(folder)
+    keys = set()
+    for rec in records:
+        if rec.get("type") == "history":
+            keys |= set(rec["history"]["item"])
+    for key in ["test/acc", "test/agreement", "test/kl", "test/ece", "teacher/test_acc", "train/agreement",
+                "train/loss", "lr", "throughput/img_per_s", "epoch"]:
+        assert key in keys, key
+    config = next(r["config"] for r in records if r.get("type") == "config")
+    text = json.dumps(config)
+    for name in ("teacher-digits-preresnet8-s0", "teacher-digits-preresnet8-s1", "teacher-digits-preresnet8-s2"):
+        assert name in text
+    done = json.loads(next((tmp_path / "runs").glob("*/done.json")).read_text())
+    assert done["artifact"].startswith("student-digits-preresnet8-m3-t0-r0.5")
+    meta = json.loads((teachers_dir / "artifacts" / done["artifact"] / "v0" / "meta.json").read_text())
+    assert meta["teachers"] == ["teacher-digits-preresnet8-s0", "teacher-digits-preresnet8-s1",
+                                "teacher-digits-preresnet8-s2"]
+    assert meta["config"]["n_synthetic"] == round(0.5 * meta["config"]["n_real"])
+
+
+def test_trial_picks_contiguous_block_modulo_n():
+    from kd.teachers import select_block
+
+    names = [f"t{i}" for i in range(12)]
+    assert select_block(names, 3, 0) == ["t0", "t1", "t2"]
+    assert select_block(names, 3, 2) == ["t6", "t7", "t8"]
+    assert select_block(names, 5, 2) == ["t10", "t11", "t0", "t1", "t2"]
+    assert select_block(names, 1, 13) == ["t1"]
+
+
+def _fake_teacher(store, name, dataset, classes):
+    from kd.io import save_weights
+    from kd.tracking import publish
+
+    folder = store / ".." / "made" / name
+    model = build_model("preresnet8", classes)
+    meta = save_weights(folder, model.state_dict(), {"arch": "preresnet8", "dataset": dataset,
+                                                     "num_classes": classes, "seed": 0})
+    publish(name, "model", [folder / "model.safetensors", folder / "meta.json"], meta, store=store)
+
+
+@pytest.fixture
+def store_with_odd_teachers(tmp_path):
+    store = tmp_path / "odd-store"
+    _fake_teacher(store, "teacher-cifar10-preresnet8-s0", "cifar10", 10)
+    _fake_teacher(store, "teacher-digits-preresnet8-s7", "digits", 100)
+    return store
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--ensemble_size=4"], "needs 4 teachers"),
+    (["--ensemble_size=0"], "--ensemble_size must be >= 1"),
+    (["--synthetic_ratio=-0.5"], "--synthetic_ratio must be"),
+    (["--synthetic_ratio=lots"], "--synthetic_ratio expects a number"),
+    (["--synthetic_ratio=0.5"], "needs --synthetic_pool"),
+    (["--temperature=0"], "--temperature must be"),
+    (["--teachers=teacher-digits-preresnet8-s9"], "no teacher 'teacher-digits-preresnet8-s9'"),
+    (["--teachers=../../etc/passwd"], "invalid teacher name"),
+])
+def test_distill_errors_one_line_exit_2_nothing_written(tmp_path, teachers_dir, args, needle):
+    before = sorted(p.name for p in (teachers_dir / "artifacts").iterdir())
+    out = run_distill(tmp_path, teachers_dir, *args, check=False)
+    assert out.returncode == 2, out.stderr[-2000:]
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], out.stderr
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "wandb").exists()
+    assert sorted(p.name for p in (teachers_dir / "artifacts").iterdir()) == before
+
+
+def test_pool_of_wrong_shape_or_too_small_is_refused(tmp_path, teachers_dir):
+    big = write_pool(tmp_path / "p16", torch.zeros(900, 3, 16, 16, dtype=torch.uint8))
+    out = run_distill(tmp_path, teachers_dir, "--synthetic_ratio=0.5", f"--synthetic_pool={big}", check=False)
+    assert out.returncode == 2 and "needs uint8 (3, 8, 8)" in out.stderr
+    small = write_pool(tmp_path / "p8", torch.zeros(10, 3, 8, 8, dtype=torch.uint8))
+    out = run_distill(tmp_path, teachers_dir, "--synthetic_ratio=0.5", f"--synthetic_pool={small}", check=False)
+    assert out.returncode == 2 and "generate a larger pool" in out.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_teacher_of_another_dataset_or_class_count_is_refused(tmp_path, store_with_odd_teachers):
+    for name, needle in (("teacher-cifar10-preresnet8-s0", "trained on cifar10"),
+                         ("teacher-digits-preresnet8-s7", "with 100 classes")):
+        out = run_script("distill.py", *TINY, f"--teachers={name}", cwd=tmp_path, check=False,
+                         env={"KD_STORE": str(store_with_odd_teachers)})
+        assert out.returncode == 2 and needle in out.stderr, out.stderr
+        assert not (tmp_path / "runs").exists()
