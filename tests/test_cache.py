@@ -1,0 +1,179 @@
+"""The teacher-output cache is exact: it holds what the teachers output on every view, it is reused only for
+the same teachers, a damaged file is refused, and a student trained from it follows the same trajectory as
+one whose teachers run every step.
+
+Tolerances: float32 caches match the teachers' own outputs to atol 1e-5 (only the batch size of the
+convolutions differs); float16 storage to 2e-2 (log-probabilities of magnitude < 16, 11-bit mantissa).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kd import teachers as kt
+from kd.config import KDError
+from kd.data import DATASETS, Data, apply_views, load_dataset, num_views
+from kd.distill import Distill
+from kd.models import Ensemble, build_model
+from kd.teachers import all_view_targets, cache_key, cached_targets
+
+ATOL = 1e-5
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny convolutions: one intra-op thread is faster, and far steadier on a shared machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def make_teachers(m: int, classes: int, seed: int = 0) -> list[torch.nn.Module]:
+    """Random preresnet8 teachers in eval mode whose BN statistics are not the identity (so eval != train)."""
+    torch.manual_seed(seed)
+    out = []
+    for _ in range(m):
+        net = build_model("preresnet8", classes)
+        for mod in net.modules():
+            if isinstance(mod, torch.nn.BatchNorm2d):
+                mod.running_mean.uniform_(-0.2, 0.2)
+                mod.running_var.uniform_(0.5, 2.0)
+        out.append(net.eval())
+    return out
+
+
+def cifar_like(n: int = 3, classes: int = 100) -> Data:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g)
+    y = torch.randint(0, classes, (n,), generator=g)
+    return Data(DATASETS["cifar100"], x, y, x[:2].clone(), y[:2].clone())
+
+
+@functools.cache
+def digits() -> Data:
+    return load_dataset("digits")
+
+
+def digits_subset(n: int = 5) -> Data:
+    d = digits()
+    return Data(d.spec, d.train_x[:n], d.train_y[:n], d.test_x[:4], d.test_y[:4])
+
+
+@torch.no_grad()
+def direct(members, image: torch.Tensor, spec) -> torch.Tensor:
+    """The paper's way, one image at a time: every view through every member, log(mean(softmax))."""
+    v = torch.arange(num_views(spec))
+    x = apply_views(image[None].expand(len(v), -1, -1, -1), v, spec)
+    probs = torch.stack([F.softmax(m(x), -1) for m in members]).mean(0)
+    return probs.log()
+
+
+@pytest.mark.parametrize("which,views", [("digits", 9), ("cifar", 162)])
+@pytest.mark.parametrize("m", [1, 3])
+def test_cache_equals_teachers_on_every_view(which, views, m):
+    data = digits_subset() if which == "digits" else cifar_like()
+    members = make_teachers(m, data.spec.num_classes, seed=m)
+    cache = all_view_targets(Ensemble(members), data, batch_size=100, progress=False)  # chunks cross images
+    assert cache.shape == (data.n_train, views, data.spec.num_classes) and cache.dtype == torch.float32
+    for i in range(data.n_train):
+        want = direct(members, data.train_x[i], data.spec)
+        torch.testing.assert_close(cache[i], want, atol=ATOL, rtol=0)
+    spread = (cache - cache[:, :1]).abs().amax().item()
+    assert spread > 1e-3, "views must give different outputs, else this test proves nothing"
+    half = all_view_targets(Ensemble(members), data, dtype=torch.float16, progress=False)
+    assert half.dtype == torch.float16
+    torch.testing.assert_close(half.float(), cache, atol=2e-2, rtol=0)
+
+
+def test_cache_file_reused_for_same_teachers_new_for_others(tmp_path, monkeypatch):
+    data = digits_subset(8)
+    ens = Ensemble(make_teachers(2, 10))
+    first, path, built = cached_targets(ens, data, ["a", "b"], tmp_path, torch.float32)
+    assert built and path.exists() and path.with_suffix(".json").exists()
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("the teachers ran although the cache exists")
+
+    monkeypatch.setattr(kt, "all_view_targets", must_not_run)
+    again, path2, built2 = cached_targets(ens, data, ["a", "b"], tmp_path, torch.float32)
+    assert not built2 and path2 == path and torch.equal(again, first)
+    monkeypatch.undo()
+    assert cache_key(["a", "c"], data) != cache_key(["a", "b"], data)
+    assert cache_key(["b", "a"], data) != cache_key(["a", "b"], data)  # member order is part of the key
+    other, path3, built3 = cached_targets(ens, data, ["a", "c"], tmp_path, torch.float32)
+    assert built3 and path3 != path
+    half, path4, built4 = cached_targets(ens, data, ["a", "b"], tmp_path, torch.float16)
+    assert built4 and path4 not in (path, path3) and half.dtype == torch.float16
+    assert len(list(tmp_path.glob("*.safetensors"))) == 3
+    _, _, built5 = cached_targets(ens, data, ["a", "b"], tmp_path, torch.float32)  # float32 file untouched
+    assert not built5
+
+
+def test_corrupt_cache_refused_missing_cache_rebuilt(tmp_path):
+    data = digits_subset(4)
+    ens = Ensemble(make_teachers(1, 10))
+    good, path, _ = cached_targets(ens, data, ["t"], tmp_path, torch.float32)
+    raw = bytearray(path.read_bytes())
+    raw[-5] ^= 0xFF  # one flipped byte inside the tensor data
+    path.write_bytes(bytes(raw))
+    with pytest.raises(KDError, match="corrupt or was changed.*--teacher_cache=False"):
+        cached_targets(ens, data, ["t"], tmp_path, torch.float32)
+    assert path.read_bytes() == bytes(raw)  # refused, not overwritten behind the user's back
+    path.unlink()
+    rebuilt, _, built = cached_targets(ens, data, ["t"], tmp_path, torch.float32)
+    assert built and torch.equal(rebuilt, good)
+
+
+def test_cache_too_large_for_memory_is_refused(tmp_path, monkeypatch):
+    data = digits_subset(4)
+    monkeypatch.setattr(kt, "_free_bytes", lambda device: 1000)
+    with pytest.raises(KDError, match="--teacher_cache=False"):
+        cached_targets(Ensemble(make_teachers(1, 10)), data, ["t"], tmp_path, torch.float32)
+    assert not list(tmp_path.iterdir())
+    assert kt.cache_bytes(Data(DATASETS["cifar100"], torch.empty(50000, 0), torch.empty(0), torch.empty(0),
+                               torch.empty(0)), 100, torch.float32) == 50000 * 162 * 100 * 4
+
+
+def sgd_steps(objective: Distill, student: torch.nn.Module, steps: int):
+    opt = torch.optim.SGD(student.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-4)
+    losses, targets = [], []
+    for s, batch in enumerate(objective.batches(epoch=0)):
+        if s == steps:
+            break
+        loss, _ = objective.loss(student(batch["x"]), batch)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        targets.append(batch["target"])
+    return losses, targets
+
+
+def test_student_same_trajectory_with_and_without_cache():
+    data = digits_subset(600)
+    ens = Ensemble(make_teachers(3, 10, seed=5))
+    g = torch.Generator().manual_seed(3)
+    synthetic = torch.randint(0, 256, (150, 3, 8, 8), dtype=torch.uint8, generator=g)
+    cache = all_view_targets(ens, data, progress=False)
+    torch.manual_seed(11)
+    student = build_model("preresnet8", 10)
+    runs = {}
+    for name, c in (("cache", cache), ("teachers", None)):
+        obj = Distill(data, ens, batch_size=128, temperature=4.0, seed=2, synthetic=synthetic, cache=c)
+        assert obj.syn_b > 0  # mixed real + synthetic batches
+        net = copy.deepcopy(student).train()
+        runs[name] = (*sgd_steps(obj, net, steps=4), net)
+    (l_c, t_c, net_c), (l_t, t_t, net_t) = runs["cache"], runs["teachers"]
+    for a, b in zip(t_c, t_t):
+        torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
+    assert all(math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-6) for a, b in zip(l_c, l_t)), (l_c, l_t)
+    assert l_c[0] != l_c[-1]  # the student did move
+    for (k, a), b in zip(net_c.state_dict().items(), net_t.state_dict().values()):
+        torch.testing.assert_close(a.float(), b.float(), atol=1e-4, rtol=1e-4, msg=k)
