@@ -7,6 +7,7 @@ values are refused with one line that names the problem and the fix (:class:`KDE
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import hashlib
 import json
@@ -20,6 +21,13 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 
 class KDError(Exception):
     """An error a user can fix: printed as one line, exit code 2."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse for the ``python -m kd.*`` commands: a usage error is one line and exit code 2, like KDError."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message}: see {self.prog} --help\n")
 
 
 def check_name(value: str, what: str) -> str:

@@ -10,7 +10,9 @@ checkpoints. An *objective* owns the data and the loss:
     objective.evaluate(model) -> dict                   clean test-set metrics
 
 Run folder ``{out_dir}/{run_name}-{fingerprint}/``: ``checkpoint.json`` points at the newest
-``ckpt-K.safetensors`` (model, optimizer and its sha256); ``done.json`` marks a finished run. The per-epoch
+``ckpt-K.safetensors`` (model, optimizer and its sha256); ``done.json`` marks a finished run; ``run.json`` holds
+the W&B run id from the start (a run killed before its first checkpoint continues the same W&B run). A damaged
+checkpoint is refused (exit 2), never silently replaced by a fresh start. The per-epoch
 randomness depends on (seed, epoch) only, so a resumed run continues exactly (bitwise on CPU). W&B steps
 are epochs; a resumed run re-logs only the checkpointed epochs W&B has not seen, so no step is logged twice.
 """
@@ -32,7 +34,7 @@ from tqdm.auto import tqdm
 
 from kd import faults, tracking
 from kd.config import KDError, to_dict
-from kd.io import load_tensors, read_json, save_tensors, write_json
+from kd.io import load_tensors, read_json, remove_stale_temps, save_tensors, sha256_file, write_json
 
 
 def cosine_lr(epoch: int, epochs: int, lr: float, eta_min: float) -> float:
@@ -82,20 +84,47 @@ class Session:
     def _load_resume_state(self) -> None:
         pointer = self.run_dir / "checkpoint.json"
         resume = str(self.cfg.resume)
+        if self.main:  # temps of writes that were killed (checkpoints, final weights): never read, only space
+            for folder in (self.run_dir, self.run_dir / "final"):
+                remove_stale_temps(folder)
         if resume == "False":
             if self.main:
-                for p in [pointer, self.run_dir / "done.json", *self.run_dir.glob("ckpt-*.safetensors")]:
+                for p in [pointer, self.run_dir / "done.json", self.run_dir / "run.json",
+                          *self.run_dir.glob("ckpt-*.safetensors")]:
                     p.unlink(missing_ok=True)
             self.accelerator.wait_for_everyone()
             return
+        if self.finished and resume == "auto":
+            return  # the entry points report the finished run; its last checkpoint is not needed
         if pointer.exists():
-            self.ckpt = read_json(pointer)
+            self.ckpt = self._verified_checkpoint(pointer)
             if self.ckpt.get("fingerprint") != self.cfg.fingerprint():
                 raise KDError(f"{pointer} belongs to another configuration: remove {self.run_dir} or pass "
                               "--resume=False to start over")
         elif resume == "True":
             raise KDError(f"--resume=True but there is no checkpoint in {self.run_dir}: run without --resume "
                           "to start (the default --resume=auto continues a checkpoint when one exists)")
+
+    def _verified_checkpoint(self, pointer: Path) -> dict:
+        """The pointer and the tensors it names, checked before anything else runs (W&B included).
+
+        A damaged checkpoint is refused, never silently replaced by a fresh start: the user chooses between
+        restoring the file and ``--resume=False``.
+        """
+        fix = f"pass --resume=False to train this run from scratch (or restore the file); run folder {self.run_dir}"
+        try:
+            ckpt = json.loads(pointer.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise KDError(f"the checkpoint pointer {pointer} is corrupt ({type(e).__name__}): {fix}") from None
+        keys = ("file", "sha256", "epoch", "step", "run_id", "fingerprint", "history", "param_groups")
+        if not isinstance(ckpt, dict) or any(k not in ckpt for k in keys):
+            raise KDError(f"the checkpoint pointer {pointer} is incomplete (expected keys {', '.join(keys)}): {fix}")
+        tensors = self.run_dir / str(ckpt["file"])
+        if tensors.parent != self.run_dir or not tensors.is_file():
+            raise KDError(f"the checkpoint {tensors} named by {pointer.name} is missing: {fix}")
+        if sha256_file(tensors) != ckpt["sha256"]:
+            raise KDError(f"the checkpoint {tensors} is corrupt (its sha256 does not match {pointer.name}): {fix}")
+        return ckpt
 
     def save_checkpoint(self, model, optimizer, epoch: int, step: int, sums: dict, history: list) -> None:
         """Model + optimizer as safetensors; position, stats and history in the pointer JSON (atomic)."""
@@ -139,14 +168,12 @@ class Session:
     # ----------------------------------------------------------------------------------------- W&B
     def start_tracking(self, extra_config: dict | None = None) -> None:
         self.extra_config = extra_config or {}
-        if self.ckpt:
-            self.run_id = self.ckpt["run_id"]
-        else:
-            self.run_id = os.environ.get("WANDB_RUN_ID") or _new_run_id()
+        self.run_id = self._run_id()
         if self.main:
             print(tracking.announce_mode(self.mode), flush=True)
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            write_json(self.run_dir / "config.json", self.config())
+            write_json(self.run_dir / "run.json", {"run_id": self.run_id})  # before W&B sees it: a run cut off
+            write_json(self.run_dir / "config.json", self.config())  # before its first checkpoint keeps its id
         if self.mode == "disabled":
             return
         self.accelerator.init_trackers(
@@ -160,6 +187,14 @@ class Session:
         )
         if self.main:
             self.run = self.accelerator.get_tracker("wandb", unwrap=True)
+
+    def _run_id(self) -> str:
+        """The checkpoint's run id, else the one this run folder already started W&B with, else a new one."""
+        if self.ckpt:
+            return self.ckpt["run_id"]
+        if (self.run_dir / "run.json").exists():
+            return read_json(self.run_dir / "run.json")["run_id"]
+        return os.environ.get("WANDB_RUN_ID") or _new_run_id()
 
     def config(self) -> dict:
         return {**to_dict(self.cfg), "job": self.job, "run_name": self.cfg.run_name(), **self.extra_config}
@@ -288,6 +323,7 @@ class Session:
             full = save_weights(self.run_dir / "final", state, meta)
             files = [self.run_dir / "final" / "model.safetensors", self.run_dir / "final" / "meta.json"]
             path = tracking.publish(name, type, files, full, run=self.run, store=self.cfg.store)
+            faults.point("published")  # in the store, not yet marked done
             write_json(self.run_dir / "done.json", {"artifact": name, "store_path": str(path),
                                                     "run_id": self.run_id, "wandb": self.where()})
         self.accelerator.wait_for_everyone()

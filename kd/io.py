@@ -11,6 +11,9 @@ import contextlib
 import hashlib
 import json
 import os
+import re
+import shutil
+import socket
 import tempfile
 from pathlib import Path
 
@@ -21,12 +24,52 @@ from safetensors.torch import load_file, save_file
 from kd.config import KDError
 
 
+def owner_tag() -> str:
+    """``HOSTHASH-PID``: written into every temp name, so a stale temp (its writer was killed) is known as such."""
+    return f"{hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]}-{os.getpid()}"
+
+
+_OWNED = re.compile(r"(?:^\.incoming-|\.)([0-9a-f]{8})-(\d+)[.-]")
+
+
+def remove_stale_temps(folder: str | Path) -> list[Path]:
+    """Delete the temp files and staging folders in ``folder`` whose writer, a process of this host, is gone.
+
+    A SIGKILL in the middle of a write leaves its temp behind (never read: only the rename makes a file
+    visible); without this, every kill would leak one (a CIFAR-100 teacher cache: 3 GB). Temps of live
+    processes, of other hosts (a shared store) and of unknown origin are left alone.
+    """
+    folder, host, removed = Path(folder), owner_tag().split("-")[0], []
+    if not folder.is_dir():
+        return removed
+    for p in folder.glob(".*"):
+        m = _OWNED.search(p.name)
+        if not m or m.group(1) != host or not (p.name.endswith(".tmp") or p.name.startswith(".incoming-")):
+            continue
+        if _pid_alive(int(m.group(2))):
+            continue
+        with contextlib.suppress(FileNotFoundError):  # another process cleaned it up first
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+        removed.append(p)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | Path, mode: str = "wb"):
     """Open a temp file beside ``path``; on success fsync and rename over ``path``, else remove it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{owner_tag()}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, mode) as fh:
             yield fh
@@ -67,7 +110,7 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: d
     """Atomically write a safetensors file; returns its sha256."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{owner_tag()}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         clean = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}

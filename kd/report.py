@@ -39,7 +39,7 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from kd.config import KDError, check_name
+from kd.config import ArgumentParser, KDError, check_name
 from kd.io import atomic_write, read_json, write_json
 from kd.tracking import wandb_mode
 
@@ -805,8 +805,8 @@ class Result:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m kd.report", allow_abbrev=False,
-                                description="Figures, a CSV and a W&B Report from the runs of one study.")
+    p = ArgumentParser(prog="python -m kd.report", allow_abbrev=False,
+                       description="Figures, a CSV and a W&B Report from the runs of one study.")
     p.add_argument("--study", required=True, help="the --study label the runs were made with")
     p.add_argument("--wandb_dir", "--wandb-dir", default=None,
                    help="folder holding wandb/offline-run-* (default: $WANDB_DIR, else the current folder)")

@@ -27,7 +27,6 @@ and reruns runs whose runner died (the programs resume from their own checkpoint
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import datetime as dt
@@ -48,7 +47,8 @@ from pathlib import Path
 
 import yaml
 
-from kd.config import DistillConfig, KDError, TrainConfig, parse_flags
+from kd import faults
+from kd.config import ArgumentParser, DistillConfig, KDError, TrainConfig, parse_flags
 
 PROGRAMS = {"train.py": TrainConfig, "distill.py": DistillConfig}
 DEFAULT_COMMAND = ["${env}", "${interpreter}", "${program}", "${args}"]  # the agent's default
@@ -457,6 +457,8 @@ class Runner:
                 env[f"WANDB_{key.upper()}"] = str(self.spec.config[key])
         env["KD_SWEEP_ID"] = self.spec.sweep_id
         env.pop("WANDB_SWEEP_ID", None)  # see the module docstring
+        env.pop("WANDB_SERVICE", None)  # as the agent does: a run's own wandb-core dies with it, so a rerun of a
+        # killed run can take its run id again (a shared one keeps the id "in use")
         return env
 
     def execute(self, run: dict) -> int:
@@ -508,7 +510,9 @@ class Runner:
             print(f"[{run['_position']}/{total if total is not None else '?'}] running {self.spec.program} "
                   f"{run_label(self.spec, run['config'])}{again}{eta}", flush=True)
             t0 = time.monotonic()
+            faults.point("sweep-claimed")  # claimed in the state, its program not started
             code = self.execute(run)
+            faults.point("sweep-exited")  # the program ended, the state still says running
             took = time.monotonic() - t0
             self.durations.append(took)
             self.ran += 1
@@ -578,7 +582,7 @@ def dry_run(spec: Spec, state_dir: Path, root: Path, count: int | None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kd.sweep", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m kd.sweep", description=__doc__.split("\n\n")[0])
     parser.add_argument("spec", help="a W&B sweep spec (YAML), e.g. sweeps/demo/teachers.yaml")
     parser.add_argument("--dry-run", action="store_true", help="print each run's command; run nothing")
     parser.add_argument("--count", type=int, default=None, help="run at most N runs, then stop")

@@ -11,10 +11,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from kd import tracking
+from kd import faults, tracking
 from kd.config import KDError
 from kd.data import Data, apply_views
-from kd.io import load_tensors, read_json, save_tensors, write_json
+from kd.io import load_tensors, read_json, remove_stale_temps, save_tensors, write_json
 from kd.models import Ensemble, build_model
 
 _SEED = re.compile(r"-s(\d+)$")
@@ -118,6 +118,7 @@ def all_view_targets(ensemble: Ensemble, data: Data, batch_size: int | None = No
             flat = torch.empty(pairs, lp.shape[-1], dtype=dtype, device=lp.device)
         flat[s:s + len(p)] = lp
         bar.update(len(p))
+        faults.point("cache-build")
     bar.close()
     return flat.view(n, v, -1)
 
@@ -164,6 +165,8 @@ def cached_targets(ensemble: Ensemble, data: Data, teacher_hashes: list[str], ro
     A missing file (e.g. deleted by hand) is rebuilt.
     """
     key = cache_key(teacher_hashes, data)
+    if main:
+        remove_stale_temps(root)  # a cache write that was killed leaves a temp as large as the cache
     tag = str(dtype).removeprefix("torch.")
     path = Path(root) / f"teacher-targets-{key}-{tag}.safetensors"
     meta_path = path.with_suffix(".json")
@@ -186,6 +189,7 @@ def cached_targets(ensemble: Ensemble, data: Data, teacher_hashes: list[str], ro
     if main:
         meta_path.unlink(missing_ok=True)  # a stale record must never vouch for the new file
         digest = save_tensors(path, {"log_probs": targets})
+        faults.point("cache-saved")  # the tensors are in place, their meta (and hash) not yet
         write_json(meta_path, {"sha256": digest, "dtype": str(dtype), "shape": list(targets.shape),
                                "teachers": teacher_hashes, "dataset": data.spec.name, "key": key})
     return targets, path, True

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import json
 import netrc
 import os
 import shutil
@@ -19,7 +20,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from kd.config import KDError, check_name
-from kd.io import read_json, sha256_file, write_json
+from kd.io import owner_tag, read_json, remove_stale_temps, sha256_file, write_json
 
 
 def wandb_mode() -> str:
@@ -68,28 +69,40 @@ def _artifact_dir(name: str, store) -> Path:
 
 def publish(name: str, type: str, files: list[str | Path], metadata: dict, run=None,
             aliases: list[str] | None = None, store=None) -> Path:
-    """Mirror ``files`` as the next version of ``name`` in the local store and log them to W&B."""
+    """Mirror ``files`` as the next version of ``name`` in the local store and log them to W&B.
+
+    The same files, type and metadata as the newest (intact) version are that version again, not a copy: a
+    publish killed between its version folder and ``latest.json`` is finished by running it again.
+    """
     folder = _artifact_dir(name, store)
     folder.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(folder)  # staging folders of publishes that were killed
     versions = [int(p.name[1:]) for p in folder.glob("v*") if p.name[1:].isdigit()]
     version = f"v{max(versions, default=-1) + 1}"
-    tmp = Path(tempfile.mkdtemp(prefix=".incoming-", dir=folder))
-    try:
-        hashes = {}
-        for f in map(Path, files):
-            shutil.copy2(f, tmp / f.name)
-            hashes[f.name] = sha256_file(tmp / f.name)
-        aliases = ["latest", *(aliases or [])]
-        run_id = getattr(run, "id", None)
-        if run_id:
-            aliases.append(run_id)
-        manifest = {"name": name, "type": type, "version": version, "files": hashes,
-                    "metadata": metadata, "aliases": aliases, "run_id": run_id}
-        write_json(tmp / "manifest.json", manifest)
-        os.replace(tmp, folder / version)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    aliases = ["latest", *(aliases or [])]
+    run_id = getattr(run, "id", None)
+    if run_id:
+        aliases.append(run_id)
+    same = _same_as_newest(folder, versions, type, files, metadata)
+    if same is not None:  # a publish cut off after its version folder appeared: that version, not a copy of it
+        version = same
+    else:
+        tmp = Path(tempfile.mkdtemp(prefix=f".incoming-{owner_tag()}-", dir=folder))
+        try:
+            hashes = {}
+            for f in map(Path, files):
+                shutil.copy2(f, tmp / f.name)
+                hashes[f.name] = sha256_file(tmp / f.name)
+            manifest = {"name": name, "type": type, "version": version, "files": hashes,
+                        "metadata": metadata, "aliases": aliases, "run_id": run_id}
+            write_json(tmp / "manifest.json", manifest)
+            os.replace(tmp, folder / version)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    from kd import faults
+
+    faults.point("publish-version")  # the version folder is in place, latest.json not yet written
     write_json(folder / "latest.json", {"version": version})
     if run is not None:
         import wandb
@@ -99,6 +112,22 @@ def publish(name: str, type: str, files: list[str | Path], metadata: dict, run=N
             art.add_file(str(f))
         run.log_artifact(art, aliases=aliases)
     return folder / version
+
+
+def _same_as_newest(folder: Path, versions: list[int], type: str, files, metadata: dict) -> str | None:
+    """The newest version if it holds exactly these files, type and metadata (so a rerun adds no copy)."""
+    if not versions:
+        return None
+    newest = folder / f"v{max(versions)}"
+    try:
+        manifest = verify_folder(newest)
+    except KDError:  # damaged (or half-deleted): never reused; the new version is written beside it
+        return None
+    hashes = {Path(f).name: sha256_file(f) for f in files}
+    plain = json.loads(json.dumps(metadata, sort_keys=True, default=str))  # as write_json stored it
+    if manifest.get("type") == type and manifest.get("files") == hashes and manifest.get("metadata") == plain:
+        return newest.name
+    return None
 
 
 def local_versions(name: str, store=None) -> Path | None:

@@ -31,6 +31,8 @@ def run_script(script: str, *args: str, cwd: Path, check: bool = True, timeout: 
     """Run train.py / distill.py / a module as a user would, offline, in ``cwd``."""
     full = {**os.environ, **offline_env(cwd), **(env or {})}
     full.pop("WANDB_RUN_ID", None) if not (env and "WANDB_RUN_ID" in env) else None
+    full.pop("WANDB_SERVICE", None)  # as `wandb agent` does: else every child shares this process's wandb-core,
+    # which outlives a killed child and keeps its run id "in use" for the rerun
     cmd = [sys.executable, *(["-m", script[3:]] if script.startswith("-m ") else [str(ROOT / script)]), *args]
     out = subprocess.run(cmd, cwd=cwd, env=full, capture_output=True, text=True, timeout=timeout)
     if check and out.returncode != 0:

@@ -297,3 +297,14 @@ def test_two_runners_never_run_the_same_config(tmp_path):
     for x in map(str, range(6)):
         assert [c["event"] for c in events if c["x"] == x] == ["start", "end"]
     assert [r["status"] for r in state_of(tmp_path)["runs"]] == ["finished"] * 6
+
+
+def test_runs_do_not_share_the_runners_wandb_service(tmp_path, monkeypatch):
+    """As `wandb agent` does: WANDB_SERVICE is not passed on, so each run has its own wandb-core, which dies with
+    it; a shared one outlives a killed run and keeps its run id "in use" when the run is rerun."""
+    monkeypatch.setenv("WANDB_SERVICE", "3-1234-tcp-localhost-5678")
+    spec = sweep.load_spec(make_sweep(tmp_path, {"x": {"values": [1]}}))
+    (tmp_path / "state").mkdir()
+    env = sweep.Runner(spec, tmp_path / "state", tmp_path, None, False).child_env({"run_id": "r1",
+                                                                                  "config": spec.grid[0]})
+    assert "WANDB_SERVICE" not in env and env["WANDB_RUN_ID"] == "r1"

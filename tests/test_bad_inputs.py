@@ -1,0 +1,193 @@
+"""Bad input to every command line: one line on stderr that names the problem and the fix, exit code 2, and
+nothing written (no runs/, wandb/ or artifacts/ change). Called in-process (a subprocess costs seconds here).
+
+What tests/test_train.py, test_distill.py, test_sweep.py, test_report.py and test_synthetic.py already try
+is not repeated here; this file covers the rest of the matrix.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import yaml
+
+from kd import report, sweep
+from kd.io import save_weights
+from kd.models import build_model
+from kd.tracking import publish
+from tests.conftest import ROOT, TINY
+
+sys.path.insert(0, str(ROOT))
+import distill  # noqa: E402
+import train  # noqa: E402
+
+
+def snapshot(folder) -> dict:
+    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in folder.rglob("*")}
+
+
+def exit_code(entry, argv: list[str]) -> int:
+    try:
+        rc = entry(argv)
+    except SystemExit as e:
+        rc = e.code
+    return rc
+
+
+def refused(capsys, folder, entry, argv: list[str], needle: str) -> str:
+    """``entry(argv)`` exits 2 with one line holding ``needle``, and ``folder`` is left exactly as it was."""
+    capsys.readouterr()
+    before = snapshot(folder)
+    rc = exit_code(entry, argv)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert rc == 2, (argv, rc, err)
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], (argv, err)
+    assert snapshot(folder) == before, f"{argv} wrote {set(snapshot(folder)) ^ set(before)}"
+    return lines[0]
+
+
+# ------------------------------------------------------------------------------------------------ train.py
+@pytest.mark.parametrize("args,needle", [
+    (["--epochs=0"], "--epochs must be >= 1"),
+    (["--seed=-1"], "--seed must be >= 0"),
+    (["--seed=1.5"], "--seed expects an integer"),
+    (["--batch_size=ten"], "--batch_size expects an integer"),
+    (["--batch_size=-64"], "--batch_size must be >= 1"),
+    (["--lr=inf"], "--lr must be a finite number >= 0"),
+    (["--lr=0"], "--lr must be > 0"),
+    (["--lr="], "--lr expects a number, got ''"),
+    (["--momentum=-0.9"], "--momentum must be a finite number >= 0"),
+    (["--weight_decay=nan"], "--weight_decay must be a finite number >= 0"),
+    (["--lr=0.1", "--eta_min=0.5"], "--eta_min (0.5) must not exceed --lr (0.1)"),
+    (["--mixed_precision=fp8"], "--mixed_precision must be no, bf16 or fp16"),
+    (["--eval_every=0"], "--eval_every must be >= 1"),
+    (["--resume=maybe"], "--resume must be auto, True or False"),
+    (["--channels_last=sometimes"], "--channels_last expects True or False"),
+    (["--project=team/x"], "invalid project 'team/x'"),
+    (["--study=/tmp/elsewhere"], "invalid study '/tmp/elsewhere'"),
+    (["--arch=preresnet9"], "invalid depth in 'preresnet9'"),
+    (["--arch=timm:no_such_net"], "unknown timm model 'no_such_net'"),
+    (["cifar10"], "unexpected argument 'cifar10'"),
+    (["--dataset"], "--dataset needs a value: write --dataset=VALUE"),
+    (["--epoch=3"], "unknown flag --epoch (did you mean --epochs?)"),
+])
+def test_train_refuses(args, needle, workdir, capsys):
+    refused(capsys, workdir, train.main, [*TINY, *args], needle)
+
+
+# ------------------------------------------------------------------------------------------------ distill.py
+@pytest.fixture
+def store(workdir):
+    """Two random digits teachers (and one of another class count) in the store, made in-process."""
+    root = workdir / "artifacts"
+    for name, classes in (("teacher-digits-preresnet8-s0", 10), ("teacher-digits-preresnet8-s1", 10),
+                          ("teacher-digits-preresnet14-s0", 100)):
+        folder = workdir / "made" / name
+        meta = save_weights(folder, build_model(name.split("-")[2], classes).state_dict(),
+                            {"arch": name.split("-")[2], "dataset": "digits", "num_classes": classes, "seed": 0})
+        publish(name, "model", [folder / "model.safetensors", folder / "meta.json"], meta, store=root)
+    return root
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--temperature=-1"], "--temperature must be a finite number > 0"),
+    (["--temperature=nan"], "--temperature must be a finite number > 0"),
+    (["--temperature=inf"], "--temperature must be a finite number > 0"),
+    (["--synthetic_ratio=nan"], "--synthetic_ratio must be a finite number >= 0"),
+    (["--synthetic_ratio=inf"], "--synthetic_ratio must be a finite number >= 0"),
+    (["--trial=-1"], "--trial must be >= 0"),
+    (["--ensemble_size=two"], "--ensemble_size expects an integer"),
+    (["--ensemble_size=-2"], "--ensemble_size must be >= 1"),
+    (["--cache_dtype=int8"], "--cache_dtype must be float32, float16 or bfloat16"),
+    (["--teacher_arch=vgg"], "unknown arch 'vgg'"),
+    (["--teachers=/etc/passwd"], "invalid teacher name '/etc/passwd'"),
+    (["--teachers=teacher-digits-preresnet8-s0,../s1"], "invalid teacher name '../s1'"),
+    (["--dataset=svhn"], "unknown dataset 'svhn'"),
+    (["--arch=resnet9000"], "unknown arch 'resnet9000'"),
+    (["--lr=-0.05"], "--lr must be"),
+    (["--batch_size=0"], "--batch_size must be >= 1"),
+    (["--teacher_cache=maybe"], "--teacher_cache expects True or False"),
+    (["--temprature=4"], "unknown flag --temprature (did you mean --temperature?)"),
+    # past the flags: the store and the pool
+    (["--teacher_arch=preresnet20"], "needs 1 teachers for digits/preresnet20 but 0 exist"),
+    (["--ensemble_size=3"], "but 2 exist (teacher-digits-preresnet8-s0, teacher-digits-preresnet8-s1)"),
+    (["--teachers=teacher-digits-preresnet14-s0", "--arch=preresnet14"], "with 100 classes"),
+    (["--synthetic_ratio=0.5", "--synthetic_pool=synthetic-digits-nothing"],
+     "no synthetic pool 'synthetic-digits-nothing'"),
+    (["--synthetic_ratio=0.5", "--synthetic_pool=../elsewhere/pool"], "synthetic pool '../elsewhere/pool' not found"),
+    (["--synthetic_ratio=0.5", "--synthetic_pool=missing.safetensors"], "pool file missing.safetensors is missing"),
+])
+def test_distill_refuses(args, needle, store, workdir, capsys):
+    refused(capsys, workdir, distill.main, [*TINY, *args], needle)
+
+
+# ------------------------------------------------------------------------------------------------ kd.sweep
+SPECS = {
+    "list.yaml": ("- program: train.py\n- method: grid\n", "holds a list, not a sweep spec"),
+    "noprogram.yaml": (yaml.safe_dump({"method": "grid", "parameters": {"seed": {"values": [0]}}}),
+                       "has no program: add e.g. `program: train.py`"),
+    "bayes.yaml": (yaml.safe_dump({"program": "train.py", "method": "bayes", "metric": {"name": "test/acc"},
+                                   "parameters": {"seed": {"values": [0, 1]}}}), "use method grid or random"),
+    "badvalue.yaml": (yaml.safe_dump({"program": "train.py", "method": "grid",
+                                      "parameters": {"lr": {"values": [0.1, -1.0]}}}),
+                      "would fail: --lr must be a finite number >= 0, got -1.0"),
+    "student.yaml": (yaml.safe_dump({"program": "distill.py", "method": "grid",
+                                     "parameters": {"temprature": {"values": [1.0, 4.0]}}}),
+                     "distill.py has no flag --temprature: rename it to --temperature"),
+    "command.yaml": (yaml.safe_dump({"program": "train.py", "method": "grid", "command": ["${env}", {"a": 1}],
+                                     "parameters": {"seed": {"values": [0]}}}), "every command item must be one word"),
+    "nowhere.yaml": (yaml.safe_dump({"program": "nowhere.py", "method": "grid",
+                                     "parameters": {"x": {"values": [0]}}}), "program nowhere.py is not in"),
+}
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["missing.yaml"], "no sweep spec at missing.yaml"),
+    (["."], "is a folder: pass one spec file"),
+    *[([name], needle) for name, (_, needle) in SPECS.items()],
+    (["list.yaml", "--count=0"], "--count must be >= 1"),
+    (["list.yaml", "--count=two"], "argument --count: invalid int value: 'two': see python -m kd.sweep --help"),
+    (["list.yaml", "--bogus"], "unrecognized arguments: --bogus"),
+    ([], "the following arguments are required: spec"),
+])
+def test_sweep_refuses(argv, needle, workdir, capsys):
+    for name, (text, _) in SPECS.items():
+        (workdir / name).write_text(text)
+    refused(capsys, workdir, sweep.main, argv, needle)
+
+
+# ------------------------------------------------------------------------------------------------ kd.report
+@pytest.mark.parametrize("argv,needle", [
+    (["--study=demo"], "no finished runs for study demo in"),  # a study with no runs at all: no wandb/ here
+    (["--study="], "invalid study ''"),
+    ([], "the following arguments are required: --study"),
+    (["--study=demo", "--figures=x"], "unrecognized arguments: --figures=x"),
+    (["--study=demo", "--online", "--offline"], "not allowed with argument"),
+])
+def test_report_refuses(argv, needle, workdir, capsys):
+    refused(capsys, workdir, report.main, [*argv, f"--cache_dir={workdir / 'cache'}"] if argv else argv, needle)
+
+
+# ------------------------------------------------------------------------------------------------ kd.synthetic
+@pytest.mark.parametrize("argv,needle", [
+    (["generate", "--dataset=digits", "--num=abc"], "--num expects an integer"),
+    (["generate", "--dataset=digits", "--num=-5"], "--num must be >= 1"),
+    (["generate", "--dataset=digits", "--batch_size=0"], "--batch_size must be >= 1"),
+    (["generate", "--dataset=digits", "--shard_size=0"], "--shard_size must be >= 1"),
+    (["generate", "--dataset=digits", "--seed=-1"], "--seed must be >= 0"),
+    (["generate", "--dataset=digits", "--steps=many"], "--steps expects a positive integer or auto"),
+    (["generate", "--dataset=digits", "--device=tpu"], "--device must be auto, cpu, cuda or cuda:N"),
+    (["generate", "--dataset=digits", "--source=../x"], "invalid source '../x'"),
+    (["generate", "--dataset=digits", "--project=a/b"], "invalid project 'a/b'"),
+    (["generate", "--dataset=digits", "--modle=x"], "unknown flag --modle (did you mean --model?)"),
+    (["train", "--dataset=digits", "--epochs=-1"], "--epochs must be >= 0"),
+    (["train", "--dataset=digits", "--lr=nan"], "--lr must be a finite number >= 0"),
+    (["train", "--dataset=digits", "--mixed_precision=fp8"], "--mixed_precision must be auto, no, bf16 or fp16"),
+    (["train", "--dataset=digits", "--resume=maybe"], "--resume must be auto, True or False"),
+])
+def test_synthetic_refuses(argv, needle, workdir, capsys):
+    from kd import synthetic as syn
+
+    refused(capsys, workdir, syn.main, argv, needle)
