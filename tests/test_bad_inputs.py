@@ -186,8 +186,13 @@ def test_report_refuses(argv, needle, workdir, capsys):
     (["train", "--dataset=digits", "--lr=nan"], "--lr must be a finite number >= 0"),
     (["train", "--dataset=digits", "--mixed_precision=fp8"], "--mixed_precision must be auto, no, bf16 or fp16"),
     (["train", "--dataset=digits", "--resume=maybe"], "--resume must be auto, True or False"),
+    # a model that cannot be loaded: refused before W&B starts (it used to leave an offline run and a second line)
+    (["generate", "--dataset=digits", "--model=not-a-pipeline"], "not-a-pipeline is not a loadable diffusers"),
+    (["generate", "--dataset=digits", "--model=generator-nothing"], "no generator 'generator-nothing'"),
+    (["generate", "--dataset=digits", "--model=../../nowhere/model"], "cannot load model '../../nowhere/model'"),
 ])
 def test_synthetic_refuses(argv, needle, workdir, capsys):
     from kd import synthetic as syn
 
+    (workdir / "not-a-pipeline").mkdir()
     refused(capsys, workdir, syn.main, argv, needle)

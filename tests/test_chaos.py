@@ -9,9 +9,14 @@ on), and a last run without a fault finishes. Then:
 * one W&B run id across every process, and no W&B step logged twice (read with ``kd.engine.leet_records``);
 * every file verified: manifests, checkpoint pointers, weights metas and caches match their sha256, every
   safetensors file that is not a temp file reads back whole, no artifact version was published twice;
-* on the CPU, the final weights are bitwise those of an uninterrupted run of the same command.
+* no temp file of a killed write is left behind;
+* on the CPU, the final weights (the synthetic pool) are bitwise those of an uninterrupted run of the same
+  command (with the same number of threads: here one, which is also far faster on a busy machine).
 
-Settings are tiny (digits, PreResNet-8, 12 steps an epoch) so that the whole suite stays within minutes.
+28 kill points: train.py 10, distill.py 10 (3 of them in the teacher-cache build), ``python -m kd.synthetic
+generate`` 5, ``python -m kd.sweep`` 3; 2 of them are SIGTERM (exit 143 with a mid-epoch checkpoint); and a
+SIGTERM to the sweep runner, which forwards it to its run. Settings are tiny (digits, PreResNet-8, 12 steps an
+epoch; a 2-block DDPM) so that the whole suite stays within minutes.
 """
 
 from __future__ import annotations
@@ -73,8 +78,9 @@ def wandb_runs(cwd: Path) -> dict[str, dict]:
         for rec in leet_records(folder):
             if rec.get("type") == "history":
                 entry["steps"].append(int(rec["history"]["item"]["_step"]))
-            elif rec.get("type") == "config":
-                config.update({k: v for k, v in rec["config"]["update"].items() if not k.startswith("_")})
+            elif rec.get("type") in ("config", "run"):  # wandb.init(config=...) puts it in the run record
+                update = rec[rec["type"]].get("config", rec[rec["type"]]).get("update", {})
+                config.update({k: v for k, v in update.items() if not k.startswith("_")})
         entry["configs"].append(config)
     return runs
 
@@ -209,6 +215,61 @@ def test_distill_killed_anywhere_resumes_to_the_same_student(chain, tmp_path, tr
         assert all("teacher cache (built" in o.stdout for o in outs[-1:])
     if chain == "epochs":
         assert "at epoch 1 step 4" in outs[-1].stdout and "teacher cache (reused" in outs[-1].stdout
+
+
+# ------------------------------------------------------------------------------------------------ kd.synthetic
+GENERATE = ["generate", "--dataset=digits", "--num=10", "--batch_size=2", "--shard_size=4", "--scheduler=ddim",
+            "--steps=3", "--source=tiny", "--device=cpu"]  # shards of 4, 4 and 2 images, 2 images a batch
+POOL = "synthetic-digits-tiny"
+SYNTHETIC_CHAIN = [
+    "synthetic-batch@3:KILL",  # in shard 1, shard 0 written
+    "tensors-write@1:KILL",  # shard 1 complete in its temp file, not in place
+    "shard-saved@1:KILL",  # shard 1 in place, not yet in index.json: made again
+    "pool-saved@1:KILL",  # the pool in place, pool.json (its hash) not yet
+    "publish-version@1:KILL",  # the store version in place, latest.json not yet
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_generator(tmp_path_factory) -> Path:
+    """A tiny random DDPM pipeline folder (8 px), as `python -m kd.synthetic train` would save one."""
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    folder = tmp_path_factory.mktemp("generator") / "tiny8"
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(8, 16),
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       norm_num_groups=4)
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=20)).save_pretrained(str(folder))
+    return folder
+
+
+def test_synthetic_generation_killed_anywhere_resumes_to_the_same_pool(tmp_path, tiny_generator):
+    args = [*GENERATE, f"--model={tiny_generator}"]
+    straight = tmp_path / "straight"
+    straight.mkdir()
+    run_script("-m kd.synthetic", *args, cwd=straight, env={**ONE_THREAD, "WANDB_MODE": "disabled"})
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    outs = run_chain("-m kd.synthetic", args, cut, SYNTHETIC_CHAIN)
+    assert "1/3 shards already done" in outs[1].stderr and "3/3 shards already done" in outs[-1].stderr
+    out = cut / "runs" / "synthetic" / "digits-tiny"
+    pool, want = out / "pool.safetensors", straight / "runs" / "synthetic" / "digits-tiny" / "pool.safetensors"
+    assert sha256_file(pool) == sha256_file(want), "the resumed pool differs from the uninterrupted one"
+    assert json.loads((out / "pool.json").read_text())["sha256"] == sha256_file(pool)
+    store = cut / "artifacts"
+    assert sorted(p.name for p in (store / POOL).glob("v*")) == ["v0"]
+    assert json.loads((store / POOL / "latest.json").read_text()) == {"version": "v0"}
+    verify_tree(cut)
+    leftovers = [*(cut / "runs").rglob(".*.tmp"), *store.rglob(".*.tmp"), *store.rglob(".incoming-*")]
+    assert not leftovers, leftovers
+    runs = wandb_runs(cut)
+    assert len(runs) == 1, f"one W&B run id across all processes, got {list(runs)}"
+    (run,) = runs.values()
+    assert run["steps"] == [1], run["steps"]  # the one logged step, once
+    configs = [c for c in run["configs"] if c]
+    assert configs and all(c == configs[0] for c in configs) and configs[0]["num"] == 10
+    assert json.loads((out / "wandb-run.json").read_text())["run_id"] in runs
 
 
 # ------------------------------------------------------------------------------------------------ kd.sweep
