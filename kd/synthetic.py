@@ -13,8 +13,9 @@ run started again continues where it stopped and ends bit-identical to an uninte
 Distillation reads it with :func:`load_pool`.
 
 ``train`` fits an unconditional DDPM (diffusers UNet2DModel + DDPMScheduler, Accelerate, EMA weights) on
-the dataset's training split, resumable from safetensors checkpoints, and saves a diffusers pipeline
-folder published as artifact ``generator-{dataset}``.
+the dataset's training split, resumable from safetensors checkpoints (SIGTERM: a checkpoint, exit 143; a rerun
+continues the same W&B run and logs no step twice), and saves a diffusers pipeline folder published as artifact
+``generator-{dataset}``.
 """
 
 from __future__ import annotations
@@ -25,9 +26,10 @@ import math
 import os
 import re
 import shutil
+import signal
 import sys
+import threading
 import time
-import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -319,14 +321,14 @@ def _folder_run_id(out: Path) -> str:
     return run_id
 
 
-def _logged_before(run, mode: str) -> bool:
-    """Whether this (resumed) W&B run already holds step 1, the one step a generation logs."""
+def _last_logged_step(run, mode: str) -> int:
+    """The highest step this (resumed) W&B run already holds, 0 if none: a rerun logs only the steps after it."""
     if mode == "online":
-        return run.resumed and run.step > 1
+        return max(int(run.step) - 1, 0) if run.resumed else 0
     from kd.engine import offline_last_step
 
     here = Path(run.dir).parent
-    return offline_last_step(here.parent, run.id, exclude=here) >= 1
+    return offline_last_step(here.parent, run.id, exclude=here)
 
 
 def _wandb_dir() -> str | None:
@@ -453,7 +455,7 @@ def _generate(cfg, spec, out, name, store, device, dtype, run, mode, stop_after_
 
     import wandb
 
-    if mode == "disabled" or not _logged_before(run, mode):  # a rerun of the same W&B run logs step 1 once
+    if mode == "disabled" or _last_logged_step(run, mode) < 1:  # a rerun of the same W&B run logs step 1 once
         run.log({"synthetic/samples": wandb.Image(str(grid)), "synthetic/img_per_s": rate,
                  "synthetic/count": cfg.num}, step=1)
     same = _already_published(name, POOL_FILE, meta["sha256"], store)
@@ -604,11 +606,18 @@ def train(cfg: GeneratorTrainConfig) -> Path:
         print(announce_mode(mode), file=sys.stderr)
     import wandb
 
-    run_id = state["wandb_id"] if state else uuid.uuid4().hex[:8]
+    if cfg.resume == "False" and main_proc:
+        (out / "wandb-run.json").unlink(missing_ok=True)  # starting over is a new W&B run
+    run_id = state["wandb_id"] if state else _folder_run_id(out)  # killed before a checkpoint: the same run
     accelerator.init_trackers(cfg.project, config={**asdict(cfg), "recipe": identity}, init_kwargs={"wandb": {
         "name": f"generator-{cfg.dataset}", "job_type": "train-generator", "mode": mode, "id": run_id,
         "resume": "allow", "dir": _wandb_dir()}})
     run = accelerator.get_tracker("wandb", unwrap=True) if main_proc and mode != "disabled" else None
+    seen = _last_logged_step(run, mode) if run is not None else 0  # steps logged before a kill are not logged again
+    history = list(state.get("history", [])) if state else []  # the logged rows, kept in every checkpoint
+    for row in history:  # rows W&B lost when the last process was killed (it loses what it had not flushed)
+        if row["step"] > seen:
+            accelerator.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
 
     data = load_dataset(cfg.dataset, cfg.data_dir, device=accelerator.device)
     channels = recipe.unet["in_channels"]
@@ -645,7 +654,7 @@ def train(cfg: GeneratorTrainConfig) -> Path:
         accelerator.wait_for_everyone()
         if main_proc:
             _save_checkpoint(ckpt_dir, step, raw, ema, optimizer, {"identity": identity, "wandb_id": run_id,
-                                                                  "loss": loss, "total": total})
+                                                                  "loss": loss, "total": total, "history": history})
 
     def log_samples() -> None:
         if not main_proc:
@@ -657,49 +666,68 @@ def train(cfg: GeneratorTrainConfig) -> Path:
                          out / "samples.png")
         raw.train()
         ema.restore(raw.parameters())
-        accelerator.log({"generator/samples": wandb.Image(str(grid))}, step=step)
+        if step > seen:
+            accelerator.log({"generator/samples": wandb.Image(str(grid))}, step=step)
 
     t0, start, loss_sum, loss_n, perm_epoch, perm = time.perf_counter(), step, 0.0, 0, -1, None
     last_loss = state["loss"] if state else float("nan")
     unet.train()
     bar = tqdm(total=stop, initial=step, unit="step", desc=f"generator {cfg.dataset}", disable=not main_proc,
                dynamic_ncols=True)
-    while step < stop:
-        epoch, within = divmod(step, steps_per_epoch)
-        if epoch != perm_epoch:
-            perm, perm_epoch = torch.randperm(n, generator=epoch_generator(cfg.seed, epoch, "cpu")), epoch
-        idx = perm[within * recipe.batch_size:(within + 1) * recipe.batch_size][rank::world].to(accelerator.device)
-        g = torch.Generator(accelerator.device).manual_seed(derived_seed(cfg.seed, step, rank))
-        clean = images[idx].float().div(127.5).sub(1.0)
-        if recipe.flip:
-            flip = torch.rand(clean.shape[0], generator=g, device=clean.device) < 0.5
-            clean = torch.where(flip[:, None, None, None], clean.flip(-1), clean)
-        noise = torch.randn(clean.shape, generator=g, device=clean.device)
-        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (clean.shape[0],), generator=g,
-                          device=clean.device)
-        noisy = noise_scheduler.add_noise(clean, noise, t)
-        lr = lr_at(step, total, recipe.lr, recipe.warmup)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        with accelerator.autocast():
-            loss = F.mse_loss(unet(noisy, t).sample.float(), noise)
-        accelerator.backward(loss)
-        accelerator.clip_grad_norm_(unet.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        ema.step(raw.parameters())
-        step += 1
-        loss_sum, loss_n = loss_sum + loss.item(), loss_n + 1
-        bar.update(1)
-        if step % 10 == 0 or step == stop:
-            last_loss, loss_sum, loss_n = loss_sum / loss_n, 0.0, 0
-            bar.set_postfix(loss=f"{last_loss:.4f}")
-            accelerator.log({"generator/loss": last_loss, "generator/lr": lr, "epoch": step / steps_per_epoch,
-                             "generator/ema_decay": ema.cur_decay_value}, step=step)
-        if step % recipe.save_every == 0 or step == stop:
-            checkpoint(last_loss)
-        if step % recipe.sample_every == 0 or step == total:
-            log_samples()
+    terms: list[int] = []  # SIGTERM: checkpoint at the next step, then exit 143
+    old_handler = signal.signal(signal.SIGTERM, lambda signum, frame: terms.append(signum)) if (
+        threading.current_thread() is threading.main_thread()) else None
+    try:
+        while step < stop:
+            epoch, within = divmod(step, steps_per_epoch)
+            if epoch != perm_epoch:
+                perm, perm_epoch = torch.randperm(n, generator=epoch_generator(cfg.seed, epoch, "cpu")), epoch
+            idx = perm[within * recipe.batch_size:(within + 1) * recipe.batch_size][rank::world].to(accelerator.device)
+            g = torch.Generator(accelerator.device).manual_seed(derived_seed(cfg.seed, step, rank))
+            clean = images[idx].float().div(127.5).sub(1.0)
+            if recipe.flip:
+                flip = torch.rand(clean.shape[0], generator=g, device=clean.device) < 0.5
+                clean = torch.where(flip[:, None, None, None], clean.flip(-1), clean)
+            noise = torch.randn(clean.shape, generator=g, device=clean.device)
+            t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (clean.shape[0],), generator=g,
+                              device=clean.device)
+            noisy = noise_scheduler.add_noise(clean, noise, t)
+            lr = lr_at(step, total, recipe.lr, recipe.warmup)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            with accelerator.autocast():
+                loss = F.mse_loss(unet(noisy, t).sample.float(), noise)
+            accelerator.backward(loss)
+            accelerator.clip_grad_norm_(unet.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            ema.step(raw.parameters())
+            step += 1
+            loss_sum, loss_n = loss_sum + loss.item(), loss_n + 1
+            bar.update(1)
+            if step % 10 == 0 or step == stop:
+                last_loss, loss_sum, loss_n = loss_sum / loss_n, 0.0, 0
+                bar.set_postfix(loss=f"{last_loss:.4f}")
+                row = {"generator/loss": last_loss, "generator/lr": lr, "epoch": step / steps_per_epoch,
+                       "generator/ema_decay": ema.cur_decay_value}
+                history.append({"step": step, **row})
+                if step > seen:
+                    accelerator.log(row, step=step)
+            if step % recipe.save_every == 0 or step == stop:
+                checkpoint(last_loss)
+            if step % recipe.sample_every == 0 or step == total:
+                log_samples()
+            faults.point("generator-step")
+            if terms and step < stop:
+                checkpoint(last_loss)
+                bar.close()
+                accelerator.end_training()
+                print(f"interrupted at step {step}: checkpoint saved; run the same command again to resume",
+                      file=sys.stderr)
+                raise SystemExit(143)
+    finally:
+        if old_handler is not None:
+            signal.signal(signal.SIGTERM, old_handler)
     bar.close()
     seconds = time.perf_counter() - t0
     accelerator.wait_for_everyone()

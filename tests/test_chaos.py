@@ -13,10 +13,10 @@ on), and a last run without a fault finishes. Then:
 * on the CPU, the final weights (the synthetic pool) are bitwise those of an uninterrupted run of the same
   command (with the same number of threads: here one, which is also far faster on a busy machine).
 
-28 kill points: train.py 10, distill.py 10 (3 of them in the teacher-cache build), ``python -m kd.synthetic
-generate`` 5, ``python -m kd.sweep`` 3; 2 of them are SIGTERM (exit 143 with a mid-epoch checkpoint); and a
-SIGTERM to the sweep runner, which forwards it to its run. Settings are tiny (digits, PreResNet-8, 12 steps an
-epoch; a 2-block DDPM) so that the whole suite stays within minutes.
+30 kill points: train.py 10, distill.py 10 (3 of them in the teacher-cache build), ``python -m kd.synthetic
+generate`` 5 and ``train`` 2, ``python -m kd.sweep`` 3; 3 of them are SIGTERM (exit 143 with a checkpoint
+mid-epoch); and a SIGTERM to the sweep runner, which forwards it to its run. Settings are tiny (digits,
+PreResNet-8, 12 steps an epoch; a 2-block DDPM) so that the whole suite stays within minutes.
 """
 
 from __future__ import annotations
@@ -270,6 +270,32 @@ def test_synthetic_generation_killed_anywhere_resumes_to_the_same_pool(tmp_path,
     configs = [c for c in run["configs"] if c]
     assert configs and all(c == configs[0] for c in configs) and configs[0]["num"] == 10
     assert json.loads((out / "wandb-run.json").read_text())["run_id"] in runs
+
+
+GENERATOR = ["train", "--dataset=digits", "--max_steps=50", "--save_every=25", "--sample_every=1000", "--out=gen"]
+GENERATOR_CHAIN = [
+    "generator-step@45:KILL",  # checkpoint at 25, steps 30 and 40 logged since: not to be logged twice
+    "generator-step@3:TERM",  # resumed at 25: a checkpoint at step 28, exit 143
+]
+
+
+def test_generator_training_killed_and_terminated_resumes_to_the_same_weights(tmp_path):
+    straight = tmp_path / "straight"
+    straight.mkdir()
+    run_script("-m kd.synthetic", *GENERATOR, cwd=straight, env={**ONE_THREAD, "WANDB_MODE": "disabled"})
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    outs = run_chain("-m kd.synthetic", GENERATOR, cut, GENERATOR_CHAIN)
+    assert "resuming" in outs[1].stderr and "at step 25/" in outs[1].stderr and "at step 28/" in outs[2].stderr
+    weights = "gen/pipeline/unet/diffusion_pytorch_model.safetensors"
+    a, b = load_file(str(cut / weights)), load_file(str(straight / weights))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ"
+    runs = wandb_runs(cut)
+    assert len(runs) == 1, f"one W&B run id across all processes, got {list(runs)}"
+    (run,) = runs.values()
+    assert sorted(run["steps"]) == [10, 20, 30, 40, 50], run["steps"]  # each logged step once
+    assert sorted(p.name for p in (cut / "artifacts" / "generator-digits").glob("v*")) == ["v0"]
+    verify_tree(cut)
 
 
 # ------------------------------------------------------------------------------------------------ kd.sweep
