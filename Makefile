@@ -40,7 +40,7 @@ synthetic: setup
 	$(PY) -m kd.synthetic generate --model=google/ddpm-cifar10-32 --dataset=cifar10 --num=50000 --scheduler=ddim --steps=100
 
 bench: setup
-	$(PY) -m kd.bench
+	$(PY) -m kd.bench $(ARGS)
 
 figures: setup
 	$(PY) -m kd.report --study=$(STUDY) $(if $(wildcard $(SWEEPS)),--expect=$(SWEEPS))
