@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def offline_env(folder: Path) -> dict:
     return {"WANDB_MODE": "offline", "WANDB_DIR": str(folder), "KD_STORE": str(folder / "artifacts"),
             "WANDB_SILENT": "true", "WANDB_CONSOLE": "off", "HF_HUB_OFFLINE": "1",
-            "TQDM_MININTERVAL": "5"}
+            "TQDM_MININTERVAL": "5", "OMP_NUM_THREADS": "1"}
 
 
 @pytest.fixture
