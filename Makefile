@@ -15,13 +15,13 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 test: setup
-	$(PY) -m pytest -m "not chaos" -q
+	$(PY) -m pytest -m "not chaos"
 
 lint: setup
 	$(VENV)/bin/ruff check kd tests train.py distill.py
 
 chaos: setup
-	$(PY) -m pytest -m chaos -q
+	$(PY) -m pytest -m chaos
 
 # The whole pipeline offline on digits: teachers, generator + pool, Figure 1 and ensemble-size sweeps, figures.
 # Started again, every step reuses what is done.
