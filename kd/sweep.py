@@ -294,13 +294,9 @@ def pid_alive(pid: int, start: int | None) -> bool:
         if info is None or info[0] in ("Z", "X"):
             return False
         return start is None or info[2] == start
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    from kd.io import _pid_alive
+
+    return _pid_alive(pid)
 
 
 def group_alive(pgid: int) -> bool:
