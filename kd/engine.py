@@ -24,7 +24,6 @@ import json
 import math
 import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -354,32 +353,20 @@ def _new_run_id() -> str:
 
 def offline_last_step(wandb_dir: Path, run_id: str, exclude: Path | None = None) -> int:
     """Highest history step in earlier offline folders of ``run_id``, read with `wandb leet inspect`."""
+    from kd.report import inspect_history
+
     best = 0
     for folder in sorted(wandb_dir.glob(f"offline-run-*-{run_id}")):
-        if exclude is not None and folder.resolve() == exclude.resolve():
-            continue
-        for rec in leet_records(folder):
-            if rec.get("type") == "history":
-                best = max(best, history_step(rec))
+        if exclude is None or folder.resolve() != exclude.resolve():
+            best = max([best, *(row["_step"] for row in inspect_history(folder))])
     return best
 
 
 def leet_records(folder: Path) -> list[dict]:
-    """Every record of an offline run's transaction log, through W&B's own reader."""
-    exe = Path(sys.executable).with_name("wandb")
-    cmd = [str(exe) if exe.exists() else "wandb", "leet", "inspect", "--json", str(folder)]
-    out = subprocess.run(cmd, capture_output=True, text=True)
-    if out.returncode != 0:
-        raise KDError(f"could not read the W&B offline run {folder}: {out.stderr.strip()[:300]}")
-    return [json.loads(line) for line in out.stdout.splitlines() if line.strip().startswith("{")]
+    """Every record of an offline run's transaction log, through W&B's own reader (used by the tests)."""
+    from kd.report import leet_inspect
 
-
-def history_step(rec: dict) -> int:
-    """The step of a `wandb leet inspect --json` history record."""
-    hist = rec["history"]
-    if "_step" in hist.get("item", {}):
-        return int(hist["item"]["_step"])
-    return int(hist.get("step", {}).get("num", 0))
+    return [json.loads(line) for line in leet_inspect(folder, summary=False).splitlines() if line.strip()]
 
 
 @contextlib.contextmanager

@@ -130,7 +130,7 @@ def _transaction_log(folder: Path) -> Path:
     return logs[0]
 
 
-def _leet(folder: Path, summary: bool) -> str:
+def leet_inspect(folder: Path, summary: bool) -> str:
     cmd = [wandb_exe(), "leet", "inspect", "--json", *(["--summary"] if summary else []),
            str(_transaction_log(folder))]
     try:
@@ -146,7 +146,7 @@ def _leet(folder: Path, summary: bool) -> str:
 
 def inspect_summary(folder: Path) -> dict:
     """``wandb leet inspect --summary --json``: one object with run_id, name, start_time, config, summary."""
-    out = _leet(folder, summary=True)
+    out = leet_inspect(folder, summary=True)
     try:
         obj = json.loads(out)
     except json.JSONDecodeError as e:
@@ -160,7 +160,7 @@ def inspect_summary(folder: Path) -> dict:
 def inspect_history(folder: Path) -> list[dict]:
     """History rows of ``wandb leet inspect --json`` (records of type "history"), each with ``_step``."""
     rows = []
-    for n, line in enumerate(_leet(folder, summary=False).splitlines(), 1):
+    for n, line in enumerate(leet_inspect(folder, summary=False).splitlines(), 1):
         if not line.strip():
             continue
         try:

@@ -26,13 +26,7 @@ from kd.teachers import all_view_targets, cache_key, cached_targets
 ATOL = 1e-5
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny convolutions: one intra-op thread is faster, and far steadier on a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_teachers(m: int, classes: int, seed: int = 0) -> list[torch.nn.Module]:

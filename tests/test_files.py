@@ -33,13 +33,7 @@ import train  # noqa: E402
 TEACHERS = ("teacher-digits-preresnet8-s0", "teacher-digits-preresnet8-s1")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one thread is far faster on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def damage(path, how: str) -> None:
