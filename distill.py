@@ -10,8 +10,10 @@ student as the artifact student-.... Every setting is a --key=value flag (python
 Killed, the same command resumes.
 """
 
-from kd.config import DistillConfig, KDError, parse_flags
-from kd.engine import Session, user_errors
+from kd import names
+from kd.config import DistillConfig, parse_flags
+from kd.engine import Session
+from kd.errors import KDError, cli
 
 
 def load_synthetic(cfg, data, run=None):
@@ -36,11 +38,11 @@ def load_synthetic(cfg, data, run=None):
     if n > images.shape[0]:
         raise KDError(f"--synthetic_ratio={cfg.synthetic_ratio} needs {n} synthetic images but the pool "
                       f"{cfg.synthetic_pool} has {images.shape[0]}: generate a larger pool (--num={n} or more)")
-    return images[:n], {"synthetic_pool_sha256": meta.get("sha256", ""), "synthetic_source": meta.get("model", "")}
+    return images[:n], {names.SYNTHETIC_POOL_SHA: meta.get("sha256", ""), names.SYNTHETIC_SOURCE: meta.get("model", "")}
 
 
 def main(argv=None) -> None:
-    with user_errors():
+    with cli():
         cfg = parse_flags(DistillConfig, argv)
         session = Session(cfg, job="student")
         if session.finished and str(cfg.resume) == "auto":
@@ -49,22 +51,23 @@ def main(argv=None) -> None:
             return
         import torch
 
+        from kd.artifacts import store_root
         from kd.data import load_dataset
-        from kd.distill import Distill
         from kd.models import Ensemble, build_model, count_params
-        from kd.teachers import cached_targets, choose_teachers, load_teachers
-        from kd.tracking import store_root
+        from kd.objectives import Distill
+        from kd.teacher_cache import cached_targets
+        from kd.teachers import choose_teachers, load_teachers
 
         acc = session.accelerator
         data = load_dataset(cfg.dataset, cfg.data_dir, session.device)
         online = session.mode == "online"
         if online:  # resolve teachers through the run, so W&B records the lineage
             session.start_tracking()
-        names = choose_teachers(cfg, online_project=cfg.project if online else None)
-        members, metas = load_teachers(names, data, run=session.run, store=cfg.store, device=session.device)
+        teachers = choose_teachers(cfg, online_project=cfg.project if online else None)
+        members, metas = load_teachers(teachers, data, run=session.run, store=cfg.store, device=session.device)
         synthetic, syn_info = load_synthetic(cfg, data, run=session.run)
         model = build_model(cfg.arch, data.spec.num_classes)
-        extra = {"teacher_names": names, "teacher_hashes": [m["sha256"] for m in metas],
+        extra = {names.TEACHER_NAMES: teachers, names.TEACHER_HASHES: [m["sha256"] for m in metas],
                  "n_real": data.n_train, "n_synthetic": 0 if synthetic is None else len(synthetic),
                  "n_params": count_params(model), **syn_info}
         if online:
@@ -77,7 +80,7 @@ def main(argv=None) -> None:
         cache = None
         if cfg.teacher_cache:
             dtype = getattr(torch, cfg.cache_dtype)
-            cache, path, built = cached_targets(ensemble, data, extra["teacher_hashes"],
+            cache, path, built = cached_targets(ensemble, data, extra[names.TEACHER_HASHES],
                                                 store_root(cfg.store) / "_cache", dtype, acc.autocast,
                                                 main=session.main)
             if session.main:
@@ -92,18 +95,17 @@ def main(argv=None) -> None:
             final = {k: v for row in history for k, v in row.items()}  # last value of every key
             name = cfg.run_name()
             meta = {"kind": "student", "arch": cfg.arch, "dataset": cfg.dataset, "seed": cfg.student_seed,
-                    "num_classes": data.spec.num_classes, "test_acc": final["test/acc"],
-                    "test_agreement": final["test/agreement"], "teachers": names, "run_id": session.run_id,
+                    "num_classes": data.spec.num_classes, "test_acc": final[names.TEST_ACC],
+                    "test_agreement": final[names.TEST_AGREEMENT], "teachers": teachers, "run_id": session.run_id,
                     "config": session.config()}
             path = session.publish(session.model, name, "model", meta)
-            session.summary({**final, "teacher/test_acc": objective.teacher_acc,
-                             "data/n_real": extra["n_real"], "data/n_synthetic": extra["n_synthetic"],
-                             "final": True})
+            session.summary({**final, names.TEACHER_ACC: objective.teacher_acc, names.N_REAL: extra["n_real"],
+                             names.N_SYNTHETIC: extra["n_synthetic"], names.FINAL: True})
         finally:
             session.end()
         if session.main:
-            print(f"student test acc {final['test/acc']:.4f}, agreement {final['test/agreement']:.4f}, "
-                  f"KL {final['test/kl']:.4f} (teacher acc {objective.teacher_acc:.4f})")
+            print(f"student test acc {final[names.TEST_ACC]:.4f}, agreement {final[names.TEST_AGREEMENT]:.4f}, "
+                  f"KL {final[names.TEST_KL]:.4f} (teacher acc {objective.teacher_acc:.4f})")
             print(session.where())
             print(f"student artifact {name}: {path}")
 

@@ -7,12 +7,14 @@
 Every setting is a --key=value flag (python train.py --help). Killed, the same command resumes.
 """
 
+from kd import names
 from kd.config import TrainConfig, parse_flags
-from kd.engine import Session, user_errors
+from kd.engine import Session
+from kd.errors import cli
 
 
 def main(argv=None) -> None:
-    with user_errors():
+    with cli():
         cfg = parse_flags(TrainConfig, argv)
         session = Session(cfg, job="teacher")
         if session.finished and str(cfg.resume) == "auto":
@@ -32,16 +34,16 @@ def main(argv=None) -> None:
         try:
             history = session.fit(model, objective)
             final = history[-1]
-            name = f"teacher-{cfg.dataset}-{cfg.arch}-s{cfg.seed}"
-            meta = {"kind": "teacher", "arch": cfg.arch, "dataset": cfg.dataset, "seed": cfg.seed,
-                    "num_classes": data.spec.num_classes, "test_acc": final["test/acc"],
+            name = cfg.run_name()
+            meta = {"kind": names.TEACHER, "arch": cfg.arch, "dataset": cfg.dataset, "seed": cfg.seed,
+                    "num_classes": data.spec.num_classes, "test_acc": final[names.TEST_ACC],
                     "epochs": cfg.epochs, "run_id": session.run_id, "config": session.config()}
             path = session.publish(session.model, name, "model", meta)
-            session.summary({**{k: v for k, v in final.items()}, "final": True})
+            session.summary({**final, names.FINAL: True})
         finally:
             session.end()
         if session.main:
-            print(f"teacher test accuracy {final['test/acc']:.4f}")
+            print(f"teacher test accuracy {final[names.TEST_ACC]:.4f}")
             print(session.where())
             print(f"teacher artifact {name}: {path}")
 

@@ -49,7 +49,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from kd.config import KDError
+from kd.errors import KDError
 
 
 @dataclass(frozen=True)
@@ -319,11 +319,10 @@ def bench_distill(sizes: Sizes, device, root: Path, compile: bool, rows: list, l
 
 
 def distill_m(m: int, data, sizes: Sizes, device, root: Path, compile: bool):
-    from kd.distill import Distill
     from kd.engine import Session
     from kd.models import Ensemble
-    from kd.objectives import Supervised
-    from kd.teachers import all_view_targets
+    from kd.objectives import Distill, Supervised
+    from kd.teacher_cache import all_view_targets
 
     b = sizes.distill_batch
     members = teachers(m, sizes.arch, device)
@@ -503,7 +502,7 @@ def table(rows: list) -> str:
 
 
 def main(argv=None) -> None:
-    from kd.engine import user_errors
+    from kd.errors import cli as user_errors
 
     p = argparse.ArgumentParser(prog="python -m kd.bench", description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kd.config import KDError
+from kd.errors import KDError
 
 
 @dataclass(frozen=True)
@@ -163,12 +163,15 @@ def split_batch(batch_size: int, n_real: int, n_synthetic: int) -> tuple[int, in
     return real, batch_size - real
 
 
-def shard(indices: torch.Tensor, rank: int, world: int, batch: int) -> list[torch.Tensor]:
-    """Split a permutation into per-step batches of this rank (every rank takes the same step count)."""
+def rank_part(chunk: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    """This rank's contiguous part of one step's batch (every rank takes ceil(B / world) or fewer)."""
+    if world <= 1:
+        return chunk
+    per = math.ceil(chunk.numel() / world)
+    return chunk[rank * per:(rank + 1) * per]
+
+
+def step_batches(indices: torch.Tensor, batch: int, rank: int = 0, world: int = 1) -> list[torch.Tensor]:
+    """A permutation cut into per-step batches of ``batch`` (the last may be short), this rank's part of each."""
     steps = math.ceil(indices.numel() / batch)
-    per_rank = math.ceil(batch / world)
-    out = []
-    for s in range(steps):
-        chunk = indices[s * batch:(s + 1) * batch]
-        out.append(chunk[rank * per_rank:(rank + 1) * per_rank] if world > 1 else chunk)
-    return out
+    return [rank_part(indices[s * batch:(s + 1) * batch], rank, world) for s in range(steps)]

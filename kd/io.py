@@ -21,7 +21,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from kd.config import KDError
+from kd import faults
+from kd.errors import KDError
 
 
 def owner_tag() -> str:
@@ -46,7 +47,7 @@ def remove_stale_temps(folder: str | Path) -> list[Path]:
         m = _OWNED.search(p.name)
         if not m or m.group(1) != host or not (p.name.endswith(".tmp") or p.name.startswith(".incoming-")):
             continue
-        if _pid_alive(int(m.group(2))):
+        if pid_exists(int(m.group(2))):
             continue
         with contextlib.suppress(FileNotFoundError):  # another process cleaned it up first
             shutil.rmtree(p) if p.is_dir() else p.unlink()
@@ -54,7 +55,7 @@ def remove_stale_temps(folder: str | Path) -> list[Path]:
     return removed
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_exists(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -64,22 +65,36 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _umask() -> int:
+    old = os.umask(0)
+    os.umask(old)
+    return old
+
+
 @contextlib.contextmanager
-def atomic_write(path: str | Path, mode: str = "wb"):
-    """Open a temp file beside ``path``; on success fsync and rename over ``path``, else remove it."""
-    path = Path(path)
+def temp_beside(path: Path):
+    """A temp file name beside ``path`` (mode as the process's umask allows, not mkstemp's 0600); on success
+    it is fsynced and renamed over ``path``, on any failure removed."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{owner_tag()}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, mode) as fh:
-            yield fh
-            fh.flush()
+        os.chmod(tmp, 0o666 & ~_umask())
+        yield tmp
+        with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | Path, mode: str = "wb"):
+    """Open a temp file beside ``path``; on success fsync and rename over ``path``, else remove it."""
+    with temp_beside(Path(path)) as tmp, open(tmp, mode) as fh:
+        yield fh
 
 
 def write_json(path: str | Path, obj) -> None:
@@ -108,24 +123,11 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
 
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> str:
     """Atomically write a safetensors file; returns its sha256."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{owner_tag()}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with temp_beside(Path(path)) as tmp:
         clean = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
         save_file(clean, tmp, metadata={k: str(v) for k, v in (metadata or {}).items()})
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        from kd import faults
-
         faults.point("tensors-write")  # the file is complete but not yet in place
         digest = sha256_file(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
     return digest
 
 

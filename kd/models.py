@@ -3,49 +3,23 @@
 ``build_model("preresnet56", 100)`` is the network of Stanton et al. (gnosis code): bottleneck blocks from
 depth 44 (n = (depth-2)/9 per stage), basic blocks below (n = (depth-2)/6); a bare 3x3 stem; pre-activation
 blocks whose projection shortcut (1x1 conv, stride s, no BN) sees the raw block input; BN-ReLU-pool-linear
-head. ``build_model("timm:resnet18", 10)`` builds any timm model, untrained.
+head. ``build_model("timm:resnet18", 10)`` builds any timm model, untrained. The usual PreResNet depths are also
+registered with timm (``@register_model``), so ``timm.create_model("preresnet56", num_classes=100)`` works.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-import re
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, stack_module_state
 
-from kd.config import KDError
-
-_PRERESNET = re.compile(r"^preresnet(\d+)$")
-
-
-def check_arch(arch: str) -> None:
-    m = _PRERESNET.match(arch)
-    if m:
-        depth = int(m.group(1))
-        if not _valid_depth(depth):
-            raise KDError(
-                f"invalid depth in {arch!r}: use depth = 6n+2 below 44 (8, 14, 20, 26, 32, 38) "
-                "or 9n+2 from 44 (47, 56, 65, ..., 110)"
-            )
-        return
-    if arch.startswith("timm:"):
-        import timm
-
-        name = arch[5:]
-        if name not in timm.list_models():
-            raise KDError(f"unknown timm model {name!r}: see timm.list_models() for the names")
-        return
-    raise KDError(f"unknown arch {arch!r}: use preresnet{{depth}} (e.g. preresnet56) or timm:{{name}}")
-
-
-def _valid_depth(depth: int) -> bool:
-    if depth >= 44:
-        return (depth - 2) % 9 == 0
-    return depth >= 8 and (depth - 2) % 6 == 0
+from kd.config import check_arch
+from kd.errors import KDError
+from kd.names import PRERESNET, valid_preresnet_depth
 
 
 class BasicBlock(nn.Module):
@@ -94,7 +68,7 @@ def _shortcut(inplanes: int, outplanes: int, stride: int):
 class PreResNet(nn.Module):
     def __init__(self, depth: int, num_classes: int):
         super().__init__()
-        if not _valid_depth(depth):
+        if not valid_preresnet_depth(depth):
             raise KDError(f"invalid PreResNet depth {depth}")
         block = Bottleneck if depth >= 44 else BasicBlock
         n = (depth - 2) // (9 if depth >= 44 else 6)
@@ -127,12 +101,29 @@ class PreResNet(nn.Module):
 
 def build_model(arch: str, num_classes: int) -> nn.Module:
     check_arch(arch)
-    m = _PRERESNET.match(arch)
+    m = PRERESNET.match(arch)
     if m:
         return PreResNet(int(m.group(1)), num_classes)
     import timm
 
     return timm.create_model(arch[5:], pretrained=False, num_classes=num_classes)
+
+
+def _register_with_timm(depth: int) -> None:
+    from timm.models import register_model
+
+    def entrypoint(pretrained: bool = False, num_classes: int = 10, **kwargs) -> nn.Module:
+        if pretrained:
+            raise KDError(f"there are no pretrained preresnet{depth} weights: pass pretrained=False")
+        return PreResNet(depth, num_classes)
+
+    entrypoint.__name__ = entrypoint.__qualname__ = f"preresnet{depth}"
+    entrypoint.__module__ = __name__
+    register_model(entrypoint)
+
+
+for _depth in (8, 14, 20, 26, 32, 38, 47, 56, 65, 110):
+    _register_with_timm(_depth)
 
 
 def ensemble_log_probs(logits: torch.Tensor) -> torch.Tensor:

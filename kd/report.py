@@ -39,9 +39,9 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from kd.config import ArgumentParser, KDError, check_name
+from kd.errors import ArgumentParser, KDError, check_name
 from kd.io import atomic_write, read_json, write_json
-from kd.tracking import wandb_mode
+from kd.wandb_runs import wandb_mode
 
 METRICS = ("test/acc", "test/agreement", "test/kl", "test/ece", "teacher/test_acc")
 PERCENT = {"test/acc", "test/agreement", "test/ece", "teacher/test_acc"}  # fractions shown as %

@@ -48,7 +48,8 @@ from pathlib import Path
 import yaml
 
 from kd import faults
-from kd.config import ArgumentParser, DistillConfig, KDError, TrainConfig, parse_flags
+from kd.config import DistillConfig, TrainConfig, parse_flags
+from kd.errors import ArgumentParser, KDError
 
 PROGRAMS = {"train.py": TrainConfig, "distill.py": DistillConfig}
 DEFAULT_COMMAND = ["${env}", "${interpreter}", "${program}", "${args}"]  # the agent's default
@@ -294,9 +295,9 @@ def pid_alive(pid: int, start: int | None) -> bool:
         if info is None or info[0] in ("Z", "X"):
             return False
         return start is None or info[2] == start
-    from kd.io import _pid_alive
+    from kd.io import pid_exists
 
-    return _pid_alive(pid)
+    return pid_exists(pid)
 
 
 def group_alive(pgid: int) -> bool:

@@ -37,11 +37,13 @@ import torch
 import torch.nn.functional as F
 
 from kd import faults
-from kd.config import NAME_RE, KDError, check_name, parse_flags
+from kd.artifacts import local_versions, publish, resolve
+from kd.config import parse_flags
 from kd.data import DATASETS, epoch_generator, load_dataset
+from kd.errors import NAME_RE, KDError, check_name
 from kd.generator_presets import PRESETS, Preset
 from kd.io import atomic_write, load_tensors, read_json, remove_stale_temps, save_tensors, sha256_file, write_json
-from kd.tracking import announce_mode, local_versions, publish, resolve, wandb_mode
+from kd.wandb_runs import announce_mode, wandb_mode
 
 SCHEDULERS = ("ddpm", "ddim", "dpm")
 DEFAULT_STEPS = {"ddim": 100, "dpm": 25}  # ddpm: all of the model's training timesteps
@@ -325,10 +327,9 @@ def _last_logged_step(run, mode: str) -> int:
     """The highest step this (resumed) W&B run already holds, 0 if none: a rerun logs only the steps after it."""
     if mode == "online":
         return max(int(run.step) - 1, 0) if run.resumed else 0
-    from kd.engine import offline_last_step
+    from kd.wandb_runs import last_logged_step
 
-    here = Path(run.dir).parent
-    return offline_last_step(here.parent, run.id, exclude=here)
+    return last_logged_step(run, mode)
 
 
 def _wandb_dir() -> str | None:

@@ -13,9 +13,9 @@ import pytest
 import yaml
 
 from kd import report, sweep
+from kd.artifacts import publish
 from kd.io import save_weights
 from kd.models import build_model
-from kd.tracking import publish
 from tests.conftest import ROOT, TINY
 
 sys.path.insert(0, str(ROOT))
@@ -55,8 +55,8 @@ def refused(capsys, folder, entry, argv: list[str], needle: str) -> str:
     (["--seed=1.5"], "--seed expects an integer"),
     (["--batch_size=ten"], "--batch_size expects an integer"),
     (["--batch_size=-64"], "--batch_size must be >= 1"),
-    (["--lr=inf"], "--lr must be a finite number >= 0"),
-    (["--lr=0"], "--lr must be > 0"),
+    (["--lr=inf"], "--lr must be a finite number > 0"),
+    (["--lr=0"], "--lr must be a finite number > 0"),
     (["--lr="], "--lr expects a number, got ''"),
     (["--momentum=-0.9"], "--momentum must be a finite number >= 0"),
     (["--weight_decay=nan"], "--weight_decay must be a finite number >= 0"),
@@ -72,6 +72,14 @@ def refused(capsys, folder, entry, argv: list[str], needle: str) -> str:
     (["cifar10"], "unexpected argument 'cifar10'"),
     (["--dataset"], "--dataset needs a value: write --dataset=VALUE"),
     (["--epoch=3"], "unknown flag --epoch (did you mean --epochs?)"),
+    # values outside their meaningful range (they used to be accepted, or to hang with no output)
+    (["--momentum=1.0"], "--momentum must be a finite number >= 0 and < 1"),
+    (["--momentum=7"], "--momentum must be a finite number >= 0 and < 1"),
+    (["--epochs=1000000000"], "--epochs must be >= 1 and <= 10000"),
+    (["--arch=preresnet100001"], "invalid depth in 'preresnet100001'"),
+    (["--seed=10000000000000"], "--seed must be >= 0 and <= 4294967295"),
+    (["--weight_decay=5"], "--weight_decay must be a finite number >= 0 and < 1"),
+    (["--batch_size=100000000"], "--batch_size must be >= 1 and <= 65536"),
 ])
 def test_train_refuses(args, needle, workdir, capsys):
     refused(capsys, workdir, train.main, [*TINY, *args], needle)
@@ -92,9 +100,15 @@ def store(workdir):
 
 
 @pytest.mark.parametrize("args,needle", [
-    (["--temperature=-1"], "--temperature must be a finite number > 0"),
-    (["--temperature=nan"], "--temperature must be a finite number > 0"),
-    (["--temperature=inf"], "--temperature must be a finite number > 0"),
+    (["--temperature=-1"], "--temperature must be a finite number >= 0.01"),
+    (["--temperature=nan"], "--temperature must be a finite number >= 0.01"),
+    (["--temperature=inf"], "--temperature must be a finite number >= 0.01"),
+    # values outside their meaningful range (they used to be accepted, or to hang)
+    (["--temperature=1e-9"], "--temperature must be a finite number >= 0.01 and <= 100"),
+    (["--temperature=1e9"], "--temperature must be a finite number >= 0.01 and <= 100"),
+    (["--teachers=teacher-digits-preresnet8-s0,teacher-digits-preresnet8-s0"], "more than once"),
+    (["--teachers=teacher-digits-preresnet8-s0,,teacher-digits-preresnet8-s1"], "holds an empty name"),
+    (["--ensemble_size=100000"], "--ensemble_size must be >= 1 and <= 1000"),
     (["--synthetic_ratio=nan"], "--synthetic_ratio must be a finite number >= 0"),
     (["--synthetic_ratio=inf"], "--synthetic_ratio must be a finite number >= 0"),
     (["--trial=-1"], "--trial must be >= 0"),

@@ -16,12 +16,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kd import teachers as kt
-from kd.config import KDError
+from kd import teacher_cache as kt
 from kd.data import DATASETS, Data, apply_views, load_dataset, num_views
-from kd.distill import Distill
+from kd.errors import KDError
 from kd.models import Ensemble, build_model
-from kd.teachers import all_view_targets, cache_key, cached_targets
+from kd.objectives import Distill
+from kd.teacher_cache import all_view_targets, cache_key, cached_targets
 
 ATOL = 1e-5
 

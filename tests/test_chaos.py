@@ -6,7 +6,7 @@ kd/faults.py), the next run of the same command resumes what the last left (and 
 on), and a last run without a fault finishes. Then:
 
 * the run finished with the same epoch count and config (config.json and every W&B folder's config);
-* one W&B run id across every process, and no W&B step logged twice (read with ``kd.engine.leet_records``);
+* one W&B run id across every process, and no W&B step logged twice (read with ``kd.wandb_runs.leet_records``);
 * every file verified: manifests, checkpoint pointers, weights metas and caches match their sha256, every
   safetensors file that is not a temp file reads back whole, no artifact version was published twice;
 * no temp file of a killed write is left behind;
@@ -35,9 +35,9 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from kd.engine import leet_records
+from kd.artifacts import verify_folder
 from kd.io import load_weights, sha256_file
-from kd.tracking import verify_folder
+from kd.wandb_runs import leet_records
 from tests.conftest import ROOT, TINY, offline_env, run_script
 
 pytestmark = pytest.mark.chaos

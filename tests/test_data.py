@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from kd.config import KDError
 from kd.data import DATASETS, apply_views, crop_flip, decode_views, load_dataset, num_views, sample_views, split_batch
+from kd.errors import KDError
 from kd.objectives import Supervised
 
 CIFAR = DATASETS["cifar10"]

@@ -5,11 +5,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kd.engine import leet_records
 from kd.io import save_tensors, write_json
 from kd.losses import kd_loss
 from kd.metrics import accuracy, agreement, ece, predictive_kl
 from kd.models import build_model
+from kd.wandb_runs import leet_records
 from tests.conftest import TINY, run_script
 
 # ------------------------------------------------------------------------------------------- loss and metrics
@@ -110,8 +110,8 @@ def test_trial_picks_contiguous_block_modulo_n():
 
 
 def _fake_teacher(store, name, dataset, classes):
+    from kd.artifacts import publish
     from kd.io import save_weights
-    from kd.tracking import publish
 
     folder = store / ".." / "made" / name
     model = build_model("preresnet8", classes)

@@ -20,10 +20,10 @@ import sys
 import pytest
 import torch
 
-from kd.config import KDError
+from kd.artifacts import publish, resolve
+from kd.errors import KDError
 from kd.io import save_tensors, save_weights, write_json
 from kd.models import build_model
-from kd.tracking import publish, resolve
 from tests.conftest import ROOT, TINY, run_script
 
 sys.path.insert(0, str(ROOT))
@@ -171,7 +171,7 @@ def test_damaged_checkpoint_pointer_is_refused(unfinished_run, workdir, capsys):
 def test_damaged_teacher_cache_is_refused(how, store, workdir, monkeypatch, capsys):
     """The cache distill.py would use (made here with stand-in values: only its file matters) is refused."""
     from kd.data import load_dataset
-    from kd.teachers import cache_key
+    from kd.teacher_cache import cache_key
 
     monkeypatch.setenv("WANDB_MODE", "disabled")
     data = load_dataset("digits")

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kd.config import KDError
+from kd.errors import KDError
 from kd.models import Ensemble, build_model, count_params, ensemble_log_probs
 
 

@@ -15,7 +15,7 @@ import pytest
 import wandb
 
 from kd import report
-from kd.config import KDError
+from kd.errors import KDError
 
 STUDY = "tiny"
 N_REAL = 1437

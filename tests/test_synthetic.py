@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from kd import synthetic as syn
-from kd.config import KDError
+from kd.artifacts import local_versions
+from kd.errors import KDError
 from kd.io import owner_tag, sha256_file
-from kd.tracking import local_versions
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

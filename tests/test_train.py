@@ -3,8 +3,9 @@ import json
 import pytest
 import torch
 
-from kd.engine import cosine_lr, leet_records
+from kd.engine import cosine_lr
 from kd.io import load_weights, sha256_file
+from kd.wandb_runs import leet_records
 from tests.conftest import TINY, run_script
 
 

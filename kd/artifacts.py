@@ -1,6 +1,5 @@
-"""W&B online or offline, and a local mirror of every artifact the repository logs.
+"""The local artifact store: a mirror of every artifact the repository logs to W&B.
 
-* :func:`wandb_mode`: ``WANDB_MODE`` if set, else online when a W&B login exists, else offline.
 * The local store (``--store``, ``$KD_STORE`` or ``./artifacts``) holds ``NAME/vK/`` folders with a
   ``manifest.json`` (files and their sha256, metadata, aliases, the producing run) and ``NAME/latest.json``
   pointing at the newest version. A version folder appears by one rename, so a reader never sees half of it.
@@ -12,46 +11,15 @@
 from __future__ import annotations
 
 import json
-import netrc
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from urllib.parse import urlparse
 
-from kd.config import KDError, check_name
+from kd import faults
+from kd.errors import KDError, check_name
 from kd.io import owner_tag, read_json, remove_stale_temps, sha256_file, write_json
-
-
-def wandb_mode() -> str:
-    mode = os.environ.get("WANDB_MODE", "").strip().lower()
-    if mode in ("online", "run"):
-        return "online"
-    if mode in ("offline", "dryrun"):
-        return "offline"
-    if mode == "disabled":
-        return "disabled"
-    return "online" if _logged_in() else "offline"
-
-
-def _logged_in() -> bool:
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
-    try:
-        auth = netrc.netrc(os.environ.get("NETRC") or None).authenticators(host)
-    except (FileNotFoundError, netrc.NetrcParseError, OSError):
-        return False
-    return bool(auth and auth[2])
-
-
-def announce_mode(mode: str) -> str:
-    if mode == "online":
-        return "W&B: online (logged in); runs and artifacts go to your W&B project"
-    if mode == "disabled":
-        return "W&B: disabled (WANDB_MODE=disabled); nothing is tracked, the local store still is"
-    return ("W&B: offline (no login found); runs are written under ./wandb (upload later with `wandb sync`), "
-            "artifacts mirrored in the local store")
+from kd.wandb_runs import wandb_mode
 
 
 def store_root(store: str | Path | None = None) -> Path:
@@ -100,8 +68,6 @@ def publish(name: str, type: str, files: list[str | Path], metadata: dict, run=N
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-    from kd import faults
-
     faults.point("publish-version")  # the version folder is in place, latest.json not yet written
     write_json(folder / "latest.json", {"version": version})
     if run is not None:

@@ -1,0 +1,88 @@
+"""Errors a user can fix, and the one way every command reports them.
+
+* :class:`KDError`: printed as one line (``error: ...``), exit code 2, nothing written.
+* :class:`Interrupted`: SIGTERM or SIGINT arrived; a checkpoint was written; exit 143 (TERM) or 130 (INT).
+* :func:`cli`: the handler every entry point (``train.py``, ``distill.py``, ``python -m kd.*``) runs under.
+* :class:`ArgumentParser`: argparse whose usage errors are one line and exit code 2, like a KDError.
+* :func:`check_name`: artifact, study and run names that cannot escape a folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import re
+import signal
+import sys
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+
+
+class KDError(Exception):
+    """An error a user can fix: printed as one line, exit code 2."""
+
+
+class Interrupted(Exception):
+    """A stop signal arrived and a checkpoint was written: the process exits 128 + signal number."""
+
+    def __init__(self, signum: int = signal.SIGTERM):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = int(signum)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse for the ``python -m kd.*`` commands: a usage error is one line and exit code 2, like KDError."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message}: see {self.prog} --help\n")
+
+
+def one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def check_name(value: str, what: str) -> str:
+    """Artifact, study and run names: no path separators, no '..', nothing that escapes a folder."""
+    if not isinstance(value, str) or not NAME_RE.match(value) or ".." in value:
+        raise KDError(
+            f"invalid {what} {value!r}: use letters, digits, '.', '_' and '-' only "
+            "(no '/', no '..', at most 128 characters)"
+        )
+    return value
+
+
+@contextlib.contextmanager
+def cli():
+    """Entry points: KDError -> one line, exit 2; Interrupted -> one line, exit 128 + signal; Ctrl-C before
+    any checkpoint exists -> one line, exit 130 (no traceback)."""
+    try:
+        yield
+    except KDError as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except Interrupted as e:
+        print(f"interrupted by {e}: checkpoint saved; run the same command again to resume", file=sys.stderr)
+        raise SystemExit(128 + e.signum) from None
+    except KeyboardInterrupt:
+        print("interrupted by SIGINT before anything was checkpointed; run the same command again",
+              file=sys.stderr)
+        raise SystemExit(130) from None
+
+
+@contextlib.contextmanager
+def stop_requests():
+    """SIGTERM and SIGINT, while inside, only append their number to the yielded list: the training loop
+    checkpoints at its next step and raises :class:`Interrupted` (exit 143 or 130). Outside the main thread
+    (where signals cannot be caught) the list stays empty."""
+    import threading
+
+    got: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield got
+        return
+    old = {s: signal.signal(s, lambda signum, frame: got.append(signum)) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield got
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)

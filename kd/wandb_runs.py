@@ -1,0 +1,193 @@
+"""W&B runs: which mode, which run id, what a resumed run already holds, and the reader of offline runs.
+
+* :func:`wandb_mode`: ``WANDB_MODE`` if set, else online when a W&B login exists, else offline.
+* Run ids: a run folder (or an output folder) keeps its W&B run id in a JSON file from the start, so a run
+  killed before its first checkpoint continues the same W&B run (:func:`folder_run_id`).
+* :func:`last_logged_step`: the highest step a resumed run already holds (W&B drops a step that goes back).
+* Offline runs on disk are read with W&B's own reader, ``wandb leet inspect`` (:func:`inspect_summary`,
+  :func:`inspect_history`); folders that share a run id are the parts of one resumed run.
+"""
+
+from __future__ import annotations
+
+import json
+import netrc
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from urllib.parse import urlparse
+
+from kd.errors import KDError
+from kd.io import read_json, write_json
+
+MODES = {"online": "online", "run": "online", "offline": "offline", "dryrun": "offline", "disabled": "disabled"}
+
+
+def wandb_mode() -> str:
+    mode = os.environ.get("WANDB_MODE", "").strip().lower()
+    if mode:
+        if mode not in MODES:
+            raise KDError(f"WANDB_MODE={mode!r} is not a W&B mode: set it to online, offline or disabled "
+                          "(or unset it: online when logged in, else offline)")
+        return MODES[mode]
+    return "online" if _logged_in() else "offline"
+
+
+def _logged_in() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
+    try:
+        auth = netrc.netrc(os.environ.get("NETRC") or None).authenticators(host)
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+    return bool(auth and auth[2])
+
+
+def announce_mode(mode: str) -> str:
+    if mode == "online":
+        return "W&B: online (logged in); runs and artifacts go to your W&B project"
+    if mode == "disabled":
+        return "W&B: disabled (WANDB_MODE=disabled); nothing is tracked, the local store still is"
+    return ("W&B: offline (no login found); runs are written under ./wandb (upload later with `wandb sync`), "
+            "artifacts mirrored in the local store")
+
+
+def wandb_dir() -> str | None:
+    """$WANDB_DIR as it is now (wandb reads it once per process, at its first run)."""
+    return os.environ.get("WANDB_DIR") or None
+
+
+def new_run_id() -> str:
+    from wandb.sdk.lib.runid import generate_id
+
+    return generate_id()
+
+
+def folder_run_id(path: Path, fresh: str | None = None) -> str:
+    """The run id recorded in ``path`` (a JSON ``{"run_id": ...}``), else a new one (``fresh``, or
+    $WANDB_RUN_ID as an agent sets it, or a random id) recorded there first."""
+    if path.exists():
+        return read_json(path)["run_id"]
+    run_id = fresh or os.environ.get("WANDB_RUN_ID") or new_run_id()
+    write_json(path, {"run_id": run_id})
+    return run_id
+
+
+def start_run(project: str, name: str, job_type: str, config: dict, run_id: str | None = None):
+    """A plain ``wandb.init`` for the jobs that run outside the training engine (pool generation)."""
+    import wandb
+
+    mode = wandb_mode()
+    print(announce_mode(mode), file=sys.stderr)
+    run = wandb.init(project=project, name=name, job_type=job_type, config=config, mode=mode, dir=wandb_dir(),
+                     id=run_id, resume="allow" if run_id else None)
+    return run, mode
+
+
+def last_logged_step(run, mode: str) -> int:
+    """The highest W&B step this (resumed) run already holds, 0 if none: a rerun logs only the steps after it."""
+    if run is None or mode == "disabled":
+        return 0
+    if mode == "online":
+        return max(int(getattr(run, "step", 0)) - 1, 0) if run.resumed else 0
+    here = Path(run.dir).parent
+    best = 0
+    for folder in sorted(here.parent.glob(f"offline-run-*-{run.id}")):
+        if folder.resolve() != here.resolve():
+            best = max([best, *(row["_step"] for row in inspect_history(folder))])
+    return best
+
+
+# ------------------------------------------------------------------------------------------------ reader
+def clean(d: dict | None) -> dict:
+    """A W&B config or summary without W&B's own ``_`` keys."""
+    return {k: v for k, v in (d or {}).items() if not str(k).startswith("_")}
+
+
+def wandb_exe() -> str:
+    """The `wandb` CLI of this interpreter's environment (beside sys.executable), else the one on PATH."""
+    exe = Path(sys.executable).with_name("wandb")
+    if exe.exists():
+        return str(exe)
+    found = shutil.which("wandb")
+    if not found:
+        raise KDError(f"the `wandb` command is not installed beside {sys.executable}: pip install wandb")
+    return found
+
+
+def offline_folders(root: str | Path) -> list[Path]:
+    """``offline-run-*`` folders under ``DIR/wandb`` (or ``DIR`` itself when it is the wandb folder)."""
+    root = Path(root)
+    base = root / "wandb" if (root / "wandb").is_dir() else root
+    return sorted(p for p in base.glob("offline-run-*") if p.is_dir())
+
+
+def transaction_log(folder: Path) -> Path:
+    logs = sorted(folder.glob("run-*.wandb"))
+    if len(logs) != 1:
+        raise KDError(f"cannot read W&B run folder {folder}: expected one run-*.wandb transaction log, "
+                      f"found {len(logs)}; remove the folder if it is debris")
+    return logs[0]
+
+
+def leet_inspect(folder: Path, summary: bool) -> str:
+    cmd = [wandb_exe(), "leet", "inspect", "--json", *(["--summary"] if summary else []),
+           str(transaction_log(folder))]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=600)
+    except subprocess.TimeoutExpired:
+        raise KDError(f"cannot read W&B run folder {folder}: `wandb leet inspect` took over 600 s") from None
+    if proc.returncode != 0:
+        lines = [ln.strip() for ln in proc.stderr.splitlines() if ln.strip()]
+        why = lines[-1] if lines else f"exit code {proc.returncode}"
+        raise KDError(f"cannot read W&B run folder {folder}: `wandb leet inspect` failed: {why[:300]}")
+    return proc.stdout
+
+
+def leet_records(folder: Path) -> list[dict]:
+    """Every record of an offline run's transaction log, through W&B's own reader."""
+    return [json.loads(line) for line in leet_inspect(folder, summary=False).splitlines() if line.strip()]
+
+
+def inspect_summary(folder: Path) -> dict:
+    """``wandb leet inspect --summary --json``: one object with run_id, name, start_time, config, summary."""
+    out = leet_inspect(folder, summary=True)
+    try:
+        obj = json.loads(out)
+    except json.JSONDecodeError as e:
+        raise KDError(f"cannot read W&B run folder {folder}: `wandb leet inspect --summary --json` printed "
+                      f"no JSON ({e.msg})") from None
+    if not isinstance(obj, dict) or not obj.get("run_id"):
+        raise KDError(f"cannot read W&B run folder {folder}: its summary names no run_id")
+    return {k: obj.get(k) for k in ("run_id", "name", "start_time", "state", "config", "summary")}
+
+
+def inspect_history(folder: Path) -> list[dict]:
+    """History rows of ``wandb leet inspect --json`` (records of type "history"), each with ``_step``."""
+    rows = []
+    for n, line in enumerate(leet_inspect(folder, summary=False).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise KDError(f"cannot read W&B run folder {folder}: record {n} is not JSON ({e.msg})") from None
+        if rec.get("type") != "history":
+            continue
+        hist = rec.get("history", {})
+        item = hist.get("item", {})
+        step = item.get("_step", hist.get("step", {}).get("num", 0))
+        rows.append({**clean(item), "_step": int(step)})
+    return rows
+
+
+def time_key(start_time: str | None, folder: Path) -> tuple:
+    """Sort key from an RFC 3339 start time (fraction padded to ns), the folder name breaking ties."""
+    m = re.match(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d+))?", start_time or "")
+    if not m:
+        return ("", folder.name)
+    return (m.group(1) + "." + (m.group(2) or "").ljust(9, "0")[:9], folder.name)
