@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-stamp
 STUDY  ?= demo
 SWEEPS ?= sweeps/$(STUDY)
 
-.PHONY: setup test lint chaos demo figures report synthetic bench clean
+.PHONY: setup test lint chaos demo figures report synthetic bench agent clean
 
 setup: $(STAMP)
 $(STAMP): pyproject.toml
@@ -17,8 +17,10 @@ $(STAMP): pyproject.toml
 test: setup
 	$(PY) -m pytest -m "not chaos"
 
+# ruff, and the layering contract in pyproject.toml (import-linter: a lower layer never imports a higher one)
 lint: setup
 	$(VENV)/bin/ruff check kd tests train.py distill.py
+	$(VENV)/bin/lint-imports
 
 chaos: setup
 	$(PY) -m pytest -m chaos
@@ -42,11 +44,18 @@ synthetic: setup
 bench: setup
 	$(PY) -m kd.bench $(ARGS)
 
+# ARGS reach the report, e.g. make figures STUDY=cifar10-paper SWEEPS=sweeps/cifar10 ARGS=--refresh
 figures: setup
-	$(PY) -m kd.report --study=$(STUDY) $(if $(wildcard $(SWEEPS)),--expect=$(SWEEPS))
+	$(PY) -m kd.report --study=$(STUDY) $(if $(wildcard $(SWEEPS)),--expect=$(SWEEPS)) $(ARGS)
 
 report: setup
-	$(PY) -m kd.report --study=$(STUDY) $(if $(wildcard $(SWEEPS)),--expect=$(SWEEPS)) --publish
+	$(PY) -m kd.report --study=$(STUDY) $(if $(wildcard $(SWEEPS)),--expect=$(SWEEPS)) --publish $(ARGS)
+
+# One W&B sweep agent from this environment (its python and accelerate first on PATH); one per GPU:
+#   CUDA_VISIBLE_DEVICES=0 make agent SWEEP=entity/kd-fidelity/abc123 [ARGS=--count=5]
+agent: setup
+	@test -n "$(SWEEP)" || { echo "error: pass SWEEP=entity/project/sweep_id (printed by wandb sweep)" >&2; exit 2; }
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/wandb agent $(ARGS) $(SWEEP)
 
 clean:
 	rm -rf runs figures wandb .cache bench

@@ -4,7 +4,8 @@
     accelerate launch train.py --dataset=cifar10 --seed=3 --mixed_precision=bf16
     python train.py --dataset=digits --arch=preresnet8 --epochs=3             # offline demo size
 
-Every setting is a --key=value flag (python train.py --help). Killed, the same command resumes.
+Every setting is a --key=value flag (python train.py --help). Killed, the same command resumes. A run with a
+--study publishes its teacher with the study as an alias: that study's students use exactly this version.
 """
 
 from kd import names
@@ -16,11 +17,12 @@ from kd.errors import cli
 def main(argv=None) -> None:
     with cli():
         cfg = parse_flags(TrainConfig, argv)
-        session = Session(cfg, job="teacher")
+        session = Session(cfg, job=names.TEACHER)
         if session.finished and str(cfg.resume) == "auto":
             info = session.done_info()
             print(f"already finished: {session.run_dir} (teacher artifact {info['artifact']}); "
                   "pass --resume=False to train again")
+            session.report_finished()
             return
         from kd.data import load_dataset
         from kd.models import build_model, count_params
@@ -28,20 +30,19 @@ def main(argv=None) -> None:
 
         data = load_dataset(cfg.dataset, cfg.data_dir, session.device)
         model = build_model(cfg.arch, data.spec.num_classes)
+        session.check_outputs(need_bytes=3 * 4 * count_params(model))  # weights + momentum + final weights
         acc = session.accelerator
         objective = Supervised(data, cfg.batch_size, cfg.seed, acc.process_index, acc.num_processes)
         session.start_tracking({"n_params": count_params(model), "n_train": data.n_train})
-        try:
+        with session.tracked():
             history = session.fit(model, objective)
             final = history[-1]
             name = cfg.run_name()
             meta = {"kind": names.TEACHER, "arch": cfg.arch, "dataset": cfg.dataset, "seed": cfg.seed,
                     "num_classes": data.spec.num_classes, "test_acc": final[names.TEST_ACC],
-                    "epochs": cfg.epochs, "run_id": session.run_id, "config": session.config()}
+                    "epochs": cfg.epochs, "run_id": session.run_id, "study": cfg.study, "config": session.config()}
             path = session.publish(session.model, name, "model", meta)
-            session.summary({**final, names.FINAL: True})
-        finally:
-            session.end()
+            session.finish({**final, names.FINAL: True})
         if session.main:
             print(f"teacher test accuracy {final[names.TEST_ACC]:.4f}")
             print(session.where())

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from kd import faults
 from kd.errors import KDError, check_name
-from kd.io import owner_tag, read_json, remove_stale_temps, sha256_file, write_json
+from kd.io import owner_tag, read_json, remove_stale_temps, sha256_file, umask, write_json
 from kd.wandb_runs import wandb_mode
 
 
@@ -57,6 +57,7 @@ def publish(name: str, type: str, files: list[str | Path], metadata: dict, run=N
     else:
         tmp = Path(tempfile.mkdtemp(prefix=f".incoming-{owner_tag()}-", dir=folder))
         try:
+            os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes 0700: the version folder keeps the umask
             hashes = {}
             for f in map(Path, files):
                 shutil.copy2(f, tmp / f.name)
@@ -69,6 +70,8 @@ def publish(name: str, type: str, files: list[str | Path], metadata: dict, run=N
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     faults.point("publish-version")  # the version folder is in place, latest.json not yet written
+    for alias in aliases[1:]:  # e.g. the study: `name:{study}` stays on this version whatever is published later
+        write_json(_alias_file(folder, alias), {"version": version})
     write_json(folder / "latest.json", {"version": version})
     if run is not None:
         import wandb
@@ -96,11 +99,23 @@ def _same_as_newest(folder: Path, versions: list[int], type: str, files, metadat
     return None
 
 
-def local_versions(name: str, store=None) -> Path | None:
+def _alias_file(folder: Path, alias: str) -> Path:
+    return folder / f"alias-{check_name(alias, 'artifact alias')}.json"
+
+
+def local_versions(name: str, store=None, alias: str = "latest") -> Path | None:
+    """The version folder ``name:alias`` points at in the local store, None if there is none."""
     folder = _artifact_dir(name, store)
-    if not (folder / "latest.json").exists():
+    pointer = folder / "latest.json" if alias == "latest" else _alias_file(folder, alias)
+    if not pointer.exists():
         return None
-    return folder / read_json(folder / "latest.json")["version"]
+    return folder / read_json(pointer)["version"]
+
+
+def aliases_of(name: str, store=None) -> list[str]:
+    """The aliases other than ``latest`` that the local store holds for ``name``."""
+    folder = _artifact_dir(name, store)
+    return sorted(p.stem[len("alias-"):] for p in folder.glob("alias-*.json"))
 
 
 def list_artifacts(prefix: str = "", store=None) -> list[str]:
@@ -121,17 +136,43 @@ def verify_folder(folder: Path) -> dict:
     return manifest
 
 
-def resolve(name: str, run=None, store=None, kind: str = "artifact", hint: str = "") -> Path:
-    """A verified local folder holding artifact ``name:latest`` (online: downloaded with lineage)."""
+def resolve(name: str, run=None, store=None, kind: str = "artifact", hint: str = "", alias: str = "latest") -> Path:
+    """A verified local folder holding artifact ``name:alias`` (online: downloaded through the run, so W&B
+    records the lineage; any W&B failure is one KDError naming the fix)."""
     if run is not None and wandb_mode() == "online":
-        art = run.use_artifact(f"{name}:latest")
-        path = Path(art.download(root=str(_artifact_dir(name, store) / f"wandb-{art.version}")))
-        return path
-    folder = local_versions(name, store)
+        return _download(name, alias, run, store, kind)
+    folder = local_versions(name, store, alias)
     if folder is None:
-        prefix = name.rsplit("-", 1)[0] + "-" if "-" in name else ""
-        have = list_artifacts(prefix.split("-")[0] + "-", store)
-        listing = ", ".join(have) if have else "none"
-        raise KDError(f"no {kind} {name!r} in the local store {store_root(store)} (have: {listing}){hint}")
+        which = "" if alias == "latest" else f" with alias {alias!r}"
+        raise KDError(f"no {kind} {name!r}{which} in the local store {store_root(store)} "
+                      f"({_holdings(name, store)}){hint}")
     verify_folder(folder)
     return folder
+
+
+def _holdings(name: str, store) -> str:
+    """What the store does hold for ``name`` (or its family): for error messages."""
+    if local_versions(name, store) is not None:
+        others = aliases_of(name, store)
+        return f"{name} exists, with aliases latest{''.join(', ' + a for a in others)}"
+    prefix = name.split("-")[0] + "-" if "-" in name else ""
+    have = list_artifacts(prefix, store)
+    return f"have: {', '.join(have) if have else 'none'}"
+
+
+def _download(name: str, alias: str, run, store, kind: str) -> Path:
+    import wandb
+
+    where = f"{run.entity}/{run.project}"
+    try:
+        art = run.use_artifact(f"{name}:{alias}")
+        return Path(art.download(root=str(_artifact_dir(name, store) / f"wandb-{art.version}")))
+    except (wandb.errors.Error, ValueError, OSError) as e:
+        why = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        local = local_versions(name, store, alias)
+        if local is not None:
+            raise KDError(f"{kind} {name}:{alias} is not in the W&B project {where} ({why}) but is in the local "
+                          f"store ({local}): upload its offline run with `wandb sync wandb/offline-run-*` into "
+                          f"{where}, or use the local copy with WANDB_MODE=offline") from None
+        raise KDError(f"cannot fetch {kind} {name}:{alias} from the W&B project {where} ({why}): check the name, "
+                      "your access to the project and the network (`wandb login`)") from None

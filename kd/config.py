@@ -164,6 +164,8 @@ class DistillConfig(TrainConfig):
     teachers: str = setting("", "comma-separated teacher artifact names; empty: --ensemble_size/--trial")
     teacher_arch: str = setting("", "arch of the teachers --ensemble_size chooses; empty: --arch")
     ensemble_size: int = setting(1, "teachers in the ensemble (a block of the study's teachers)", lo=1, hi=1000)
+    teacher_pool: int = setting(0, "the study's teachers are seeds 0..N-1 (N = this); 0: every teacher holding the "
+                                "study's alias", lo=0, hi=10_000)
     trial: int = setting(0, "trial number: picks the teacher block (t*m mod N) and the default seed", lo=0,
                          hi=1_000_000)
     temperature: float = setting(1.0, "distillation temperature tau of Eq. 1", lo=0.01, hi=100)
@@ -210,6 +212,8 @@ class DistillConfig(TrainConfig):
         d = super().identity()
         d.pop("teacher_cache")  # exact either way: same targets
         d.pop("cache_dtype")
+        if not self.synthetic_ratio:  # real data only: the same run whichever pool a sweep names
+            d.pop("synthetic_pool")
         return d
 
 
@@ -302,7 +306,8 @@ def usage(cls) -> str:
         rule = allowed(f)
         default = f.default if f.default != "" else '""'
         kind = "one of " if m.get("choices") else "range " if rule and not m.get("name") else ""
-        lines.append(f"  --{f.name}={default}".ljust(34) + f"  {m.get('help', '')}" + (f"; {kind}{rule}" if rule else ""))
+        rule = f"; {kind}{rule}" if rule else ""
+        lines.append(f"  --{f.name}={default}".ljust(34) + f"  {m.get('help', '')}{rule}")
     return "\n".join(lines)
 
 

@@ -87,16 +87,22 @@ _CIFAR_FILES = {"cifar10": ("cifar-10-batches-py", "cifar-10-python.tar.gz"),
 
 
 def _load_cifar(name: str, root: Path):
-    """torchvision's CIFAR (downloaded into ``root`` when missing), as uint8 NCHW arrays."""
+    """torchvision's CIFAR (downloaded into ``root`` when missing), as uint8 NCHW arrays. A failed download
+    leaves nothing behind (a folder it had to create is removed again)."""
+    import shutil
+
     from torchvision.datasets import CIFAR10, CIFAR100
 
     cls = CIFAR10 if name == "cifar10" else CIFAR100
     folder, archive = _CIFAR_FILES[name]
+    missing = [p for p in (root, *root.parents) if not p.exists()]
     out = []
     for train in (True, False):
         try:
             ds = cls(root=str(root), train=train, download=not (root / folder).exists())
         except Exception as e:  # urllib/URLError/OSError/RuntimeError: no network or a broken folder
+            if missing:
+                shutil.rmtree(missing[-1], ignore_errors=True)
             raise KDError(
                 f"{name} is not in {root / folder} and could not be downloaded ({type(e).__name__}): "
                 f"place {archive} (from https://www.cs.toronto.edu/~kriz/) in {root} or extract it "

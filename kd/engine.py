@@ -19,6 +19,7 @@ SIGTERM or SIGINT: a checkpoint at the next step, then :class:`~kd.errors.Interr
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -32,7 +33,7 @@ from kd import artifacts, faults, names, wandb_runs
 from kd.checkpoint import Checkpoints, pack, unpack
 from kd.config import to_dict
 from kd.errors import Interrupted, KDError, stop_requests
-from kd.io import read_json, save_weights, write_json
+from kd.io import check_folder, read_json, save_weights, write_json
 
 CKPT_KEYS = ("file", "sha256", "epoch", "step", "run_id", "fingerprint", "history", "param_groups")
 
@@ -59,7 +60,10 @@ class Session:
         self.run = None
         self.extra_config: dict = {}
         self.extra_state: dict = {}
+        self.inputs: dict = {}
         self.run_id = ""
+        self._ended = False
+        self._published: dict = {}
         if torch.cuda.is_available():
             torch.backends.cudnn.benchmark = True
         set_seed(getattr(cfg, "student_seed", cfg.seed), device_specific=False)
@@ -103,7 +107,43 @@ class Session:
         tensors, info = pack(self.accelerator.unwrap_model(model), optimizer)
         self.ckpt = self.checkpoints.save(tensors, {
             **info, "epoch": epoch, "step": step, "sums": sums, "history": history, "run_id": self.run_id,
-            "fingerprint": self.cfg.fingerprint(), "extra": self.extra_state})
+            "fingerprint": self.cfg.fingerprint(), "extra": self.extra_state, "inputs": self.inputs})
+
+    def check_inputs(self, inputs: dict) -> None:
+        """A resumed run must see the inputs it was checkpointed with (e.g. the teachers' and the pool's sha256):
+        a teacher republished between a stop and the rerun would switch the targets mid-run."""
+        self.inputs = inputs
+        before = (self.ckpt or {}).get("inputs")
+        if before is not None and before != inputs:
+            changed = ", ".join(sorted(k for k in {**before, **inputs} if before.get(k) != inputs.get(k)))
+            raise KDError(f"the inputs of {self.run_dir} changed since its checkpoint ({changed}: a teacher or pool "
+                          "was republished?): restore them, or pass --resume=False to start over")
+
+    def check_outputs(self, need_bytes: int = 0) -> None:
+        """Every folder this run will write is a writable folder with room, checked before any work or W&B run."""
+        check_folder(self.cfg.out_dir, "--out_dir", need_bytes)
+        check_folder(artifacts.store_root(self.cfg.store), "the artifact store (--store or $KD_STORE)", need_bytes)
+        if self.mode != "disabled":
+            check_folder(wandb_runs.wandb_dir() or ".", "the W&B folder ($WANDB_DIR, else the current folder)")
+
+    def main_first(self, fn):
+        """``fn()`` on the main process only (it may download through the W&B run there), its result handed to
+        every process; an error there is raised on every process."""
+        if self.accelerator.num_processes == 1:
+            return fn()
+        value = None
+        if self.main:
+            try:
+                value = ("ok", fn())
+            except KDError as e:
+                value = ("error", str(e))
+        if self.accelerator.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            value = broadcast_object_list([value])[0]
+        if value[0] == "error":
+            raise KDError(value[1])
+        return value[1]
 
     def restore(self, model, optimizer) -> None:
         unpack(self.checkpoints.tensors(str(self.device)), self.ckpt, self.accelerator.unwrap_model(model),
@@ -118,11 +158,14 @@ class Session:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             write_json(self.run_dir / "run.json", {"run_id": self.run_id})  # before W&B sees it: a run cut off
             write_json(self.run_dir / "config.json", self.config())  # before its first checkpoint keeps its id
+        self._init_run()
+
+    def _init_run(self) -> None:
         if self.mode == "disabled":
             return
         self.accelerator.init_trackers(
             self.cfg.project,
-            config=self.config(),
+            config=unlocked(self.config()),
             init_kwargs={"wandb": {
                 "id": self.run_id, "resume": "allow", "name": self.cfg.run_name(), "group": self.cfg.study,
                 "job_type": names.JOB_TYPES.get(self.job, self.job), "mode": self.mode,
@@ -160,9 +203,54 @@ class Session:
             return "W&B: disabled"
         return f"W&B run {self.run_id} ({self.mode}): {Path(self.run.dir).parent}"
 
-    def end(self) -> None:
+    def end(self, exit_code: int = 0) -> None:
+        """Finish the W&B run (waits for its uploads); idempotent. A stopped run is marked preempting first, so
+        W&B's agent (and ``python -m kd.sweep``) reruns it and it resumes."""
+        if self._ended:
+            return
+        self._ended = True
+        if self.run is not None and exit_code:
+            if exit_code in (130, 143):
+                self.run.mark_preempting()
+            self.run.finish(exit_code=exit_code)
         if self.mode != "disabled":
             self.accelerator.end_training()
+
+    @contextlib.contextmanager
+    def tracked(self):
+        """Around everything after ``start_tracking``: the W&B run ends with the process's fate (stopped: marked
+        preempting, exit 143/130; failed: exit 1; else finished)."""
+        try:
+            yield
+        except Interrupted as e:
+            self.end(128 + e.signum)
+            raise
+        except BaseException:
+            self.end(1)
+            raise
+        finally:
+            self.end()
+
+    def finish(self, summary: dict) -> None:
+        """The final summary, the end of the W&B run (its artifact uploaded), then ``done.json``: a kill before
+        that leaves the run unfinished locally, so the rerun publishes and reports again."""
+        self.summary(summary)
+        self.end()
+        if self.main:
+            write_json(self.run_dir / "done.json", {**self._published, "run_id": self.run_id, "wandb": self.where(),
+                                                    "summary": summary})
+        self.accelerator.wait_for_everyone()
+
+    def report_finished(self) -> None:
+        """Under a W&B sweep agent, a run whose config already finished here still reports, as a short W&B run
+        that copies the finished run's summary (``duplicate_of`` names it), so the sweep sees a result."""
+        if not os.environ.get("WANDB_SWEEP_ID") or self.mode == "disabled":
+            return
+        info = self.done_info()
+        self.run_id = os.environ.get("WANDB_RUN_ID") or wandb_runs.new_run_id()
+        self._init_run()
+        self.summary({**info.get("summary", {}), "duplicate_of": info.get("run_id")})
+        self.end()
 
     # ----------------------------------------------------------------------------------------- training
     def _prepare(self, model):
@@ -193,7 +281,7 @@ class Session:
         cfg = self.cfg
         model, optimizer = self._prepare(model)
         start_epoch, start_step, sums, history = self._resume(model, optimizer)
-        fwd = torch.compile(model) if cfg.compile else model
+        fwd = __import__("kd.accel").accel.compile_model(model, cfg)  # static shapes, compiled once
         total = sum(objective.steps(e) for e in range(cfg.epochs))
         done = sum(objective.steps(e) for e in range(start_epoch)) + start_step
         bar = tqdm(total=total, initial=done, disable=not self.main, desc=cfg.run_name(), dynamic_ncols=True,
@@ -265,12 +353,19 @@ class Session:
             state = dict(self.accelerator.unwrap_model(model).state_dict())
             full = save_weights(self.run_dir / "final", state, meta)
             files = [self.run_dir / "final" / "model.safetensors", self.run_dir / "final" / "meta.json"]
-            path = artifacts.publish(name, type, files, full, run=self.run, store=self.cfg.store)
+            path = artifacts.publish(name, type, files, full, run=self.run, store=self.cfg.store,
+                                     aliases=self.aliases())
             faults.point("published")  # in the store, not yet marked done
-            write_json(self.run_dir / "done.json", {"artifact": name, "store_path": str(path),
-                                                    "run_id": self.run_id, "wandb": self.where()})
+            self._published = {"artifact": name, "store_path": str(path)}
         self.accelerator.wait_for_everyone()
         return path
+
+    def aliases(self) -> list[str]:
+        """Aliases of what this run publishes: its study (students of the study resolve ``name:{study}``) and its
+        recipe fingerprint; none for runs outside a study."""
+        if self.cfg.study == "default":
+            return []
+        return [self.cfg.study, f"recipe-{self.cfg.fingerprint()}"]
 
 
 def _floats(sums: dict) -> dict:
@@ -281,3 +376,16 @@ def _check_finite(loss: float, epoch: int, step: int) -> None:
     if not math.isfinite(loss):
         raise KDError(f"the training loss became {loss} in epoch {epoch + 1} (step {step}): lower --lr, or use "
                       "--mixed_precision=no if fp16 overflowed")
+
+
+def unlocked(config: dict) -> dict:
+    """The config without the keys a W&B sweep sets (they are locked: wandb warns once per key otherwise, and
+    the values are the same, parsed from the same command line)."""
+    path = os.environ.get("WANDB_SWEEP_PARAM_PATH")
+    if not os.environ.get("WANDB_SWEEP_ID") or not path or not os.path.exists(path):
+        return config
+    import yaml
+
+    with open(path) as fh:
+        locked = set((yaml.safe_load(fh) or {}).keys())
+    return {k: v for k, v in config.items() if k not in locked}

@@ -1,6 +1,6 @@
 """Deterministic fault injection for the kill/resume tests (off unless KD_FAULT is set).
 
-``KD_FAULT="POINT@N:SIG"`` sends SIG (KILL or TERM) to this very process the N-th time the code passes
+``KD_FAULT="POINT@N:SIG"`` sends SIG (KILL, TERM or INT) to this very process the N-th time the code passes
 ``point(POINT)``; e.g. ``train-step@37:KILL`` or ``ckpt-write@2:KILL`` (between writing a checkpoint's
 tensors and its pointer). Several faults may be given, comma-separated. ``make chaos`` drives this.
 """
@@ -19,7 +19,7 @@ def _parse(spec: str) -> dict[str, tuple[int, int]]:
     for item in filter(None, (s.strip() for s in spec.split(","))):
         name, _, rest = item.partition("@")
         count, _, sig = rest.partition(":")
-        out[name] = (int(count), signal.SIGTERM if sig.upper() == "TERM" else signal.SIGKILL)
+        out[name] = (int(count), {"TERM": signal.SIGTERM, "INT": signal.SIGINT}.get(sig.upper(), signal.SIGKILL))
     return out
 
 

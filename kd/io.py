@@ -65,7 +65,7 @@ def pid_exists(pid: int) -> bool:
     return True
 
 
-def _umask() -> int:
+def umask() -> int:
     old = os.umask(0)
     os.umask(old)
     return old
@@ -79,8 +79,8 @@ def temp_beside(path: Path):
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{owner_tag()}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        os.chmod(tmp, 0o666 & ~_umask())
         yield tmp
+        os.chmod(tmp, 0o666 & ~umask())  # after the write: a writer may have made the file anew
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -164,3 +164,21 @@ def load_weights(folder: str | Path, device: str = "cpu") -> tuple[dict[str, tor
     if "sha256" not in meta:
         raise KDError(f"{folder / 'meta.json'} records no sha256: the weights cannot be verified")
     return load_tensors(folder / meta.get("file", "model.safetensors"), meta["sha256"], device), meta
+
+
+def check_folder(path: str | Path, what: str, need_bytes: int = 0) -> None:
+    """``path`` is, or can be made as, a writable folder with ``need_bytes`` free: checked before any work, and
+    without writing anything (the nearest existing ancestor is tested)."""
+    path = Path(path).absolute()
+    near = path
+    while not near.exists():
+        near = near.parent
+    if not near.is_dir():
+        raise KDError(f"{what} {path} cannot be a folder: {near} is a file; pass another folder or remove it")
+    if not os.access(near, os.W_OK | os.X_OK):
+        raise KDError(f"{what} {path} is not writable ({near} is read-only for this user): pass another folder")
+    if need_bytes:
+        free = shutil.disk_usage(near).free
+        if free < need_bytes:
+            raise KDError(f"{what} {path} has {free / 2**20:.0f} MiB free but the run needs at least "
+                          f"{need_bytes / 2**20:.0f} MiB there: free some space or pass another folder")

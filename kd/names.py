@@ -40,6 +40,7 @@ TEACHER_NAMES = "teacher_names"
 TEACHER_HASHES = "teacher_hashes"
 SYNTHETIC_POOL_SHA = "synthetic_pool_sha256"
 SYNTHETIC_SOURCE = "synthetic_source"
+SYNTHETIC_FID = "synthetic_fid"  # the pool's FID (a float; absent or None when unknown)
 
 
 # ---- artifact names

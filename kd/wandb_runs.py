@@ -11,14 +11,12 @@
 from __future__ import annotations
 
 import json
-import netrc
 import os
 import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
-from urllib.parse import urlparse
 
 from kd.errors import KDError
 from kd.io import read_json, write_json
@@ -37,14 +35,23 @@ def wandb_mode() -> str:
 
 
 def _logged_in() -> bool:
-    if os.environ.get("WANDB_API_KEY"):
+    """A W&B login, found where wandb itself looks (wbauth's system auth): WANDB_API_KEY or
+    WANDB_IDENTITY_TOKEN_FILE; else the netrc entry of the configured host, port included (WANDB_BASE_URL, the
+    host saved by `wandb login --host` in W&B's settings file); else an api_key in those settings."""
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
         return True
-    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
+    from wandb.errors import AuthenticationError
+    from wandb.sdk import wandb_setup
+    from wandb.sdk.lib import wbauth
+
+    settings = wandb_setup.singleton().settings
+    if settings.api_key:
+        return True
     try:
-        auth = netrc.netrc(os.environ.get("NETRC") or None).authenticators(host)
-    except (FileNotFoundError, netrc.NetrcParseError, OSError):
-        return False
-    return bool(auth and auth[2])
+        return bool(wbauth.read_netrc_auth(host=settings.base_url))
+    except AuthenticationError as e:
+        raise KDError(f"the W&B login for {settings.base_url} in your netrc is malformed ({e}): run "
+                      "`wandb login --relogin`, or set WANDB_MODE=offline") from None
 
 
 def announce_mode(mode: str) -> str:

@@ -62,8 +62,9 @@ def student_config(m, r, tau, trial, study=STUDY) -> dict:
             "teacher_names": names, "teacher_hashes": [f"h{n[-1]}" for n in names]}
 
 
-def make_student(root: Path, m, r, tau, trial, study=STUDY, finish=True) -> str:
+def make_student(root: Path, m, r, tau, trial, study=STUDY, finish=True, bump=0.0) -> str:
     final = final_metrics(m, r, tau, trial)
+    final = {k: v + bump if k in ("test/acc", "test/agreement") else v for k, v in final.items()}
     run = _init(root, student_config(m, r, tau, trial, study))
     run.log({"teacher/test_acc": final["teacher/test_acc"]}, step=1)
     for e in range(1, EPOCHS + 1):
@@ -289,3 +290,253 @@ def test_report_object_builds_offline(result):
     assert {"LinePlot", "ScatterPlot", "BarPlot"} <= set(panels)
     live = grids[-1].runsets[0]
     assert "study" in str(live.filters) and STUDY in str(live.filters)
+
+
+# ------------------------------------------------------------------------------------------------ broken folders
+HEADER = b":W&B\xe1\xbe\x00"  # a .wandb transaction log's 7-byte header: ident, magic 0xBEE1, version 0
+
+
+@pytest.fixture(scope="module")
+def mini(tmp_path_factory):
+    """Two finished students, a newer duplicate of the first, a run SIGKILLed before its first record (its
+    .wandb holds only the header, cut from a real one) and a folder with no .wandb file at all."""
+    root = tmp_path_factory.mktemp("mini")
+    old = make_student(root, 1, 0.0, 1.0, 0)
+    other = make_student(root, 1, 0.0, 1.0, 1)
+    new = make_student(root, 1, 0.0, 1.0, 0, bump=0.1)  # the same grid point again, later, other values
+    (real,) = (root / "wandb").glob(f"offline-run-*-{old}")
+    header = next(real.glob("run-*.wandb")).read_bytes()[:len(HEADER)]
+    assert header == HEADER
+    killed = root / "wandb" / "offline-run-20990101_000000-killed01"
+    (killed / "files").mkdir(parents=True)
+    (killed / "run-killed01.wandb").write_bytes(header)
+    empty = root / "wandb" / "offline-run-20990101_000001-nolog001"
+    empty.mkdir()
+    return root, {"old": old, "other": other, "new": new, "killed": killed, "empty": empty}
+
+
+def test_broken_folders_are_skipped_with_one_warning_each(mini, capsys):
+    root, ids = mini
+    capsys.readouterr()
+    res = report.run_report(_args(root, root / "figures"))
+    err = capsys.readouterr().err.splitlines()
+    for folder, why in ((ids["killed"], "names no run_id"), (ids["empty"], "found 0")):
+        lines = [ln for ln in err if str(folder) in ln]
+        assert len(lines) == 1 and lines[0].startswith(f"warning: skipping unreadable W&B run folder {folder} ("), lines
+        assert why in lines[0] and f"delete {folder} to silence this" in lines[0] and "resumed" in lines[0]
+        assert folder in res.unreadable
+    assert sorted(r.id for r in res.students) == sorted([ids["new"], ids["other"]])  # only the good runs
+    assert res.paths["fig1"].exists() and res.paths["csv"].exists()
+
+
+def test_duplicate_grid_point_counts_once_the_newest(mini):
+    root, ids = mini
+    res = report.run_report(_args(root, root / "figures"))
+    (group,) = res.groups
+    assert [(d.id, k.id) for d, k in res.dropped] == [(ids["old"], ids["new"])]
+    dup = [w for w in res.warnings if "duplicate" in w]
+    assert len(dup) == 1 and ids["old"] in dup[0] and f"kept student-m1-t0-r0-T1 ({ids['new']})" in dup[0]
+    vals = [final_metrics(1, 0.0, 1.0, 0)["test/acc"] + 0.1, final_metrics(1, 0.0, 1.0, 1)["test/acc"]]
+    s = group.stats["test/acc"]
+    assert len(group.runs) == 2 and s["n"] == 2
+    assert s["mean"] == pytest.approx(statistics.fmean(vals))
+    assert (s["min"], s["max"]) == pytest.approx((min(vals), max(vals)))
+
+
+def _run(rid, m, r, trial, t, acc, source=None, fid=None, tau=1.0, job="student") -> report.Run:
+    config = {"job": job, "study": STUDY, "dataset": "cifar10", "arch": "preresnet56", "ensemble_size": m,
+              "synthetic_ratio": r, "temperature": tau, "trial": trial}
+    if source is not None:
+        config["synthetic_source"] = source
+    if fid is not None:
+        config["synthetic_fid"] = fid
+    summary = {"final": True, "test/acc": acc, "test/agreement": acc + 0.2, "test/kl": 0.1, "test/ece": 0.02,
+               "teacher/test_acc": 0.9, "data/n_real": 50000, "data/n_synthetic": int(r * 50000)}
+    return report.Run(id=rid, name=f"student-{rid}", config=config, summary=summary, time=t)
+
+
+def test_dedupe_of_run_objects():
+    runs = [_run("a", 3, 0.5, 0, t=300.0, acc=0.70, source="gan"),  # the newest of point (3, 0.5, trial 0)
+            _run("b", 3, 0.5, 0, t=100.0, acc=0.10, source="gan"),
+            _run("c", 3, 0.5, 0, t=200.0, acc=0.20, source="gan"),
+            _run("d", 3, 0.5, 1, t=50.0, acc=0.60, source="gan"),
+            _run("e", 3, 0.5, 0, t=10.0, acc=0.50, source="ddpm")]  # another generator: another point
+    warnings: list[str] = []
+    kept, dropped = report.dedupe(runs, warnings)
+    assert [r.id for r in kept] == ["a", "d", "e"]
+    assert sorted((d.id, k.id) for d, k in dropped) == [("b", "a"), ("c", "a")]
+    assert len(warnings) == 1 and "2 duplicate run(s) dropped" in warnings[0]
+    groups = report.group_students(kept, warnings)
+    (gan,) = [g for g in groups if g.synthetic_source == "gan"]
+    s = gan.stats["test/acc"]
+    assert (s["n"], s["mean"], s["min"], s["max"]) == (2, pytest.approx(0.65), 0.60, 0.70)
+
+
+# ------------------------------------------------------------------------------------------------ online
+class FakeRun:
+    """What the report reads of a `wandb.apis.public.Run`: id, name, state, heartbeat_at, history_line_count,
+    created_at, url, and (from a full listing only) config and summary_metrics. A lazy listing's run raises
+    on config/summary_metrics: the real SDK would then load that run alone (one request per run)."""
+
+    def __init__(self, spec: dict, lazy: bool):
+        self._spec, self._lazy = spec, lazy
+        for k in ("id", "name", "state", "heartbeat_at", "history_line_count", "created_at", "url"):
+            setattr(self, k, spec[k])
+
+    @property
+    def config(self):
+        assert not self._lazy, "config read from a lazy listing: one request per run"
+        return dict(self._spec["config"])
+
+    @property
+    def summary_metrics(self):
+        assert not self._lazy, "summary read from a lazy listing: one request per run"
+        return dict(self._spec["summary"])
+
+
+class FakeApi:
+    """Stands in for `wandb.Api(timeout=...)`: `.default_entity` and `.runs(path, filters, per_page, lazy)`
+    over the class-level `RUNS` (dicts); every call is recorded in `CALLS`; `FAIL` (an exception) is raised
+    by `.runs` when set, as the SDK raises on a missing project, a refused login or a dead network."""
+
+    RUNS: list[dict] = []
+    CALLS: list[dict] = []
+    FAIL: BaseException | None = None
+    default_entity = "me"
+
+    def __init__(self, timeout=None, **kw):
+        pass
+
+    def runs(self, path, filters=None, order="+created_at", per_page=50, include_sweeps=False, lazy=True):
+        FakeApi.CALLS.append({"path": path, "filters": filters, "per_page": per_page, "lazy": lazy})
+        if FakeApi.FAIL is not None:
+            raise FakeApi.FAIL
+        return [FakeRun(s, lazy) for s in FakeApi.RUNS if s["config"].get("study") == (filters or {}).get(
+            "config.study")]
+
+
+def _spec(run: report.Run, state="finished", beat="2026-01-01T00:00:00") -> dict:
+    return {"id": run.id, "name": run.name, "state": state, "heartbeat_at": beat, "history_line_count": 3,
+            "created_at": "2026-01-01T00:00:00", "url": f"https://wandb.ai/me/kd-fidelity/runs/{run.id}",
+            "config": run.config, "summary": {**run.summary, "_timestamp": run.time}}
+
+
+@pytest.fixture
+def fake_api(monkeypatch):
+    monkeypatch.setattr(wandb, "Api", FakeApi)
+    FakeApi.RUNS, FakeApi.CALLS, FakeApi.FAIL = [], [], None
+    return FakeApi
+
+
+def two_source_runs() -> list[report.Run]:
+    runs, t = [], 0.0
+    for m in (1, 3):
+        for trial in (0, 1):
+            t += 1
+            runs.append(_run(f"m{m}t{trial}r0", m, 0.0, trial, t, 0.60 + 0.02 * m + 0.01 * trial))
+            for src, fid, gain in (("google/ddpm-cifar10-32", 3.2, 0.03), ("generator-cifar10-sngan", None, -0.02)):
+                key = src.split("/")[-1][:14]
+                runs.append(_run(f"m{m}t{trial}{key}", m, 0.5, trial, t, 0.60 + 0.02 * m + gain, src, fid))
+    return runs
+
+
+def test_online_cache_reused_until_a_run_changes(fake_api, tmp_path):
+    from kd.report.online import OnlineCache, read_online
+
+    fake_api.RUNS = [_spec(r) for r in two_source_runs()]
+    path = tmp_path / "me-kd-fidelity-tiny.json"
+
+    def read(refresh=False):
+        cache = OnlineCache(path, refresh)
+        runs, note = read_online(STUDY, "me", "kd-fidelity", cache)
+        cache.save()
+        calls, fake_api.CALLS[:] = list(fake_api.CALLS), []
+        return runs, note, calls
+
+    runs, note, calls = read()
+    assert [c["lazy"] for c in calls] == [False]  # one full listing: config and summary come with it
+    assert calls[0]["per_page"] >= 200 and calls[0]["filters"] == {"config.study": STUDY}
+    assert len(runs) == 12 and note.startswith("pulled 12 runs") and path.exists()
+    assert runs[0].summary["test/acc"] == fake_api.RUNS[0]["summary"]["test/acc"] and not runs[0].history
+    assert "_timestamp" not in runs[0].summary and runs[0].time == 1.0
+
+    again, note, calls = read()  # (b) nothing changed on W&B: the lightweight listing, then the cache
+    assert [c["lazy"] for c in calls] == [True] and "unchanged" in note
+    assert [vars(r) for r in again] == [vars(r) for r in runs]
+
+    fake_api.RUNS[0]["heartbeat_at"] = "2026-01-02T00:00:00"  # (a) a run resumed and logged again
+    fake_api.RUNS[0]["summary"]["test/acc"] = 0.99
+    changed, note, calls = read()
+    assert [c["lazy"] for c in calls] == [True, False] and note.startswith("pulled")
+    assert changed[0].summary["test/acc"] == 0.99
+
+    fake_api.RUNS.append(_spec(_run("late", 1, 0.0, 5, 9.0, 0.5)))  # a new run: pulled again
+    added, _, calls = read()
+    assert [c["lazy"] for c in calls] == [True, False] and len(added) == 13
+    _, note, calls = read(refresh=True)  # --refresh: straight to the full listing
+    assert [c["lazy"] for c in calls] == [False] and note.startswith("pulled")
+
+
+def test_online_two_sources_draw_fig1_per_source(fake_api, tmp_path):
+    fake_api.RUNS = [_spec(r) for r in two_source_runs()]
+    out = tmp_path / "figs"
+    res = report.run_report(report.parse_args([f"--study={STUDY}", "--online", "--entity=me", f"--out={out}",
+                                               f"--cache_dir={tmp_path / 'cache'}", f"--wandb_dir={tmp_path}"]))
+    names = {p.name for p in out.iterdir()}
+    assert names == {"fig1.png", "fig1-google-ddpm-cifar10-32.png", "fig2.png", "synthetic_effect.png",
+                     "results.csv"}
+    for name in names - {"results.csv"}:
+        w, h = _png_size(out / name)
+        assert w > 600 and h > 300
+    with open(out / "results.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    by_source = {}
+    for row in rows:
+        by_source.setdefault(row["synthetic_source"], []).append(row)
+    assert sorted(by_source) == ["", "generator-cifar10-sngan", "google/ddpm-cifar10-32"]
+    assert all(len(v) == 2 and {r["synthetic_ratio"] for r in v} == {"0.5"} for k, v in by_source.items() if k)
+    assert {r["synthetic_fid"] for r in by_source["google/ddpm-cifar10-32"]} == {"3.2"}
+    assert {r["synthetic_fid"] for r in by_source["generator-cifar10-sngan"]} == {""}
+    effects = {(e["source"], e["ensemble_size"]): e for e in report.synthetic_effects(res.groups)}
+    assert set(effects) == {(s, m) for s in by_source if s for m in (1, 3)}
+    assert effects[("google/ddpm-cifar10-32", 1)]["d_acc"] == pytest.approx(0.03 - 0.005)
+    assert effects[("google/ddpm-cifar10-32", 3)]["fid"] == 3.2
+    assert effects[("generator-cifar10-sngan", 1)]["fid"] is None
+    assert not res.missing and (tmp_path / "cache" / f"me-kd-fidelity-{STUDY}.json").exists()
+
+
+def test_one_source_keeps_todays_outputs(tmp_path):
+    runs = [r for r in two_source_runs() if r.config.get("synthetic_source") != "generator-cifar10-sngan"]
+    warnings: list[str] = []
+    groups = report.group_students(report.dedupe(runs, warnings)[0], warnings)
+    paths = report.write_outputs(groups, STUDY, "cifar10", "preresnet56", tmp_path)
+    assert list(paths) == ["fig1", "fig2", "csv"] and {p.name for p in tmp_path.iterdir()} == {
+        "fig1.png", "fig2.png", "results.csv"}
+
+
+@pytest.mark.parametrize("fail,needle", [
+    (wandb.errors.CommError("Could not find project kd-fidelity"), "check --entity=me and --project=kd-fidelity"),
+    (ValueError("permission denied for entity me"), "run `wandb login`"),
+    (__import__("requests").ConnectionError("Max retries exceeded with url"), "check the network connection"),
+])
+def test_online_api_failure_is_one_line(fake_api, tmp_path, capsys, fail, needle):
+    fake_api.FAIL = fail
+    argv = [f"--study={STUDY}", "--online", "--entity=me", f"--out={tmp_path / 'figs'}",
+            f"--cache_dir={tmp_path / 'cache'}", f"--wandb_dir={tmp_path}"]
+    assert report.main(argv) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: W&B API: cannot list the runs of me/kd-fidelity ("), lines
+    assert needle in lines[0] and lines[0].endswith("nothing was written")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_online_without_runs_names_the_offline_study(fake_api, mini, capsys):
+    root, _ = mini
+    argv = [f"--study={STUDY}", "--online", "--entity=me", f"--out={root / 'online-figs'}",
+            f"--cache_dir={root / '.cache' / 'report'}", f"--wandb_dir={root}"]
+    assert report.main(argv) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: no finished runs for study {STUDY} in online: me/"), lines
+    assert f"`wandb sync {root / 'wandb'}/offline-run-*`" in lines[0] and "pass --offline" in lines[0]
+    assert f"3 offline run folder(s) of the study are on disk, e.g. {root / 'wandb'}/offline-run-" in lines[0]
+    assert not (root / "online-figs").exists()

@@ -1,6 +1,7 @@
 """The sweep specs and the offline runner (python -m kd.sweep), against W&B's own validator and agent code.
 
-Nothing here runs train.py or distill.py: the runner is exercised with a small program the tests write.
+Nothing here runs train.py or distill.py: the runner is exercised with a small program the tests write, which
+joins the entry points a spec may name (kd.sweep.spec.ENTRY_POINTS) for these tests only.
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kd import sweep
 from kd.config import DistillConfig, TrainConfig
+from kd.sweep import cli as sweep_cli
+from kd.sweep import runner as sweep_runner
+from kd.sweep import spec as sweep_spec
 
 REPO = Path(__file__).resolve().parents[1]
 SPECS = sorted((REPO / "sweeps").glob("*/*.yaml"))
@@ -29,7 +32,7 @@ POOL = {"cifar10": "synthetic-cifar10-ddpm-cifar10-32", "cifar100": "synthetic-c
 RUNS = {("cifar10", "teachers"): 12, ("cifar10", "self_distill"): 15, ("cifar10", "ensemble_distill"): 15,
         ("cifar10", "ensemble_size"): 54, ("demo", "teachers"): 4, ("demo", "self_distill"): 5,
         ("demo", "ensemble_distill"): 5, ("demo", "ensemble_size"): 8}
-ACCELERATE = ["${env}", "accelerate", "launch", "${program}", "${args}"]
+LAUNCH = ["${env}", "${interpreter}", "-m", "kd.sweep.launch", "${program}", "${args}"]
 
 PROGRAM = r'''
 import json, os, signal, sys, time
@@ -39,7 +42,8 @@ def log(event):
     with open("calls.jsonl", "a") as fh:
         fh.write(json.dumps({"event": event, "x": args.get("x"), "run_id": os.environ.get("WANDB_RUN_ID"),
                              "param_path": os.environ.get("WANDB_SWEEP_PARAM_PATH"), "argv": sys.argv[1:],
-                             "python": sys.executable, "pid": os.getpid(), "t": time.time()}) + "\n")
+                             "python": sys.executable, "pid": os.getpid(), "pgid": os.getpgid(0),
+                             "ppid": os.getppid(), "t": time.time()}) + "\n")
 
 def on_term(signum, frame):
     log("term")
@@ -50,6 +54,9 @@ log("start")
 marker = f"attempted-{args.get('x')}"
 first = not os.path.exists(marker)
 open(marker, "a").close()
+if first and args.get("x") == args.get("preempt_x"):  # as if SIGTERMed from outside: checkpointed, exit 143
+    log("preempted")
+    sys.exit(143)
 slow = first and args.get("x") == args.get("slow_x")  # the first attempt of slow_x hangs until killed
 time.sleep(float(args["first_sleep"] if slow else args.get("sleep", "0")))
 if args.get("x") == args.get("fail_on"):
@@ -80,16 +87,27 @@ def state_of(folder: Path) -> dict:
     return json.loads(path.read_text())
 
 
+@pytest.fixture(autouse=True)
+def stand_in_program(tmp_path, monkeypatch):
+    """The tests' prog.py (in tmp_path) is an entry point a spec may name, its flags unchecked."""
+    monkeypatch.setitem(sweep_spec.ENTRY_POINTS, tmp_path.resolve() / "prog.py", None)
+
+
 def cli(folder: Path, monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
     monkeypatch.chdir(folder)
-    rc = sweep.main([str(a) for a in args])
+    rc = sweep_cli.main([str(a) for a in args])
     out, err = capsys.readouterr()
     return rc, out, err
 
 
+# `python -m kd.sweep`, with the folder's prog.py added to the entry points first (as stand_in_program does)
+SPAWN = ("import sys; from pathlib import Path; from kd.sweep import cli, spec; "
+         "spec.ENTRY_POINTS[Path('prog.py').resolve()] = None; sys.exit(cli.main())")
+
+
 def spawn(folder: Path, *args: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.Popen([sys.executable, "-m", "kd.sweep", *args], cwd=folder, env=env,
+    return subprocess.Popen([sys.executable, "-c", SPAWN, *args], cwd=folder, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -102,11 +120,11 @@ def test_every_spec_is_there():
 @pytest.mark.parametrize("path", SPECS, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_spec_is_valid_for_wandb_and_the_program(path):
     config = yaml.safe_load(path.read_text())
-    assert sweep._sweeps().schema_violations_from_proposed_config(config) == []
-    spec = sweep.load_spec(path)  # also parses every run's flags with the program's own parser
+    assert sweep_spec.sweeps_engine().schema_violations_from_proposed_config(config) == []
+    spec = sweep_spec.load_spec(path)  # also parses every run's flags with the program's own parser
     cls = {"train.py": TrainConfig, "distill.py": DistillConfig}[config["program"]]
     assert set(config["parameters"]) <= {f.name for f in fields(cls)}
-    assert config["command"] == ACCELERATE
+    assert config["command"] == LAUNCH
     assert config["method"] == "grid"
     params = config["parameters"]
     folder, kind = path.parent.name, path.stem
@@ -127,7 +145,7 @@ def test_spec_is_valid_for_wandb_and_the_program(path):
 
 
 def test_demo_fits_in_minutes():
-    total = sum(len(sweep.load_spec(p).grid) for p in SPECS if p.parent.name == "demo")
+    total = sum(len(sweep_spec.load_spec(p).grid) for p in SPECS if p.parent.name == "demo")
     assert total <= 22
 
 
@@ -161,12 +179,12 @@ def test_dry_run_prints_the_agents_argv(path, tmp_path, monkeypatch, capsys):
     rc, out, err = cli(REPO, monkeypatch, capsys, path, "--dry-run", "--state-dir", tmp_path / "state")
     assert rc == 0, err
     lines = out.splitlines()
-    spec = sweep.load_spec(path)
+    spec = sweep_spec.load_spec(path)
     assert len(lines) == len(spec.grid)
     for i, (line, config) in enumerate(zip(lines, spec.grid)):
         want = agent_argv(monkeypatch, tmp_path, spec.command, spec.program, config, f"run{i}", spec.sweep_id)
         assert shlex.split(line) == want
-        assert want[:4] == ["/usr/bin/env", "accelerate", "launch", spec.program]
+        assert want[:5] == ["/usr/bin/env", "python", "-m", "kd.sweep.launch", spec.program]
     assert not (tmp_path / "state").exists()  # a dry run writes nothing
 
 
@@ -177,12 +195,13 @@ def test_every_macro_matches_the_agent(tmp_path, monkeypatch):
                "${args_json}", "${args_no_equals}", "${not_a_macro}", 7]
     path = make_sweep(tmp_path, {"flag": {"values": [True, False]}, "lr": {"value": 1.0e-5},
                                  "name": {"value": "a b"}, "n": {"values": [1, 2]}}, command)
-    spec = sweep.load_spec(path)
+    spec = sweep_spec.Spec(path, yaml.safe_load(path.read_text()))  # not load_spec: it refuses this command
+    spec.grid = sweep_spec.enumerate_grid(spec)
     assert len(spec.grid) == 4
     for i, config in enumerate(spec.grid):
         run_id = f"r{i}"
         json_file = tmp_path / "wandb" / f"sweep-{spec.sweep_id}" / f"config-{run_id}.json"
-        ours = sweep.build_argv(spec, config, str(json_file))
+        ours = sweep_spec.build_argv(spec, config, str(json_file))
         assert ours == agent_argv(monkeypatch, tmp_path, command, "prog.py", config, run_id, spec.sweep_id)
         assert "pre-hello-post" in ours and "--lr=1e-05" in ours and "--name=a b" in ours
 
@@ -303,8 +322,101 @@ def test_runs_do_not_share_the_runners_wandb_service(tmp_path, monkeypatch):
     """As `wandb agent` does: WANDB_SERVICE is not passed on, so each run has its own wandb-core, which dies with
     it; a shared one outlives a killed run and keeps its run id "in use" when the run is rerun."""
     monkeypatch.setenv("WANDB_SERVICE", "3-1234-tcp-localhost-5678")
-    spec = sweep.load_spec(make_sweep(tmp_path, {"x": {"values": [1]}}))
+    spec = sweep_spec.load_spec(make_sweep(tmp_path, {"x": {"values": [1]}}))
     (tmp_path / "state").mkdir()
-    env = sweep.Runner(spec, tmp_path / "state", tmp_path, None, False).child_env({"run_id": "r1",
-                                                                                  "config": spec.grid[0]})
+    env = sweep_runner.Runner(spec, tmp_path / "state", tmp_path, None, False).child_env(
+        {"run_id": "r1", "config": spec.grid[0]})
     assert "WANDB_SERVICE" not in env and env["WANDB_RUN_ID"] == "r1"
+
+
+def test_a_preempted_run_is_rerun_at_once_with_the_same_run_id(tmp_path, monkeypatch, capsys):
+    """Exit 143 (the program checkpointed on a SIGTERM from outside: a preemption) is rerun in the same call, under
+    the same W&B run id, as W&B's agent reruns a run its program marked preempting."""
+    path = make_sweep(tmp_path, {"x": {"values": [1, 2, 3]}, "preempt_x": {"value": 2}})
+    rc, out, err = cli(tmp_path, monkeypatch, capsys, path)
+    assert rc == 0, err
+    assert "3/3 finished" in out and "[2/3] running prog.py --x=2 [attempt 2]" in out
+    (line,) = [ln for ln in err.splitlines() if "preempted" in ln]
+    assert line.startswith("run 001-x2 was preempted (exit 143")
+    twos = [c for c in calls(tmp_path) if c["x"] == "2"]
+    assert [c["event"] for c in twos] == ["start", "preempted", "start", "end"]
+    assert len({c["run_id"] for c in twos}) == 1 and twos[0]["run_id"] in line
+    runs = state_of(tmp_path)["runs"]
+    assert [r["status"] for r in runs] == ["finished"] * 3
+    assert [r["attempts"] for r in runs] == [1, 2, 1] and runs[1]["preempted"] is True
+
+
+def test_sigterm_reaches_the_program_through_the_launcher(tmp_path):
+    """The specs' command: the runner's SIGTERM goes to the launcher, which passes it on to the program's own process
+    group; the program checkpoints (here: logs "term") and exits 143; run again, the run finishes, same run id."""
+    path = make_sweep(tmp_path, {"x": {"values": [1]}, "slow_x": {"value": 1}, "first_sleep": {"value": 60},
+                                 "flag": {"value": True}}, command=LAUNCH)
+    first = spawn(tmp_path, path.name)
+    wait_for(lambda: any(c["event"] == "start" for c in calls(tmp_path)))
+    first.send_signal(signal.SIGTERM)
+    out, err = first.communicate(timeout=120)
+    assert first.returncode == 143, err
+    assert "stopped by SIGTERM" in err
+    (run,) = state_of(tmp_path)["runs"]
+    assert run["status"] == "interrupted" and run["returncode"] == 143
+    assert run["argv"][:5] == ["/usr/bin/env", "python", "-m", "kd.sweep.launch", "prog.py"]
+    log = next((tmp_path / "runs" / "sweeps").glob(f"*/{run['log']}")).read_text()
+    assert "kd.sweep.launch: SIGTERM: passing SIGTERM to the run's process group" in log
+    start, term = calls(tmp_path)
+    assert term["event"] == "term"
+    assert start["pgid"] == start["pid"] != run["pgid"] == start["ppid"]  # its own group, the launcher's child
+    assert start["argv"] == ["--first_sleep=60", "--flag=True", "--slow_x=1", "--x=1"]  # unchanged
+    second = spawn(tmp_path, path.name)
+    out, err = second.communicate(timeout=120)
+    assert second.returncode == 0 and "1/1 finished" in out, err
+    assert [c["event"] for c in calls(tmp_path)] == ["start", "term", "start", "end"]
+    assert len({c["run_id"] for c in calls(tmp_path)}) == 1
+
+
+def test_a_spec_runs_only_the_repositorys_entry_points(tmp_path, monkeypatch, capsys):
+    """A file named train.py elsewhere, another program, or a command that bypasses the program: refused, one line."""
+    (tmp_path / "train.py").write_text("raise SystemExit('must never run')\n")
+    cases = {
+        "copy.yaml": ({"program": "train.py"}, f"program train.py is {tmp_path.resolve() / 'train.py'}, not this "
+                                               "repository's entry point"),
+        "shell.yaml": ({"program": "/bin/sh"}, "program /bin/sh is not in this repository's entry points: a sweep "
+                                               "runs distill.py or "),  # (or prog.py, here)
+        "command.yaml": ({"program": "prog.py", "command": ["${env}", "/bin/sh", "-c", "touch pwned"]},
+                         "does not run the program the way a sweep here may: write `command: [${env}, "
+                         "${interpreter}, -m, kd.sweep.launch, ${program}, ${args}]`"),
+        "envvar.yaml": ({"program": "prog.py", "command": ["${env}", "${envvar:SHELL}", "${program}"]},
+                        "does not run the program"),
+        "accelerate.yaml": ({"program": "prog.py", "command": ["${env}", "accelerate", "launch", "${program}",
+                                                               "${args}"]}, "does not run the program"),
+    }
+    (tmp_path / "prog.py").write_text(PROGRAM)
+    for name, (fields_, needle) in cases.items():
+        spec = {"method": "grid", "parameters": {"seed": {"values": [0]}}, **fields_}
+        (tmp_path / name).write_text(yaml.safe_dump(spec))
+        rc, out, err = cli(tmp_path, monkeypatch, capsys, name)
+        (line,) = err.strip().splitlines()
+        assert rc == 2 and line.startswith("error: ") and needle in line, (name, line)
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "pwned").exists() and calls(tmp_path) == []
+
+
+def test_yaml_aliases_are_bounded(tmp_path, monkeypatch, capsys):
+    """Anchors that expand a little are fine; a billion-laughs spec is refused in milliseconds, before W&B's engine
+    (or json.dumps) walks its 10**9 values; so are a recursive alias and an oversized file."""
+    ok = "base: &x [1, 2]\nprogram: prog.py\nmethod: grid\nparameters:\n  x:\n    values: *x\n"
+    (tmp_path / "prog.py").write_text(PROGRAM)
+    (tmp_path / "ok.yaml").write_text(ok)
+    assert len(sweep_spec.Spec(tmp_path / "ok.yaml", yaml.safe_load(ok)).config["parameters"]["x"]["values"]) == 2
+    lines = ["a0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 9)]
+    bomb = "\n".join(lines) + "\nprogram: prog.py\nmethod: grid\nparameters:\n  x:\n    values: *a8\n"
+    (tmp_path / "bomb.yaml").write_text(bomb)
+    (tmp_path / "loop.yaml").write_text("program: prog.py\nmethod: grid\nparameters: &p\n  x: *p\n")
+    (tmp_path / "big.yaml").write_text("# " + "x" * (1 << 20) + "\nprogram: prog.py\n")
+    for name, needle in (("bomb.yaml", "its YAML aliases expand to over 100,000 values"),
+                         ("loop.yaml", "a YAML alias refers to itself"), ("big.yaml", "is over 1 MiB")):
+        t0 = time.monotonic()
+        rc, out, err = cli(tmp_path, monkeypatch, capsys, name)
+        assert time.monotonic() - t0 < 1.0, name
+        (line,) = err.strip().splitlines()
+        assert rc == 2 and needle in line, (name, line)
+    assert not (tmp_path / "runs").exists()

@@ -1,0 +1,7 @@
+"""``python -m kd.report``: see :mod:`kd.report`."""
+
+import sys
+
+from kd.report.cli import main
+
+sys.exit(main())

@@ -1,0 +1,200 @@
+"""``python -m kd.report``: the flags, and the report from reading the runs to writing (and publishing) it.
+
+Errors a user can fix are one line and exit code 2 (:func:`kd.errors.cli`), with nothing written: the
+figures, the CSV and the caches are written only once every check passed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kd import names
+from kd.errors import ArgumentParser, KDError, check_name, cli
+from kd.io import atomic_write
+from kd.report.aggregate import ARCH, DATASET, Group, dedupe, group_students, only, sources
+from kd.report.effect import figure_effect
+from kd.report.figures import fig1_names, figure1, figure2, save_figure
+from kd.report.grid import check_grid, spec_files
+from kd.report.online import OnlineCache, api_errors, default_entity, read_online
+from kd.report.runs import InspectCache, Run, read_offline, unreadable_note, warn
+from kd.report.tables import results_csv, table
+from kd.wandb_runs import offline_folders, wandb_mode
+
+
+@dataclass
+class Result:
+    groups: list[Group]
+    students: list[Run]
+    teachers: list[Run]
+    unfinished: list[Run]
+    warnings: list[str]
+    missing: list[str]
+    paths: dict[str, Path]
+    table: str
+    url: str | None = None
+    dropped: list[tuple[Run, Run]] = field(default_factory=list)  # (duplicate, the run kept instead)
+    unreadable: dict[Path, str] = field(default_factory=dict)  # skipped run folders and why
+
+
+@dataclass
+class Loaded:
+    """The runs of the study, where they came from, and the caches to save once the outputs are written."""
+
+    runs: list[Run]
+    where: str
+    caches: list
+    note: str | None = None
+    entity: str | None = None
+    project: str | None = None
+    unreadable: dict[Path, str] = field(default_factory=dict)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = ArgumentParser(prog="python -m kd.report", allow_abbrev=False,
+                       description="Figures, a CSV and a W&B Report from the runs of one study.")
+    p.add_argument("--study", required=True, help="the --study label the runs were made with")
+    p.add_argument("--wandb_dir", "--wandb-dir", default=None,
+                   help="folder holding wandb/offline-run-* (default: $WANDB_DIR, else the current folder)")
+    p.add_argument("--out", default="figures", help="output folder for fig1.png, fig2.png, results.csv")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--online", dest="mode", action="store_const", const="online",
+                      help="read runs through the W&B API (default when logged in)")
+    mode.add_argument("--offline", dest="mode", action="store_const", const="offline",
+                      help="read offline runs from disk (default without a login)")
+    p.add_argument("--entity", default=None, help="online: W&B entity (default: $WANDB_ENTITY or yours)")
+    p.add_argument("--project", default=None, help=f"online: W&B project (default: $WANDB_PROJECT or "
+                   f"{names.PROJECT})")
+    p.add_argument("--publish", action="store_true", help="also save a W&B Report (needs `wandb login`)")
+    p.add_argument("--refresh", action="store_true", help="ignore the caches in .cache/report: read every run again")
+    p.add_argument("--expect", default=None, metavar="SWEEP_DIR",
+                   help="warn about each grid point of the student sweep specs there without a finished run")
+    p.add_argument("--expect-paper-grid", "--expect_paper_grid", dest="expect_paper_grid",
+                   action="store_true",
+                   help="also expect the paper's synthetic ratios 0, 0.25, 0.5, 0.75, 1.0 in Figure 1")
+    p.add_argument("--cache_dir", "--cache-dir", default=".cache/report",
+                   help="folder of the report's caches (default: .cache/report)")
+    return p.parse_args(argv)
+
+
+def _wandb_dir(args) -> Path:
+    return Path(args.wandb_dir or os.environ.get("WANDB_DIR") or ".")
+
+
+def _load_online(args, study: str) -> Loaded:
+    entity = args.entity or os.environ.get("WANDB_ENTITY")
+    project = check_name(args.project or os.environ.get("WANDB_PROJECT") or names.PROJECT, "project")
+    if not entity:
+        entity = default_entity()
+    if not entity:
+        raise KDError("no W&B entity: pass --entity=NAME (your user or team)")
+    check_name(entity, "entity")
+    cache = OnlineCache(Path(args.cache_dir) / f"{entity}-{project}-{study}.json", args.refresh)
+    runs, note = read_online(study, entity, project, cache)
+    return Loaded(runs, f"online: {entity}/{project}", [cache], note, entity, project)
+
+
+def _load(args, study: str, mode: str, warnings: list[str]) -> Loaded:
+    if mode == "online":
+        return _load_online(args, study)
+    wandb_dir = _wandb_dir(args)
+    cache = InspectCache(Path(args.cache_dir) / "offline-inspect.json", args.refresh, warnings)
+    runs, unreadable = read_offline(study, wandb_dir, cache, warnings)
+    return Loaded(runs, str(wandb_dir.resolve()), [cache], unreadable=unreadable)
+
+
+def _no_runs(args, study: str, got: Loaded, teachers: list[Run]) -> KDError:
+    hint = f" ({len(teachers)} finished teacher runs, but no students)" if teachers else ""
+    head = f"no finished runs for study {study} in {got.where}{hint}"
+    if got.entity is not None and offline_folders(_wandb_dir(args)):
+        cache = InspectCache(Path(args.cache_dir) / "offline-inspect.json", False, None)
+        runs, _ = read_offline(study, _wandb_dir(args), cache, None)  # read only: nothing is written
+        on_disk = [Path(f) for r in runs for f in r.sources]
+        if on_disk:
+            return KDError(f"{head}, but {len(on_disk)} offline run folder(s) of the study are on disk, e.g. "
+                           f"{on_disk[0]}: upload them with `wandb sync {on_disk[0].parent}/offline-run-*` "
+                           f"(or `wandb sync {on_disk[0]}` for one), or pass --offline to report them from disk")
+    return KDError(f"{head}: run the sweeps first, see README{unreadable_note(got.unreadable)}")
+
+
+def write_outputs(groups: list[Group], study: str, dataset: str, arch: str, out: Path) -> dict[str, Path]:
+    """Figure 1 per synthetic source, Figure 2, synthetic_effect.png (two sources or more) and the CSV."""
+    paths: dict[str, Path] = {}
+    for source, stem in fig1_names(groups).items():
+        paths[stem] = out / f"{stem}.png"
+        save_figure(figure1(groups, study, dataset, arch, source), paths[stem])
+    paths["fig2"] = out / "fig2.png"
+    save_figure(figure2(groups, study, dataset, arch), paths["fig2"])
+    if len(sources(groups)) > 1:
+        paths["synthetic_effect"] = out / "synthetic_effect.png"
+        save_figure(figure_effect(groups, study, dataset, arch), paths["synthetic_effect"])
+    paths["csv"] = out / "results.csv"
+    with atomic_write(paths["csv"], "w") as fh:
+        fh.write(results_csv(groups, study, dataset, arch))
+    return paths
+
+
+def _publish(got: Loaded, study: str, dataset: str, arch: str, result: Result) -> None:
+    from kd.report.wandb_report import publish
+
+    try:
+        result.url = publish(got.entity, got.project, study, dataset, arch, result.groups, len(result.teachers),
+                             result.paths, result.table)
+    except api_errors() as e:
+        why = (str(e).splitlines() or [type(e).__name__])[0]
+        out = result.paths["csv"].parent
+        raise KDError(f"--publish failed ({why}); the figures and CSV in {out} are written") from None
+    print(f"W&B Report: {result.url}")
+
+
+def run_report(args: argparse.Namespace) -> Result:
+    study = check_name(args.study, "study")
+    mode = args.mode or ("online" if wandb_mode() == "online" else "offline")
+    if args.publish and mode != "online":
+        raise KDError("--publish needs a W&B login: run `wandb login` (or set WANDB_API_KEY) and rerun; "
+                      "nothing was written")
+    if args.expect:
+        spec_files(Path(args.expect))
+    warnings: list[str] = []
+    got = _load(args, study, mode, warnings)
+    unfinished = [r for r in got.runs if not r.finished and r.job in (names.TEACHER, names.STUDENT)]
+    finished = [r for r in got.runs if r.finished and r.job == names.STUDENT]
+    teachers = [r for r in got.runs if r.finished and r.job == names.TEACHER]
+    if not finished:
+        raise _no_runs(args, study, got, teachers)
+    if got.note:
+        print(got.note, file=sys.stderr)
+    if unfinished:
+        warn(warnings, f"{len(unfinished)} run(s) of study {study} not finished (no summary final=True; "
+             f"cut off and not yet resumed?), ignored: " + ", ".join(r.label for r in unfinished))
+    dataset = only({str(r.config.get(DATASET, "?")) for r in finished}, DATASET, study)
+    arch = only({str(r.config.get(ARCH, "?")) for r in finished}, ARCH, study)
+    students, dropped = dedupe(finished, warnings)
+    groups = group_students(students, warnings)
+    missing = check_grid(students, groups, args, warnings)
+    text = table(groups, teachers)
+    paths = write_outputs(groups, study, dataset, arch, Path(args.out))
+    for cache in got.caches:
+        cache.save()
+    print(f"study {study} ({dataset}, {arch}): {len(students)} student runs, {len(teachers)} teacher runs "
+          f"from {got.where}")
+    print(text)
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    result = Result(groups, students, teachers, unfinished, warnings, missing, paths, text, None, dropped,
+                    got.unreadable)
+    if args.publish:
+        _publish(got, study, dataset, arch, result)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The exit code: 0, or 2 after one ``error: ...`` line (a usage error or a :class:`KDError`)."""
+    try:
+        with cli():
+            run_report(parse_args(argv))
+    except SystemExit as e:
+        return 0 if e.code is None else e.code if isinstance(e.code, int) else 1
+    return 0

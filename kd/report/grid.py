@@ -1,0 +1,132 @@
+"""Which grid points a study should hold, and a warning for each one without a finished run.
+
+* Default (no ``--expect``): Figure 1 needs sizes {1, 3} x every synthetic ratio present (per generator when
+  the study uses several; ``--expect-paper-grid`` adds the paper's ratios), Figure 2 every size x
+  temperature at ratio 0.
+* ``--expect=SWEEP_DIR``: every (ensemble_size, synthetic_ratio, temperature, trial) point of the student
+  grid sweeps there; a parameter a spec leaves out takes DistillConfig's default. A point counts as present
+  when any generator holds it (the specs name pools, not generators).
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+from kd import names
+from kd.errors import KDError
+from kd.report.aggregate import (
+    DEFAULTS,
+    FIG1_SIZES,
+    GRID_KEYS,
+    Group,
+    fig1_temperature,
+    for_source,
+    point_text,
+    rnd,
+    sources,
+    student_key,
+    trial_of,
+)
+from kd.report.runs import Run, warn
+
+PAPER_RATIOS = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def expected_default(groups: list[Group], paper_grid: bool) -> dict[tuple, str]:
+    """(m, ratio, tau, source) -> figure: Fig 1 sizes {1, 3} x ratios present (+ the paper's) per source;
+    Fig 2 sizes x temperatures at ratio 0 (source None)."""
+    points: dict[tuple, str] = {}
+    tau = fig1_temperature(groups)
+    tau = 1.0 if tau is None else tau
+    for src in sources(groups) or [None]:
+        ratios = {g.synthetic_ratio for g in for_source(groups, src)}
+        ratios |= set(map(rnd, PAPER_RATIOS)) if paper_grid else set()
+        for m, r in itertools.product(FIG1_SIZES, sorted(ratios)):
+            points[(m, r, tau, src if r else None)] = "fig1"
+    at0 = [g for g in groups if g.synthetic_ratio == 0.0]
+    sizes, temps = sorted({g.ensemble_size for g in at0}), sorted({g.temperature for g in at0})
+    for m, t in itertools.product(sizes, temps):
+        points.setdefault((m, 0.0, t, None), "fig2")
+    return points
+
+
+def _param_values(spec: dict, key: str, src: Path) -> list:
+    p = (spec.get("parameters") or {}).get(key)
+    if p is None:
+        return [DEFAULTS[key]]
+    if isinstance(p, dict) and "values" in p:
+        vals = p["values"]
+    elif isinstance(p, dict) and "value" in p:
+        vals = [p["value"]]
+    else:
+        raise KDError(f"--expect: {src} parameter {key} has no values/value list, so it defines no grid")
+    try:
+        return [int(v) if isinstance(DEFAULTS[key], int) else rnd(v) for v in vals]
+    except (TypeError, ValueError):
+        raise KDError(f"--expect: {src} parameter {key} has a non-numeric value in {vals!r}") from None
+
+
+def spec_files(path: Path) -> list[Path]:
+    """The sweep specs --expect names (checked before any run is read)."""
+    files = [path] if path.is_file() else sorted([*path.glob("*.yaml"), *path.glob("*.yml")])
+    if not path.exists() or not files:
+        raise KDError(f"--expect={path}: no sweep specs (*.yaml) there")
+    return files
+
+
+def _student_grid(f: Path, study: str, warnings: list[str]) -> dict | None:
+    """The spec of a student grid sweep of ``study``, else None (a teacher sweep, another study, not a grid)."""
+    import yaml
+
+    try:
+        spec = yaml.safe_load(f.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise KDError(f"--expect: cannot read sweep spec {f}: {str(e).splitlines()[0]}") from None
+    if not isinstance(spec, dict):
+        raise KDError(f"--expect: {f} is not a W&B sweep spec (a YAML mapping)")
+    params = spec.get("parameters") or {}
+    if "distill" not in str(spec.get("program", "")) and not set(params) & set(DEFAULTS):
+        return None  # a teacher sweep
+    named = (params.get(names.STUDY) or {}).get("value") if isinstance(params.get(names.STUDY), dict) else None
+    if named is not None and str(named) != study:
+        warn(warnings, f"--expect: {f} is a sweep of study {named}, not {study}; not checked")
+        return None
+    if spec.get("method", "grid") != "grid":
+        warn(warnings, f"--expect: {f} is a {spec.get('method')} sweep, not a grid; not checked")
+        return None
+    return spec
+
+
+def expected_from_specs(path: str | Path, study: str, warnings: list[str]) -> dict[tuple, str]:
+    """(ensemble_size, ratio, temperature, trial) points of the student grid sweeps in a folder (or file)."""
+    points: dict[tuple, str] = {}
+    for f in spec_files(Path(path)):
+        spec = _student_grid(f, study, warnings)
+        if spec is None:
+            continue
+        grid = [_param_values(spec, k, f) for k in GRID_KEYS]
+        for point in itertools.product(*grid):
+            points.setdefault(point, f.name)
+    return points
+
+
+def check_grid(students: list[Run], groups: list[Group], args, warnings: list[str]) -> list[str]:
+    """Warn once per expected grid point without a finished run; returns those warnings."""
+    missing = []
+    if args.expect:
+        have = {(*student_key(r), trial_of(r)) for r in students}
+        for point, src in sorted(expected_from_specs(args.expect, args.study, warnings).items()):
+            if point not in have:
+                missing.append(f"missing grid point ({src}): no finished run with {point_text(*point)}")
+    if not args.expect or args.expect_paper_grid:
+        have = {(*g.key, g.synthetic_source) for g in groups}
+        several = len(sources(groups)) > 1
+        points = expected_default(groups, args.expect_paper_grid)
+        for point, fig in sorted(points.items(), key=lambda kv: (*kv[0][:3], kv[0][3] or "")):
+            if point not in have:
+                text = point_text(*point[:3], source=point[3] if several else None)
+                missing.append(f"missing grid point ({fig}): no finished run with {text}")
+    for msg in missing:
+        warn(warnings, msg)
+    return missing

@@ -1,0 +1,147 @@
+"""The study's runs from the W&B public API, cached until W&B's runs change.
+
+* One listing (``Api.runs(entity/project, filters={"config.study": study}, per_page=500, lazy=False)``)
+  brings each run's config and summary with the listing itself: no request per run. Every figure plots
+  final values, so they are read from the run's summary; no history is pulled.
+* The cache, ``<cache_dir>/<entity>-<project>-<study>.json``, keeps the runs and a fingerprint of the
+  listing: each run's (id, state, heartbeatAt, historyLineCount). The next report lists the runs again
+  lightweight (``lazy=True``: no config nor summary) and reuses the cache only while that fingerprint is the
+  same (no run added, removed, resumed or finished since); else it pulls again. ``--refresh`` always pulls.
+  The cache is written only once the figures are (:meth:`OnlineCache.save`).
+* Any API failure (no such entity or project, no permission, no network) is one line that names the fix.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+from kd import names
+from kd.errors import KDError, one_line
+from kd.io import write_json
+from kd.report.runs import Run, run_time
+from kd.wandb_runs import clean
+
+PER_PAGE = 500
+CACHE_VERSION = 2
+_AUTH = ("permission", "401", "403", "unauthori", "forbidden", "api key", "authenticat", "not logged", "login")
+_MISSING = ("not found", "could not find", "404", "does not exist", "no such")
+
+
+def api_errors() -> tuple[type[BaseException], ...]:
+    """What a W&B API call raises when it fails: wandb's errors, ValueError, OSError (requests' errors
+    and socket errors are OSErrors) and wandb-core's request failure."""
+    import wandb
+
+    errors = [wandb.errors.Error, ValueError, OSError]
+    try:
+        from wandb.sdk.lib.service.service_connection import WandbApiFailedError
+    except ImportError:  # another SDK version
+        pass
+    else:
+        errors.append(WandbApiFailedError)
+    return tuple(errors)
+
+
+def api_failure(e: BaseException, doing: str, entity: str | None, project: str | None) -> KDError:
+    """One line: what failed, W&B's reason and the fix."""
+    why = one_line((str(e).strip().splitlines() or [""])[0]) or type(e).__name__
+    low = f"{why} {type(e).__name__}".lower()
+    if any(w in low for w in _AUTH):
+        who = f" as a user who can read {entity}/{project}" if entity else ""
+        fix = f"run `wandb login` (or set WANDB_API_KEY){who}"
+    elif entity and any(w in low for w in _MISSING):
+        fix = f"check --entity={entity} and --project={project}: the project must exist and hold the study's runs"
+    elif isinstance(e, OSError):
+        fix = "check the network connection to W&B, or pass --offline to read the runs on disk"
+    elif not entity:
+        fix = "pass --entity=NAME (your W&B user or team), or run `wandb login`"
+    else:
+        fix = "check --entity, --project and `wandb login`, or pass --offline to read the runs on disk"
+    return KDError(f"W&B API: cannot {doing} ({why[:300]}): {fix}; nothing was written")
+
+
+def default_entity() -> str | None:
+    import wandb
+
+    try:
+        return wandb.Api(timeout=60).default_entity
+    except api_errors() as e:
+        raise api_failure(e, "find your default W&B entity", None, None) from None
+
+
+def _plain(v):
+    """JSON-safe copy of a value from the W&B API (nested dict-likes become dicts)."""
+    if isinstance(v, (str, int, float, bool)) or v is None:
+        return v
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    if hasattr(v, "items"):
+        return {str(k): _plain(x) for k, x in v.items()}
+    return str(v)
+
+
+def fingerprint(listing) -> list[list[str]]:
+    """What changes when a run is added, removed, resumed, logs or finishes; the lightweight listing has it."""
+    return sorted([str(r.id), str(r.state), str(getattr(r, "heartbeat_at", None)),
+                   str(getattr(r, "history_line_count", None))] for r in listing)
+
+
+def to_run(r) -> Run:
+    """A public-API run (of a full listing: config and summary already loaded) -> :class:`Run`."""
+    raw = _plain(r.summary_metrics) or {}
+    return Run(id=str(r.id), name=str(r.name or r.id), config=clean(_plain(r.config)), summary=clean(raw),
+               sources=[str(r.url)], time=run_time(raw, getattr(r, "heartbeat_at", None),
+                                                   getattr(r, "created_at", None)))
+
+
+class OnlineCache:
+    """The runs of one listing and its fingerprint, as JSON; written by :meth:`save` only."""
+
+    def __init__(self, path: Path, refresh: bool):
+        self.path, self.pending = Path(path), None
+        self.data = None if refresh else self._read(self.path)
+
+    @staticmethod
+    def _read(path: Path) -> dict | None:
+        try:
+            data = json.loads(path.read_text())
+            runs = [Run(**r) for r in data["runs"]]
+        except (OSError, ValueError, TypeError, KeyError):  # absent, corrupt or of another version: pull
+            return None
+        if data.get("version") != CACHE_VERSION or not isinstance(data.get("fingerprint"), list):
+            return None
+        return {**data, "runs": runs}
+
+    def save(self) -> None:
+        if self.pending is not None:
+            write_json(self.path, self.pending)
+
+
+def _listing(api, entity: str, project: str, study: str, lazy: bool):
+    return api.runs(f"{entity}/{project}", filters={f"config.{names.STUDY}": study}, per_page=PER_PAGE,
+                    lazy=lazy)
+
+
+def read_online(study: str, entity: str, project: str, cache: OnlineCache) -> tuple[list[Run], str]:
+    """Runs of ``study`` in ``entity/project`` (the cache's while W&B's runs are unchanged) and a note."""
+    import wandb
+
+    try:
+        api = wandb.Api(timeout=60)
+        if cache.data is not None:
+            if fingerprint(_listing(api, entity, project, study, lazy=True)) == cache.data["fingerprint"]:
+                return cache.data["runs"], (f"W&B's runs of study {study} are unchanged since "
+                                            f"{cache.data.get('pulled_at', '?')}: using {cache.path} "
+                                            "(--refresh pulls again)")
+        listing = list(_listing(api, entity, project, study, lazy=False))
+        runs = [to_run(r) for r in listing]
+        printed = fingerprint(listing)
+    except api_errors() as e:
+        raise api_failure(e, f"list the runs of {entity}/{project}", entity, project) from None
+    pulled = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    cache.pending = {"version": CACHE_VERSION, "entity": entity, "project": project, "study": study,
+                     "pulled_at": pulled, "fingerprint": printed, "runs": [asdict(r) for r in runs]}
+    return runs, f"pulled {len(runs)} runs of study {study} from {entity}/{project}"

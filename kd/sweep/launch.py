@@ -1,0 +1,148 @@
+"""One run of a sweep: ``python -m kd.sweep.launch PROGRAM --key=value ...``, the command of every spec.
+
+``wandb agent`` starts a run's command with ``subprocess.Popen`` and stops it (sweep stop or cancel) with
+SIGTERM to that one process, SIGKILL 30 s later (``Agent._command_stop``; ``exit`` kills at once). Started as
+``accelerate launch``, that process is Accelerate's launcher, which neither passes SIGTERM on to the training
+nor waits for it: the training never checkpoints and keeps its GPU. This launcher instead:
+
+* starts the program as its child in a process group of its own, with the arguments unchanged (W&B's resume
+  keys among them: the programs' flag parser ignores those with a note);
+* passes SIGTERM, SIGINT and SIGHUP on to that whole group (SIGHUP as SIGTERM: the programs checkpoint on
+  SIGTERM and SIGINT), waits for it, and exits with the program's exit code (143 after SIGTERM when it
+  checkpointed, 130 after SIGINT; a program killed by signal N: 128 + N);
+* on Linux, ties the program's life to its own: if the launcher is SIGKILLed (the agent's ``kill``), the
+  kernel SIGKILLs the program too, instead of leaving it running with nobody waiting for it.
+
+Processes: one by default ("one agent per GPU": run as many ``wandb agent`` processes as GPUs, each with its
+own CUDA_VISIBLE_DEVICES, which is left as it is). ``KD_NUM_PROCESSES=N``, or an Accelerate config file (the
+one ``accelerate config`` writes) whose ``num_processes`` is above 1, asks for more. One process runs the
+program directly (``python PROGRAM ARGS``): Accelerate's single-process launcher would only add a process that
+neither passes signals on nor keeps the exit code, and with no config ``accelerate launch`` takes every
+visible GPU. The programs set precision and device from their own flags; a config file's single-process
+settings (gpu_ids, dynamo) are not applied: set CUDA_VISIBLE_DEVICES instead. More processes run
+``accelerate launch --num_processes N PROGRAM ARGS`` (with the config file, if any); stopped, it exits
+128 + the signal when Accelerate reports a failure, as Accelerate does not pass the programs' codes on.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from kd.errors import KDError, one_line
+from kd.sweep.processes import signal_group, wait_group
+
+FORWARDED = {signal.SIGTERM: signal.SIGTERM, signal.SIGINT: signal.SIGINT, signal.SIGHUP: signal.SIGTERM}
+GROUP_GRACE_S = 30.0  # after the program exits, how long its group's other processes get to end
+USAGE = "usage: python -m kd.sweep.launch PROGRAM [--key=value ...] (the command of a sweep spec)"
+
+
+def accelerate_config() -> Path | None:
+    """Accelerate's default config file, found the way ``accelerate launch`` finds it (without importing it)."""
+    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
+    path = Path(os.path.expanduser(home)) / "accelerate" / "default_config.yaml"
+    return path if path.is_file() else None
+
+
+def num_processes(config: Path | None) -> int:
+    """KD_NUM_PROCESSES, else the config file's num_processes, else 1."""
+    raw = os.environ.get("KD_NUM_PROCESSES", "").strip()
+    if raw:
+        if not raw.isdigit() or int(raw) < 1:
+            raise KDError(f"KD_NUM_PROCESSES={raw!r} must be a whole number >= 1 (processes per run; one GPU "
+                          "each): unset it for one process")
+        return int(raw)
+    if config is None:
+        return 1
+    import yaml
+
+    try:
+        value = (yaml.safe_load(config.read_text()) or {}).get("num_processes", 1)
+    except (yaml.YAMLError, AttributeError, OSError) as e:
+        raise KDError(f"cannot read the Accelerate config {config} ({type(e).__name__}): fix it with "
+                      "`accelerate config`, or set KD_NUM_PROCESSES") from None
+    if not isinstance(value, int) or value < 1:
+        return 1  # -1 and the like: Accelerate's "ask"; one process here
+    return value
+
+
+def child_argv(program: str, args: list[str]) -> list[str]:
+    config = accelerate_config()
+    n = num_processes(config)
+    if n == 1:
+        return [sys.executable, program, *args]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(n), program, *args]
+
+
+def _die_with_parent():
+    """preexec_fn: SIGKILL this child when the launcher dies (Linux PR_SET_PDEATHSIG)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    libc, parent = ctypes.CDLL(None, use_errno=True), os.getpid()
+
+    def preexec():
+        libc.prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the launcher died before the prctl
+            os._exit(128 + signal.SIGKILL)
+
+    return preexec
+
+
+class Launch:
+    """The program as a child in its own process group, with the stop signals passed on to that group."""
+
+    def __init__(self, cmd: list[str]):
+        self.cmd = cmd
+        self.child: subprocess.Popen | None = None
+        self.got: list[int] = []
+
+    def forward(self, signum, frame) -> None:
+        self.got.append(signum)
+        if self.child is None:
+            return
+        sent = FORWARDED[signum]
+        print(f"kd.sweep.launch: {signal.Signals(signum).name}: passing {signal.Signals(sent).name} to the run's "
+              f"process group {self.child.pid} (it checkpoints, then exits)", file=sys.stderr, flush=True)
+        signal_group(self.child.pid, sent)
+
+    def run(self) -> int:
+        """Start the program, pass stop signals on to its group, wait; the exit code."""
+        previous = {s: signal.signal(s, self.forward) for s in FORWARDED}
+        try:
+            if self.got:  # stopped before anything started
+                return 128 + FORWARDED[self.got[0]]
+            self.child = subprocess.Popen(self.cmd, process_group=0, preexec_fn=_die_with_parent())
+            if self.got:  # a signal came while it was starting
+                self.forward(self.got.pop(), None)
+            code = self.child.wait()
+            wait_group(self.child.pid, GROUP_GRACE_S)
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+        code = 128 - code if code < 0 else code
+        if self.got and code != 0 and self.cmd[1:3] == ["-m", "accelerate.commands.launch"]:
+            code = 128 + FORWARDED[self.got[0]]  # Accelerate does not pass the programs' exit codes on
+        return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] in (["-h"], ["--help"]):
+        print(USAGE)
+        return 0
+    try:
+        if not argv or argv[0].startswith("-"):
+            raise KDError(f"the first argument must be the program, got {argv[0] if argv else 'none'}: {USAGE}")
+        return Launch(child_argv(argv[0], argv[1:])).run()
+    except KDError as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
