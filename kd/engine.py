@@ -30,6 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from kd import artifacts, faults, names, wandb_runs
+from kd.accel import compile_model
 from kd.checkpoint import Checkpoints, pack, unpack
 from kd.config import to_dict
 from kd.errors import Interrupted, KDError, stop_requests
@@ -163,15 +164,22 @@ class Session:
     def _init_run(self) -> None:
         if self.mode == "disabled":
             return
-        self.accelerator.init_trackers(
-            self.cfg.project,
-            config=unlocked(self.config()),
-            init_kwargs={"wandb": {
-                "id": self.run_id, "resume": "allow", "name": self.cfg.run_name(), "group": self.cfg.study,
-                "job_type": names.JOB_TYPES.get(self.job, self.job), "mode": self.mode,
-                "tags": [self.job, self.cfg.dataset, self.cfg.arch], "reinit": "finish_previous",
-            }},
-        )
+        import wandb
+
+        try:
+            self.accelerator.init_trackers(
+                self.cfg.project,
+                config=unlocked(self.config()),
+                init_kwargs={"wandb": {
+                    "id": self.run_id, "resume": "allow", "name": self.cfg.run_name(), "group": self.cfg.study,
+                    "job_type": names.JOB_TYPES.get(self.job, self.job), "mode": self.mode,
+                    "tags": [self.job, self.cfg.dataset, self.cfg.arch], "reinit": "finish_previous",
+                }},
+            )
+        except (wandb.errors.Error, ValueError, OSError) as e:
+            why = (str(e).splitlines() or [type(e).__name__])[0][:200]
+            raise KDError(f"cannot start the W&B run in project {self.cfg.project} ({why}): check `wandb login`, "
+                          "the project name and the network, or run offline with WANDB_MODE=offline") from None
         if self.main:
             self.run = self.accelerator.get_tracker("wandb", unwrap=True)
 
@@ -281,7 +289,7 @@ class Session:
         cfg = self.cfg
         model, optimizer = self._prepare(model)
         start_epoch, start_step, sums, history = self._resume(model, optimizer)
-        fwd = __import__("kd.accel").accel.compile_model(model, cfg)  # static shapes, compiled once
+        fwd = compile_model(model, cfg)  # --compile=True: static shapes, compiled once (kd.accel)
         total = sum(objective.steps(e) for e in range(cfg.epochs))
         done = sum(objective.steps(e) for e in range(start_epoch)) + start_step
         bar = tqdm(total=total, initial=done, disable=not self.main, desc=cfg.run_name(), dynamic_ncols=True,

@@ -87,26 +87,27 @@ def test_cache_equals_teachers_on_every_view(which, views, m):
 
 
 def test_cache_file_reused_for_same_teachers_new_for_others(tmp_path, monkeypatch):
+    """One file per teacher (and dtype): reused for the same teacher, a new one for another teacher."""
     data = digits_subset(8)
-    ens = Ensemble(make_teachers(2, 10))
-    first, path, built = cached_targets(ens, data, ["a", "b"], tmp_path, torch.float32)
+    ens = Ensemble(make_teachers(1, 10))
+    first, path, built = cached_targets(ens, data, ["a"], tmp_path, torch.float32)
     assert built and path.exists() and path.with_suffix(".json").exists()
 
     def must_not_run(*args, **kwargs):
         raise AssertionError("the teachers ran although the cache exists")
 
     monkeypatch.setattr(kt, "all_view_targets", must_not_run)
-    again, path2, built2 = cached_targets(ens, data, ["a", "b"], tmp_path, torch.float32)
+    again, path2, built2 = cached_targets(ens, data, ["a"], tmp_path, torch.float32)
     assert not built2 and path2 == path and torch.equal(again, first)
     monkeypatch.undo()
     assert cache_key(["a", "c"], data) != cache_key(["a", "b"], data)
     assert cache_key(["b", "a"], data) != cache_key(["a", "b"], data)  # member order is part of the key
-    other, path3, built3 = cached_targets(ens, data, ["a", "c"], tmp_path, torch.float32)
+    other, path3, built3 = cached_targets(ens, data, ["c"], tmp_path, torch.float32)
     assert built3 and path3 != path
-    half, path4, built4 = cached_targets(ens, data, ["a", "b"], tmp_path, torch.float16)
+    half, path4, built4 = cached_targets(ens, data, ["a"], tmp_path, torch.float16)
     assert built4 and path4 not in (path, path3) and half.dtype == torch.float16
     assert len(list(tmp_path.glob("*.safetensors"))) == 3
-    _, _, built5 = cached_targets(ens, data, ["a", "b"], tmp_path, torch.float32)  # float32 file untouched
+    _, _, built5 = cached_targets(ens, data, ["a"], tmp_path, torch.float32)  # float32 file untouched
     assert not built5
 
 
@@ -171,3 +172,60 @@ def test_student_same_trajectory_with_and_without_cache():
     assert l_c[0] != l_c[-1]  # the student did move
     for (k, a), b in zip(net_c.state_dict().items(), net_t.state_dict().values()):
         torch.testing.assert_close(a.float(), b.float(), atol=1e-4, rtol=1e-4, msg=k)
+
+
+@pytest.mark.parametrize("which", ["digits", "cifar"])
+def test_member_caches_combined_equal_the_stacked_ensemble_and_are_shared(which, tmp_path, monkeypatch):
+    """Per-member files combined on the fly give the stacked ensemble's targets on every view, and a second
+    ensemble that shares a member reads that member's file instead of running it again."""
+    data = digits_subset() if which == "digits" else cifar_like(n=2)
+    c = data.spec.num_classes
+    members = make_teachers(4, c, seed=7)
+    abc, (a, _, cc, d) = Ensemble(members[:3], stacked=True), members
+    want = all_view_targets(abc, data, progress=False)  # the old design: one stacked pass of the ensemble
+    got, path, built = cached_targets(abc, data, ["ha", "hb", "hc"], tmp_path, torch.float32)
+    assert built and path == kt.member_path(tmp_path, "ha", data, torch.float32) and got.shape == want.shape
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+    for i in range(data.n_train):  # and the paper's way, view by view
+        torch.testing.assert_close(got[i], direct(members[:3], data.train_x[i], data.spec), atol=ATOL, rtol=0)
+    assert len(list(tmp_path.glob("*.safetensors"))) == 3  # one file per member
+
+    ran = []
+    real = kt.all_view_targets
+    monkeypatch.setattr(kt, "all_view_targets", lambda ens, *args, **kw: ran.append(list(ens.members)) or
+                        real(ens, *args, **kw))
+    second = Ensemble([cc, d])  # shares member c with the first ensemble
+    got2, path2, built2 = cached_targets(second, data, ["hc", "hd"], tmp_path, torch.float32)
+    assert built2 and path2 == kt.member_path(tmp_path, "hc", data, torch.float32)
+    assert len(ran) == 1 and ran[0][0] is d, "only the new member d may run: c's file is reused"
+    torch.testing.assert_close(got2, all_view_targets(Ensemble([cc, d]), data, progress=False), atol=ATOL, rtol=0)
+    ran.clear()
+    again, _, built3 = cached_targets(Ensemble([d, a]), data, ["hd", "ha"], tmp_path, torch.float32)
+    assert not built3 and not ran  # every member on file: nothing computed
+    torch.testing.assert_close(again, all_view_targets(Ensemble([d, a]), data, progress=False), atol=ATOL, rtol=0)
+    assert len(list(tmp_path.glob("*.safetensors"))) == 4
+
+    half, _, _ = cached_targets(abc, data, ["ha", "hb", "hc"], tmp_path, torch.float16)
+    assert half.dtype == torch.float16
+    torch.testing.assert_close(half.float(), want, atol=2e-2, rtol=0)
+
+
+def test_combine_in_chunks_is_logaddexp():
+    g = torch.Generator().manual_seed(0)
+    acc, other = torch.randn(5, 7, 3, generator=g), torch.randn(5, 7, 3, generator=g).half()
+    want = torch.logaddexp(acc, other.float())
+    torch.testing.assert_close(kt.combine(acc.clone(), other, rows=4), want, atol=1e-6, rtol=0)
+
+
+def test_damaged_member_file_is_refused_for_every_ensemble_that_holds_it(tmp_path):
+    data = digits_subset(4)
+    members = make_teachers(2, 10)
+    cached_targets(Ensemble(members), data, ["t0", "t1"], tmp_path, torch.float32)
+    path = kt.member_path(tmp_path, "t1", data, torch.float32)
+    raw = bytearray(path.read_bytes())
+    raw[-5] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    for ens, hashes in ((Ensemble(members), ["t0", "t1"]), (Ensemble(members[1:]), ["t1"])):
+        with pytest.raises(KDError, match=rf"{path.name} is corrupt or was changed.*--teacher_cache=False"):
+            cached_targets(ens, data, hashes, tmp_path, torch.float32)
+    assert path.read_bytes() == bytes(raw)

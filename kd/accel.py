@@ -1,0 +1,73 @@
+"""Compiled training steps that compile once: ``torch.compile`` with static shapes for the engine's loop.
+
+:func:`compile_model` is what :class:`kd.engine.Session` calls for ``--compile=True`` (and returns the model
+itself otherwise). The callable it returns:
+
+* compiles the model with ``dynamic=False`` for one batch shape, the largest seen so far: every full batch of
+  every epoch reuses that one graph (forward and backward), so nothing is recompiled after the first step;
+* runs every *smaller* batch (the short last batch of an epoch, a rank's smaller part) eagerly, through the
+  very same module and parameters: a handful of steps per run at eager speed instead of a recompilation (or
+  dynamic-shape graphs, whose compilation is what stalled the first ``--compile=True`` runs), and the
+  numbers are the same up to float rounding (tests/test_accel.py);
+* runs eval mode (evaluation, teacher predictions) eagerly too: the graph is traced in train mode only;
+* never blocks on anything but the compilation itself: a SIGTERM that arrives while the first step compiles
+  is recorded by :func:`kd.errors.stop_requests` and honoured when that step ends (the loop checks after
+  every step), which ``python -m kd.bench`` measures. A larger batch than any before (a resumed run with a
+  larger batch, say) compiles once more, since a batch shape is part of the graph.
+
+``mode`` is torch.compile's: None (inductor's default), ``"reduce-overhead"`` (CUDA graphs: fewer kernel
+launches, the lever for small networks on GPUs) or ``"max-autotune-no-cudagraphs"``; ``python -m kd.bench``
+times them. train.py and distill.py compile with ``$KD_COMPILE_MODE`` (unset or empty: the default mode).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+MODES = (None, "reduce-overhead", "max-autotune-no-cudagraphs")
+
+
+class StaticCompiled:
+    """``model(x)`` through one static-shape compiled graph for the largest batch shape, eager otherwise."""
+
+    def __init__(self, model: torch.nn.Module, mode: str | None = None):
+        if mode not in MODES:
+            raise ValueError(f"compile mode {mode!r}: expected one of {MODES}")
+        self.model, self.mode = model, mode
+        self.compiled = torch.compile(model, dynamic=False, mode=mode)
+        self.shape: tuple | None = None  # the one shape the graph is compiled for
+        self.compiled_calls = 0
+        self.eager_calls = 0
+        self.shapes_compiled = 0  # how many shapes were compiled (1 in a run of one batch size)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.model.training and self._takes(x):
+            self.compiled_calls += 1
+            if self.mode == "reduce-overhead":
+                torch.compiler.cudagraph_mark_step_begin()  # a new step: the last step's outputs may be reused
+            return self.compiled(x)
+        self.eager_calls += 1
+        return self.model(x)
+
+    def _takes(self, x: torch.Tensor) -> bool:
+        shape = tuple(x.shape)
+        if self.shape is not None and shape == self.shape:
+            return True
+        if self.shape is None or shape[0] > self.shape[0]:
+            self.shape = shape
+            self.shapes_compiled += 1
+            return True
+        return False
+
+    def __getattr__(self, name):  # the wrapped module's attributes (train(), parameters(), ...)
+        return getattr(self.__dict__["model"], name)
+
+
+def compile_model(model: torch.nn.Module, cfg, mode: str | None = None):
+    """The engine's forward: ``model`` itself unless ``cfg.compile``, else a :class:`StaticCompiled` (mode:
+    ``mode``, else ``$KD_COMPILE_MODE``, else torch.compile's default)."""
+    if not getattr(cfg, "compile", False):
+        return model
+    return StaticCompiled(model, mode=mode or os.environ.get("KD_COMPILE_MODE") or None)

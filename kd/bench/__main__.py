@@ -1,0 +1,3 @@
+from kd.bench.cli import main
+
+main()

@@ -1,0 +1,97 @@
+"""The online path at the SDK boundary, where no W&B server exists here.
+
+What is replaced, and only that: the W&B *run* handed to kd.artifacts / kd.teachers is a stand-in with the
+attributes the code reads (entity, project, use_artifact), and ``wandb.Api`` is a stand-in whose
+``artifact_collections`` answers as the public API's would (objects with ``.name``) or raises W&B's own
+``wandb.errors.CommError``. Everything else is the repository's and wandb's real code.
+"""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import wandb
+
+from kd import artifacts, teachers
+from kd.engine import unlocked
+from kd.errors import KDError
+from kd.io import save_weights
+from kd.models import build_model
+
+
+class FakeRun:
+    def __init__(self, entity="team", project="sweep-project", error=None):
+        self.entity, self.project, self.error, self.asked = entity, project, error, []
+
+    def use_artifact(self, ref):
+        self.asked.append(ref)
+        raise self.error
+
+
+def publish_teacher(store, name):
+    folder = store.parent / "made" / name
+    meta = save_weights(folder, build_model("preresnet8", 10).state_dict(),
+                        {"arch": "preresnet8", "dataset": "digits", "num_classes": 10, "seed": 0})
+    artifacts.publish(name, "model", [folder / "model.safetensors", folder / "meta.json"], meta, store=store,
+                      aliases=["demo"])
+
+
+@pytest.fixture
+def online(monkeypatch, tmp_path):
+    monkeypatch.setenv("WANDB_MODE", "online")
+    return tmp_path / "store"
+
+
+def test_a_teacher_only_in_the_local_store_says_to_sync_it(online):
+    publish_teacher(online, "teacher-digits-preresnet8-s0")
+    run = FakeRun(error=wandb.errors.CommError("artifact 'teacher-digits-preresnet8-s0:demo' not found"))
+    with pytest.raises(KDError) as e:
+        artifacts.resolve("teacher-digits-preresnet8-s0", run=run, store=online, kind="teacher", alias="demo")
+    msg = str(e.value)
+    assert run.asked == ["teacher-digits-preresnet8-s0:demo"]  # resolved through the run: lineage recorded
+    assert "team/sweep-project" in msg and "wandb sync" in msg and "WANDB_MODE=offline" in msg
+    assert "\n" not in msg
+
+
+@pytest.mark.parametrize("error", [wandb.errors.CommError("permission denied"), ValueError("bad project"),
+                                   ConnectionError("network is unreachable")])
+def test_every_wandb_failure_is_one_line_naming_the_fix(online, error):
+    run = FakeRun(error=error)
+    with pytest.raises(KDError, match="cannot fetch teacher teacher-x-s0:latest from the W&B project team/"):
+        artifacts.resolve("teacher-x-s0", run=run, store=online, kind="teacher")
+
+
+def test_teachers_are_listed_in_the_runs_own_entity_and_project(online, monkeypatch):
+    asked = []
+
+    class Api:
+        def artifact_collections(self, where, type_name):
+            asked.append((where, type_name))
+            return [types.SimpleNamespace(name=n) for n in
+                    ("teacher-digits-preresnet8-s1", "teacher-digits-preresnet8-s0", "teacher-cifar10-preresnet8-s0",
+                     "student-digits-preresnet8-m1")]
+
+    monkeypatch.setattr(wandb, "Api", Api)
+    found = teachers.available_teachers("digits", "preresnet8", store=online, run=FakeRun(project="from-sweep"))
+    assert asked == [("team/from-sweep", "model")]  # not --project: the run's own (a sweep's) project
+    assert found == ["teacher-digits-preresnet8-s0", "teacher-digits-preresnet8-s1"]
+
+    class Down:
+        def artifact_collections(self, where, type_name):
+            raise wandb.errors.CommError("could not resolve host")
+
+    monkeypatch.setattr(wandb, "Api", Down)
+    with pytest.raises(KDError, match="cannot list the teachers of the W&B project team/from-sweep"):
+        teachers.available_teachers("digits", "preresnet8", store=online, run=FakeRun(project="from-sweep"))
+
+
+def test_sweep_locked_keys_are_not_passed_to_wandb_init(tmp_path, monkeypatch):
+    params = tmp_path / "params.yaml"
+    params.write_text("lr:\n  value: 0.05\nseed:\n  value: 3\n")  # what the agent writes
+    config = {"lr": 0.05, "seed": 3, "epochs": 300, "job": "student"}
+    monkeypatch.delenv("WANDB_SWEEP_ID", raising=False)
+    assert unlocked(config) == config
+    monkeypatch.setenv("WANDB_SWEEP_ID", "abc")
+    monkeypatch.setenv("WANDB_SWEEP_PARAM_PATH", str(params))
+    assert unlocked(config) == {"epochs": 300, "job": "student"}
