@@ -146,7 +146,7 @@ SPECS = {
                                    "parameters": {"seed": {"values": [0, 1]}}}), "use method grid or random"),
     "badvalue.yaml": (yaml.safe_dump({"program": "train.py", "method": "grid",
                                       "parameters": {"lr": {"values": [0.1, -1.0]}}}),
-                      "would fail: --lr must be a finite number >= 0, got -1.0"),
+                      "the run --lr=-1.0 would fail: --lr must be a finite number"),
     "student.yaml": (yaml.safe_dump({"program": "distill.py", "method": "grid",
                                      "parameters": {"temprature": {"values": [1.0, 4.0]}}}),
                      "distill.py has no flag --temprature: rename it to --temperature"),
@@ -154,6 +154,20 @@ SPECS = {
                                      "parameters": {"seed": {"values": [0]}}}), "every command item must be one word"),
     "nowhere.yaml": (yaml.safe_dump({"program": "nowhere.py", "method": "grid",
                                      "parameters": {"x": {"values": [0]}}}), "program nowhere.py is not in"),
+    # only the repository's entry points, and only through an interpreter (optionally the launcher)
+    "script.yaml": (yaml.safe_dump({"program": "../bin/evil.py", "method": "grid",
+                                    "parameters": {"seed": {"values": [0]}}}),
+                    "program ../bin/evil.py is not in this repository's entry points: a sweep runs distill.py or "
+                    "train.py"),
+    "shell.yaml": (yaml.safe_dump({"program": "train.py", "method": "grid", "command": ["/bin/sh", "-c", "rm -rf ~"],
+                                   "parameters": {"seed": {"values": [0]}}}),
+                   "does not run the program the way a sweep here may: write `command: [${env}, ${interpreter}, -m, "
+                   "kd.sweep.launch, ${program}, ${args}]`"),
+    # billion laughs: 9 levels of 10 aliases inside `values`, refused before W&B's sweep engine expands it
+    "bomb.yaml": ("l0: &l0 [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]\n"
+                  + "".join(f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 10)}]\n" for i in range(1, 9))
+                  + "program: train.py\nmethod: grid\nparameters:\n  seed:\n    values: *l8\n",
+                  "its YAML aliases expand to over 100,000 values (an alias bomb?)"),
 }
 
 
@@ -179,6 +193,9 @@ def test_sweep_refuses(argv, needle, workdir, capsys):
     ([], "the following arguments are required: --study"),
     (["--study=demo", "--figures=x"], "unrecognized arguments: --figures=x"),
     (["--study=demo", "--online", "--offline"], "not allowed with argument"),
+    (["--study=demo", "--refresh=yes"], "argument --refresh: ignored explicit argument 'yes'"),
+    (["--study=demo", "--expect-paper"], "unrecognized arguments: --expect-paper"),  # no abbreviations
+    (["--study=demo", "--expect=nowhere"], "--expect=nowhere: no sweep specs (*.yaml) there"),
 ])
 def test_report_refuses(argv, needle, workdir, capsys):
     refused(capsys, workdir, report.main, [*argv, f"--cache_dir={workdir / 'cache'}"] if argv else argv, needle)
@@ -204,6 +221,12 @@ def test_report_refuses(argv, needle, workdir, capsys):
     (["generate", "--dataset=digits", "--model=not-a-pipeline"], "not-a-pipeline is not a loadable diffusers"),
     (["generate", "--dataset=digits", "--model=generator-nothing"], "no generator 'generator-nothing'"),
     (["generate", "--dataset=digits", "--model=../../nowhere/model"], "cannot load model '../../nowhere/model'"),
+    (["generate", "--dataset=digits", "--fid=maybe"], "--fid must be auto, True or False"),
+    (["train", "--generator=gan"], "--generator must be ddpm or sngan"),
+    (["train", "--generator=sngan", "--preset=huge"], "unknown preset 'huge'"),
+    (["train", "--generator=sngan", "--epochs=3"], "--epochs does not apply to --generator=sngan"),
+    (["train", "--n_dis=3"], "--n_dis does not apply to --generator=ddpm"),
+    (["train", "--generator=sngan", "--ema_decay=1"], "--ema_decay must be a finite number >= -1 and < 1"),
 ])
 def test_synthetic_refuses(argv, needle, workdir, capsys):
     from kd import synthetic as syn

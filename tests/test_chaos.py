@@ -13,10 +13,11 @@ on), and a last run without a fault finishes. Then:
 * on the CPU, the final weights (the synthetic pool) are bitwise those of an uninterrupted run of the same
   command (with the same number of threads: here one, which is also far faster on a busy machine).
 
-30 kill points: train.py 10, distill.py 10 (3 of them in the teacher-cache build), ``python -m kd.synthetic
-generate`` 5 and ``train`` 2, ``python -m kd.sweep`` 3; 3 of them are SIGTERM (exit 143 with a checkpoint
-mid-epoch); and a SIGTERM to the sweep runner, which forwards it to its run. Settings are tiny (digits,
-PreResNet-8, 12 steps an epoch; a 2-block DDPM) so that the whole suite stays within minutes.
+32 kill points: train.py 10, distill.py 10 (3 of them in the teacher-cache build), ``python -m kd.synthetic
+generate`` 5 and ``train`` 2 for each of the DDPM and the SN-GAN, ``python -m kd.sweep`` 3; 4 of them are SIGTERM
+(exit 143 with a checkpoint mid-epoch); and a SIGTERM to the sweep runner, which forwards it to its run. Settings are
+tiny (digits, PreResNet-8, 12 steps an epoch; a 2-block DDPM; the digits SN-GAN) so that the whole suite stays within
+minutes.
 """
 
 from __future__ import annotations
@@ -219,7 +220,8 @@ def test_distill_killed_anywhere_resumes_to_the_same_student(chain, tmp_path, tr
 
 # ------------------------------------------------------------------------------------------------ kd.synthetic
 GENERATE = ["generate", "--dataset=digits", "--num=10", "--batch_size=2", "--shard_size=4", "--scheduler=ddim",
-            "--steps=3", "--source=tiny", "--device=cpu"]  # shards of 4, 4 and 2 images, 2 images a batch
+            "--steps=3", "--source=tiny", "--device=cpu", "--fid=False"]  # shards of 4, 4 and 2 images, 2 a batch
+# (--fid=False: tests never reach for the network, where the Inception weights of FID would come from)
 POOL = "synthetic-digits-tiny"
 SYNTHETIC_CHAIN = [
     "synthetic-batch@3:KILL",  # in shard 1, shard 0 written
@@ -279,22 +281,27 @@ GENERATOR_CHAIN = [
 ]
 
 
-def test_generator_training_killed_and_terminated_resumes_to_the_same_weights(tmp_path):
+@pytest.mark.parametrize("generator, weights, artifact", [
+    ("ddpm", "gen/pipeline/unet/diffusion_pytorch_model.safetensors", "generator-digits"),
+    ("sngan", "gen/generator/generator.safetensors", "generator-digits-sngan"),  # the paper's generator
+])
+def test_synthetic_generator_training_killed_and_terminated_resumes_to_the_same_weights(tmp_path, generator, weights,
+                                                                                       artifact):
+    args = [*GENERATOR, f"--generator={generator}"]
     straight = tmp_path / "straight"
     straight.mkdir()
-    run_script("-m kd.synthetic", *GENERATOR, cwd=straight, env={**ONE_THREAD, "WANDB_MODE": "disabled"})
+    run_script("-m kd.synthetic", *args, cwd=straight, env={**ONE_THREAD, "WANDB_MODE": "disabled"})
     cut = tmp_path / "cut"
     cut.mkdir()
-    outs = run_chain("-m kd.synthetic", GENERATOR, cut, GENERATOR_CHAIN)
+    outs = run_chain("-m kd.synthetic", args, cut, GENERATOR_CHAIN)
     assert "resuming" in outs[1].stderr and "at step 25/" in outs[1].stderr and "at step 28/" in outs[2].stderr
-    weights = "gen/pipeline/unet/diffusion_pytorch_model.safetensors"
     a, b = load_file(str(cut / weights)), load_file(str(straight / weights))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ"
     runs = wandb_runs(cut)
     assert len(runs) == 1, f"one W&B run id across all processes, got {list(runs)}"
     (run,) = runs.values()
     assert sorted(run["steps"]) == [10, 20, 30, 40, 50], run["steps"]  # each logged step once
-    assert sorted(p.name for p in (cut / "artifacts" / "generator-digits").glob("v*")) == ["v0"]
+    assert sorted(p.name for p in (cut / "artifacts" / artifact).glob("v*")) == ["v0"]
     verify_tree(cut)
 
 
@@ -303,7 +310,9 @@ def write_spec(folder: Path, seeds: list[int], epochs: int) -> Path:
     spec = {"program": str(ROOT / "train.py"), "method": "grid", "metric": {"name": "test/acc", "goal": "maximize"},
             "parameters": {"dataset": {"value": "digits"}, "arch": {"value": "preresnet8"},
                            "batch_size": {"value": 128}, "epochs": {"value": epochs},
-                           "study": {"value": "chaos"}, "seed": {"values": seeds}}}
+                           "study": {"value": "chaos"}, "seed": {"values": seeds}},
+            # the specs' command: train.py under kd.sweep.launch, which passes the runner's SIGTERM on to it
+            "command": ["${env}", "${interpreter}", "-m", "kd.sweep.launch", "${program}", "${args}"]}
     path = folder / "spec.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return path
@@ -363,8 +372,8 @@ def test_sweep_runner_sigterm_checkpoints_its_run_and_exits_143(tmp_path):
     assert "stopped by SIGTERM" in err and "Traceback" not in err
     (run,) = sweep_state(tmp_path)["runs"]
     assert run["status"] == "interrupted" and run["returncode"] == 143
-    log = (tmp_path / "runs" / "sweeps").glob(f"*/{run['log']}")
-    assert "checkpoint saved" in next(log).read_text()
+    log = next((tmp_path / "runs" / "sweeps").glob(f"*/{run['log']}")).read_text()
+    assert "checkpoint saved" in log and "kd.sweep.launch: SIGTERM: passing SIGTERM" in log
     ckpt = json.loads(next(tmp_path.glob("runs/teacher-*/checkpoint.json")).read_text())
     assert ckpt["epoch"] < 3
     out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)

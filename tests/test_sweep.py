@@ -26,12 +26,17 @@ from kd.sweep import spec as sweep_spec
 
 REPO = Path(__file__).resolve().parents[1]
 SPECS = sorted((REPO / "sweeps").glob("*/*.yaml"))
-STUDY = {"cifar10": "cifar10-paper", "cifar100": "cifar100-paper", "demo": "demo"}
+STUDY = {"cifar10": "cifar10-paper", "cifar100": "cifar100-paper", "demo": "demo", "demo-generators": "demo-generators"}
 POOL = {"cifar10": "synthetic-cifar10-ddpm-cifar10-32", "cifar100": "synthetic-cifar100-generator-cifar100",
-        "demo": "synthetic-digits-generator-digits"}
-RUNS = {("cifar10", "teachers"): 12, ("cifar10", "self_distill"): 15, ("cifar10", "ensemble_distill"): 15,
+        "demo": "synthetic-digits-generator-digits", "demo-generators": "synthetic-digits-generator-digits"}
+# the generator axis: Figure 1 sweeps (and the generator comparison demo) also take the SN-GAN's pool
+SNGAN_POOL = {"cifar10": "synthetic-cifar10-generator-cifar10-sngan",
+              "cifar100": "synthetic-cifar100-generator-cifar100-sngan",
+              "demo-generators": "synthetic-digits-generator-digits-sngan"}
+RUNS = {("cifar10", "teachers"): 12, ("cifar10", "self_distill"): 30, ("cifar10", "ensemble_distill"): 30,
         ("cifar10", "ensemble_size"): 54, ("demo", "teachers"): 4, ("demo", "self_distill"): 5,
-        ("demo", "ensemble_distill"): 5, ("demo", "ensemble_size"): 8}
+        ("demo", "ensemble_distill"): 5, ("demo", "ensemble_size"): 8, ("demo-generators", "teachers"): 1,
+        ("demo-generators", "self_distill"): 4}
 LAUNCH = ["${env}", "${interpreter}", "-m", "kd.sweep.launch", "${program}", "${args}"]
 
 PROGRAM = r'''
@@ -114,7 +119,9 @@ def spawn(folder: Path, *args: str) -> subprocess.Popen:
 # ------------------------------------------------------------------------------------------ the specs
 def test_every_spec_is_there():
     assert {(p.parent.name, p.stem) for p in SPECS} == {
-        (d, s) for d in STUDY for s in ("teachers", "self_distill", "ensemble_distill", "ensemble_size")}
+        (d, s) for d in STUDY if d != "demo-generators"
+        for s in ("teachers", "self_distill", "ensemble_distill", "ensemble_size")} | {
+        ("demo-generators", "teachers"), ("demo-generators", "self_distill")}
 
 
 @pytest.mark.parametrize("path", SPECS, ids=lambda p: f"{p.parent.name}/{p.name}")
@@ -132,14 +139,16 @@ def test_spec_is_valid_for_wandb_and_the_program(path):
     teacher = kind == "teachers"
     assert config["program"] == ("train.py" if teacher else "distill.py")
     assert config["metric"] == {"name": "test/acc" if teacher else "test/agreement", "goal": "maximize"}
-    if folder != "demo":
+    if folder not in ("demo", "demo-generators"):
         assert params["arch"] == {"value": "preresnet56"} and params["dataset"] == {"value": folder}
         assert len(spec.grid) == RUNS.get((folder, kind), RUNS[("cifar10", kind)])
     else:
         assert len(spec.grid) == RUNS[(folder, kind)]
-    if not teacher:
+    if not teacher and folder in SNGAN_POOL and kind != "ensemble_size":
+        assert params["synthetic_pool"] == {"values": [POOL[folder], SNGAN_POOL[folder]]}
+    elif not teacher:
         assert params["synthetic_pool"] == {"value": POOL[folder]}
-    if kind in ("self_distill", "ensemble_distill"):
+    if kind in ("self_distill", "ensemble_distill") and folder != "demo-generators":
         assert params["synthetic_ratio"] == {"values": [0.0, 0.25, 0.5, 0.75, 1.0]}
         assert params["ensemble_size"] == {"value": 1 if kind == "self_distill" else 3}
 

@@ -20,6 +20,20 @@ from kd.io import owner_tag, sha256_file
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+def no_inception_download(monkeypatch, folder: Path) -> None:
+    """As on a machine without network: the FID Inception's weights are not cached and cannot be downloaded
+    (tests never reach for the network; ``generate`` tries FID by default)."""
+    import urllib.error
+
+    import torch_fidelity.feature_extractor_inceptionv3 as fe
+
+    def no_network(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -2] Name or service not known")
+
+    monkeypatch.setenv("TORCH_HOME", str(folder / "torch-home"))
+    monkeypatch.setattr(fe, "load_state_dict_from_url", no_network)
+
+
 @pytest.fixture(autouse=True)
 def _isolated(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -27,6 +41,7 @@ def _isolated(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setenv("KD_STORE", str(tmp_path / "artifacts"))
+    no_inception_download(monkeypatch, tmp_path)
 
 
 def _tiny_pipeline(folder: Path, size: int) -> Path:

@@ -1,0 +1,32 @@
+"""Synthetic images for distillation: generators (a DDPM, or the paper's SN-GAN) and pools sampled from them.
+
+    python -m kd.synthetic generate --model=google/ddpm-cifar10-32 --dataset=cifar10 --num=50000 \\
+        --scheduler=ddim --steps=100                       # -> runs/synthetic/cifar10-ddpm-cifar10-32/
+    python -m kd.synthetic train --dataset=digits          # a small DDPM of your own -> generator-digits
+    python -m kd.synthetic train --generator=sngan --dataset=cifar100     # the paper's SN-GAN (a GPU job)
+    python -m kd.synthetic generate --model=generator-cifar100-sngan --dataset=cifar100 --num=50000
+
+Modules: :mod:`.config` (the settings), :mod:`.presets` (DDPM and SN-GAN recipes), :mod:`.sngan` (the SN-GAN),
+:mod:`.sampling` (seeds, reverse diffusion, pixels, grids), :mod:`.generators` (what ``--model`` samples from),
+:mod:`.pool` (``generate`` and ``load_pool``: what distillation calls), :mod:`.quality` (FID / IS),
+:mod:`.trainer` (the one training skeleton) with its jobs :mod:`.train_ddpm` and :mod:`.train_gan`,
+:mod:`.cli` (the command line; ``python -m kd.synthetic`` runs it).
+"""
+
+from kd.synthetic.cli import USAGE, main
+from kd.synthetic.config import GenerateConfig, GeneratorTrainConfig, source_name
+from kd.synthetic.pool import POOL_FILE, generate, load_pool
+from kd.synthetic.sampling import (
+    denoise,
+    derived_seed,
+    load_pipeline,
+    model_fingerprint,
+    save_grid,
+    scheduler_class,
+    to_pixels,
+)
+from kd.synthetic.trainer import train
+
+__all__ = ["USAGE", "POOL_FILE", "GenerateConfig", "GeneratorTrainConfig", "denoise", "derived_seed", "generate",
+           "load_pipeline", "load_pool", "main", "model_fingerprint", "save_grid", "scheduler_class",
+           "source_name", "to_pixels", "train"]

@@ -1,0 +1,31 @@
+"""The command line of the synthetic-data stage: ``python -m kd.synthetic train|generate`` (see __main__)."""
+
+from __future__ import annotations
+
+import sys
+
+from kd.config import parse_flags
+from kd.errors import KDError, cli
+from kd.synthetic.config import GenerateConfig, GeneratorTrainConfig
+
+USAGE = """usage: python -m kd.synthetic generate --dataset=D [--model=M] [--num=N] [--scheduler=ddpm|ddim|dpm] ...
+       python -m kd.synthetic train --dataset=D [--generator=ddpm|sngan] [--preset=digits|cifar10|cifar100] ...
+       python -m kd.synthetic generate --help   (all settings and their defaults; likewise train --help)"""
+
+
+def main(argv: list[str] | None = None) -> None:
+    from kd.synthetic.pool import generate
+    from kd.synthetic.trainer import train
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    with cli():
+        if not argv or argv[0] in ("-h", "--help"):
+            print(USAGE)
+            return
+        command, rest = argv[0], argv[1:]
+        if command == "generate":
+            generate(parse_flags(GenerateConfig, rest))
+        elif command == "train":
+            train(parse_flags(GeneratorTrainConfig, rest))
+        else:
+            raise KDError(f"unknown command {command!r}: use generate or train (python -m kd.synthetic --help)")

@@ -1,0 +1,156 @@
+"""The settings of ``python -m kd.synthetic generate`` and ``train``: dataclasses whose fields declare their
+meaning, allowed values and default once (:func:`kd.config.setting`), so ``--help`` and validation agree.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from kd import names
+from kd.config import check_fields, setting
+from kd.errors import KDError, check_name
+from kd.synthetic.presets import GENERATORS, GanPreset, Preset, presets_of
+
+SCHEDULERS = ("ddpm", "ddim", "dpm")
+DEFAULT_MODELS = {"cifar10": "google/ddpm-cifar10-32", "cifar100": names.generator_artifact("cifar100"),
+                  "digits": names.generator_artifact("digits")}
+_SEED_MAX = 2**63 - 1
+
+
+@dataclass
+class GenerateConfig:
+    """python -m kd.synthetic generate: sample a pool of synthetic images (sharded, resumable, bit-identical)."""
+
+    model: str = setting("", "hub id, pipeline folder or generator artifact (DDPM or SN-GAN); empty: the "
+                             "dataset's default")
+    dataset: str = setting("cifar10", "the dataset the pool is for (its image size)", choices=names.DATASET_NAMES)
+    num: int = setting(50000, "images in the pool", lo=1)
+    scheduler: str = setting("ddim", "diffusion sampler (an SN-GAN ignores it)", choices=SCHEDULERS)
+    steps: str = setting("auto", "sampler steps: a positive integer, or auto (ddpm: all training timesteps, "
+                                 "ddim 100, dpm 25)")
+    seed: int = setting(0, "pool seed: image i depends on (seed, i) only", lo=0, hi=_SEED_MAX)
+    batch_size: int = setting(256, "images per forward batch", lo=1)
+    shard_size: int = setting(1024, "images per shard file (the unit of resumption)", lo=1)
+    fid: str = setting("auto", "FID/IS against the training images after the pool is made; auto: skip with one "
+                               "line where the Inception weights cannot be had", choices=("auto", "True", "False"))
+    data_dir: str = setting("data", "folder of the CIFAR archives (the real images FID compares with)")
+    out: str = setting("", "output folder; empty: runs/synthetic/{dataset}-{source}")
+    store: str = setting("", "local artifact store; empty: $KD_STORE, else ./artifacts")
+    source: str = setting("", "names the pool; empty: a sanitised model name", name=True)
+    project: str = setting(names.PROJECT, "W&B project", name=True)
+    device: str = setting("auto", "auto (cuda if present) | cpu | cuda | cuda:N")
+    threads: int = setting(0, "CPU threads for torch; 0: torch's default (1 is faster on a busy machine)", lo=0)
+
+    kind = "synthetic-data"
+
+    def validate(self) -> None:
+        if self.scheduler not in SCHEDULERS:
+            raise KDError(f"unknown scheduler {self.scheduler!r}: choose one of {', '.join(SCHEDULERS)}")
+        check_fields(self)
+        if self.steps != "auto":
+            try:
+                steps = int(self.steps)
+            except ValueError:
+                raise KDError(f"--steps expects a positive integer or auto, got {self.steps!r}") from None
+            if steps <= 0:
+                raise KDError(f"--steps must be >= 1, got {steps}")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise KDError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+
+    def model_ref(self) -> str:
+        return self.model or DEFAULT_MODELS[self.dataset]
+
+    def source_name(self) -> str:
+        return self.source or source_name(self.model_ref())
+
+    def artifact_name(self) -> str:
+        return check_name(names.pool_artifact(self.dataset, self.source_name()), "artifact name")
+
+    def out_dir(self) -> Path:
+        return Path(self.out or f"runs/synthetic/{self.dataset}-{self.source_name()}")
+
+
+_DDPM_ONLY, _GAN_ONLY = ("epochs",), ("g_steps", "n_dis")
+
+
+@dataclass
+class GeneratorTrainConfig:
+    """python -m kd.synthetic train: fit a generator (DDPM or the paper's SN-GAN) on a dataset's training split."""
+
+    generator: str = setting("ddpm", "ddpm: an unconditional diffusion model | sngan: the paper's SN-GAN",
+                             choices=GENERATORS)
+    dataset: str = setting("digits", "training data", choices=names.DATASET_NAMES)
+    preset: str = setting("", "recipe (digits | cifar10 | cifar100); empty: the dataset's name")
+    epochs: int = setting(0, "DDPM: passes over the data; 0: the preset's", lo=0, hi=1_000_000)
+    g_steps: int = setting(0, "SN-GAN: generator steps in all; 0: the preset's (50k on CIFAR)", lo=0)
+    n_dis: int = setting(0, "SN-GAN: D steps per G step; 0: the preset's (5 on CIFAR)", lo=0, hi=100)
+    batch_size: int = setting(0, "images per step; 0: the preset's", lo=0, hi=65_536)
+    lr: float = setting(0.0, "peak learning rate; 0: the preset's", lo=0, hi=10)
+    ema_decay: float = setting(-1.0, "EMA of the weights that are sampled (SN-GAN: 0 = none); -1: the preset's",
+                               lo=-1, hi=1, hi_open=True)
+    save_every: int = setting(0, "steps between checkpoints; 0: the preset's", lo=0)
+    sample_every: int = setting(0, "steps between sample grids; 0: the preset's", lo=0)
+    max_steps: int = setting(0, "> 0: stop (with a checkpoint) after this many steps; rerun to go on", lo=0)
+    seed: int = setting(0, "seed of weights, data order and noise", lo=0, hi=2**32 - 1)
+    mixed_precision: str = setting("auto", "auto: bf16 for a DDPM on a GPU, else no",
+                                   choices=("auto", "no", "bf16", "fp16"))
+    cpu: bool = setting(False, "force the CPU even where a GPU exists", choices=(True, False))
+    data_dir: str = setting("data", "folder of the CIFAR archives (downloaded there when missing)")
+    out: str = setting("", "output folder; empty: runs/{artifact name} (checkpoints, samples, the export)")
+    store: str = setting("", "local artifact store; empty: $KD_STORE, else ./artifacts")
+    project: str = setting(names.PROJECT, "W&B project", name=True)
+    resume: str = setting("auto", "auto: continue a matching checkpoint | True: one must exist | False: restart",
+                          choices=("auto", "True", "False"))
+    threads: int = setting(0, "CPU threads for torch; 0: torch's default (1 is faster on a busy machine)", lo=0)
+
+    kind = "generator"
+
+    def validate(self) -> None:
+        check_fields(self)
+        if self.preset_name() not in presets_of(self.generator):
+            choices = ", ".join(sorted(presets_of(self.generator)))
+            raise KDError(f"unknown preset {self.preset!r}: choose one of {choices}")
+        other = _GAN_ONLY if self.generator == "ddpm" else _DDPM_ONLY
+        for key in other:
+            if getattr(self, key):
+                raise KDError(f"--{key} does not apply to --generator={self.generator} (the "
+                              f"{'SN-GAN' if key in _GAN_ONLY else 'DDPM'} setting): drop it")
+
+    def preset_name(self) -> str:
+        return self.preset or self.dataset
+
+    def recipe(self) -> Preset | GanPreset:
+        """The preset with the non-zero overrides of the command line."""
+        keys = ("batch_size", "lr", "save_every", "sample_every", *(
+            _GAN_ONLY if self.generator == "sngan" else _DDPM_ONLY))
+        over = {k: getattr(self, k) for k in keys if getattr(self, k)}
+        if self.ema_decay >= 0:
+            over["ema_decay"] = self.ema_decay
+        return replace(presets_of(self.generator)[self.preset_name()], **over)
+
+    def artifact_name(self) -> str:
+        return names.generator_artifact(self.dataset, self.generator)
+
+    def out_dir(self) -> Path:
+        return Path(self.out or f"runs/{self.artifact_name()}")
+
+    def identity(self) -> dict:
+        """What the weights depend on (a checkpoint made under another identity is not resumed)."""
+        recipe = {k: v for k, v in asdict(self.recipe()).items() if k not in ("save_every", "sample_every")}
+        return {"generator": self.generator, "dataset": self.dataset, "preset": self.preset_name(),
+                "seed": self.seed, **recipe}
+
+
+def source_name(model: str) -> str:
+    """``google/ddpm-cifar10-32`` -> ``ddpm-cifar10-32``; ``runs/generator-digits/pipeline`` ->
+    ``generator-digits``; an artifact name stays as it is."""
+    path = Path(model).expanduser()
+    if path.exists():
+        path = path.resolve()
+        name = path.parent.name if path.name in ("pipeline", "generator") else path.name
+    else:
+        name = model.rstrip("/").rsplit("/", 1)[-1]
+    clean = re.sub(r"\.\.+", ".", re.sub(r"[^A-Za-z0-9_.-]+", "-", name)).strip("-.")[:100]
+    return check_name(clean or "model", "source")
