@@ -92,6 +92,42 @@ def teacher_targets(cfg, session, ensemble, data, hashes):
     return cache
 
 
+def student_objective(cfg, session, data, model):
+    """Teachers, pool, W&B config and the objective of one student: the steps between its W&B run's start
+    and training (``python -m kd.sweep.pack`` runs the same for each member of a pack). Returns (objective, extra)."""
+    from kd.models import Ensemble, count_params
+    from kd.objectives import Distill
+
+    members, synthetic, extra = inputs(cfg, session, data)
+    extra["n_params"] = count_params(model)
+    if session.mode == "online":
+        session.extra_config = extra
+        session.run.config.update(extra, allow_val_change=True)
+    else:
+        session.start_tracking(extra)
+    ensemble = Ensemble(members).to(session.device)
+    cache = teacher_targets(cfg, session, ensemble, data, extra[names.TEACHER_HASHES])
+    acc = session.accelerator
+    objective = Distill(data, ensemble, cfg.batch_size, cfg.temperature, cfg.student_seed, synthetic,
+                        cache, acc.autocast, acc.process_index, acc.num_processes)
+    if session.ckpt:
+        objective._logged_teacher = any(names.TEACHER_ACC in r for r in session.ckpt["history"])
+    return objective, extra
+
+
+def publish_student(cfg, session, model, objective, history, extra):
+    """The student artifact and the final summary (then done.json). Returns (final metrics, artifact path)."""
+    final = {k: v for row in history for k, v in row.items()}  # last value of every key
+    meta = {"kind": names.STUDENT, "arch": cfg.arch, "dataset": cfg.dataset, "seed": cfg.student_seed,
+            "num_classes": objective.data.spec.num_classes, "test_acc": final[names.TEST_ACC],
+            "test_agreement": final[names.TEST_AGREEMENT], "teachers": extra[names.TEACHER_NAMES],
+            "run_id": session.run_id, "study": cfg.study, "config": session.config()}
+    path = session.publish(model, cfg.run_name(), "model", meta)
+    session.finish({**final, names.TEACHER_ACC: objective.teacher_acc, names.N_REAL: extra["n_real"],
+                    names.N_SYNTHETIC: extra["n_synthetic"], names.FINAL: True})
+    return final, path
+
+
 def main(argv=None) -> None:
     with cli():
         cfg = parse_flags(DistillConfig, argv)
@@ -102,45 +138,22 @@ def main(argv=None) -> None:
             session.report_finished()
             return
         from kd.data import load_dataset
-        from kd.models import Ensemble, build_model, count_params
-        from kd.objectives import Distill
+        from kd.models import build_model, count_params
 
         data = load_dataset(cfg.dataset, cfg.data_dir, session.device)
         model = build_model(cfg.arch, data.spec.num_classes)
         session.check_outputs(need_bytes=3 * 4 * count_params(model))
-        online = session.mode == "online"
-        if online:  # teachers and pool are resolved through the run, so W&B records the lineage
+        if session.mode == "online":  # teachers and pool are resolved through the run, so W&B records the lineage
             session.start_tracking()
         with session.tracked():
-            members, synthetic, extra = inputs(cfg, session, data)
-            extra["n_params"] = count_params(model)
-            if online:
-                session.extra_config = extra
-                session.run.config.update(extra, allow_val_change=True)
-            else:
-                session.start_tracking(extra)
-            ensemble = Ensemble(members).to(session.device)
-            cache = teacher_targets(cfg, session, ensemble, data, extra[names.TEACHER_HASHES])
-            acc = session.accelerator
-            objective = Distill(data, ensemble, cfg.batch_size, cfg.temperature, cfg.student_seed, synthetic,
-                                cache, acc.autocast, acc.process_index, acc.num_processes)
-            if session.ckpt:
-                objective._logged_teacher = any(names.TEACHER_ACC in r for r in session.ckpt["history"])
+            objective, extra = student_objective(cfg, session, data, model)
             history = session.fit(model, objective)
-            final = {k: v for row in history for k, v in row.items()}  # last value of every key
-            name = cfg.run_name()
-            meta = {"kind": names.STUDENT, "arch": cfg.arch, "dataset": cfg.dataset, "seed": cfg.student_seed,
-                    "num_classes": data.spec.num_classes, "test_acc": final[names.TEST_ACC],
-                    "test_agreement": final[names.TEST_AGREEMENT], "teachers": extra[names.TEACHER_NAMES],
-                    "run_id": session.run_id, "study": cfg.study, "config": session.config()}
-            path = session.publish(session.model, name, "model", meta)
-            session.finish({**final, names.TEACHER_ACC: objective.teacher_acc, names.N_REAL: extra["n_real"],
-                            names.N_SYNTHETIC: extra["n_synthetic"], names.FINAL: True})
+            final, path = publish_student(cfg, session, session.model, objective, history, extra)
         if session.main:
             print(f"student test acc {final[names.TEST_ACC]:.4f}, agreement {final[names.TEST_AGREEMENT]:.4f}, "
                   f"KL {final[names.TEST_KL]:.4f} (teacher acc {objective.teacher_acc:.4f})")
             print(session.where())
-            print(f"student artifact {name}: {path}")
+            print(f"student artifact {cfg.run_name()}: {path}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,167 @@
+"""``python -m kd.sweep.pack SPEC.yaml [--pack N] [--stacked auto|True|False] [--dry-run]``: a grid of
+``distill.py`` runs trained several to a process, as one stacked model.
+
+On a GPU a small network at the paper's batch sizes is bound by kernel launches, not arithmetic; the runs of
+a grid differ in seed, teachers and temperature, not in shape, so N of them train as one model whose every
+convolution is one grouped convolution over the members (:mod:`kd.packing`). Runs share a pack when they
+agree in everything that sets the shape of a step and its learning rate (:data:`PACK_KEYS`); each pack holds
+at most ``--pack`` runs.
+
+Each member stays its own ``distill.py`` run, through distill.py's own functions (teachers, pool, cache,
+objective, artifact, summary) and the engine's Session: the run folder ``distill.py`` would use for its
+config (so ``python distill.py`` with it afterwards says "already finished", and ``python -m kd.sweep`` on
+the same spec finishes at once), a checkpoint every epoch in the engine's format (a plain ``distill.py`` run
+of that config resumes it), its own W&B run (config, history per epoch, final summary; several open in one
+process), its own student artifact. Killed, the same command resumes every member from its checkpoint;
+SIGTERM / SIGINT checkpoint every member at the next step (exit 143 / 130). The outputs go under the current
+folder, as ``python distill.py`` run from there would write them: run it from the repository root, where
+``python -m kd.sweep`` runs its programs.
+
+``--stacked``: auto (default) stacks on accelerators and runs the members one after another on the CPU
+(where vmap over convolutions is slower than a loop, as for :class:`kd.models.Ensemble`); the numbers are
+the plain runs' either way, to float rounding when stacked, bitwise when not. One process only (no
+``accelerate launch``), fp16 refused (bf16 or no).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import sys
+
+from kd import names
+from kd.config import DistillConfig, parse_flags
+from kd.errors import ArgumentParser, KDError, cli
+from kd.sweep.packfit import Member, MemberSession, fit_pack
+from kd.sweep.spec import ENTRY_POINTS, load_spec
+
+# what the members of a pack share: the shape of every step and its learning rate, the data and the device
+PACK_KEYS = ("dataset", "arch", "epochs", "batch_size", "lr", "eta_min", "momentum", "nesterov", "weight_decay",
+             "synthetic_ratio", "synthetic_pool", "mixed_precision", "channels_last", "cpu", "data_dir")
+
+
+def grid_configs(spec) -> list[DistillConfig]:
+    """Every run of a distill.py grid, parsed from the very flags ``wandb agent`` would pass."""
+    from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
+
+    if spec.flags_cls is not DistillConfig:
+        raise KDError(f"{spec.path}: python -m kd.sweep.pack packs distill.py runs; {spec.program} runs one per "
+                      f"process: python -m kd.sweep {spec.path}")
+    if spec.grid is None:
+        raise KDError(f"{spec.path}: method {spec.method} has no fixed list of runs to pack: use method grid "
+                      "(or python -m kd.sweep / wandb agent)")
+    return [parse_flags(DistillConfig, create_sweep_command_args({"args": c})["args"]) for c in spec.grid]
+
+
+def pack_key(cfg: DistillConfig) -> tuple:
+    return tuple(getattr(cfg, k) if k != "synthetic_pool" or cfg.synthetic_ratio else "" for k in PACK_KEYS)
+
+
+def plan(configs: list[DistillConfig], size: int) -> list[list[DistillConfig]]:
+    """The packs: runs grouped by :func:`pack_key` in grid order, each group cut into packs of ``size``."""
+    groups: dict[tuple, list] = {}
+    for cfg in configs:
+        groups.setdefault(pack_key(cfg), []).append(cfg)
+    return [g[i:i + size] for g in groups.values() for i in range(0, len(g), size)]
+
+
+def load_program():
+    """distill.py itself (the entry point the spec names), so a member runs the code a plain run runs."""
+    if "distill" in sys.modules:
+        return sys.modules["distill"]
+    path = next(p for p, cls in ENTRY_POINTS.items() if cls is DistillConfig)
+    spec = importlib.util.spec_from_file_location("distill", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["distill"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def open_member(cfg, session, data, program, exits: contextlib.ExitStack) -> Member:
+    """A member as distill.py starts a run: seeded weights, W&B run, teachers, pool, cache, objective; resumed
+    from its checkpoint if it has one."""
+    from accelerate.utils import set_seed
+
+    from kd.models import build_model, count_params
+
+    set_seed(cfg.student_seed, device_specific=False)  # the weights distill.py would draw
+    model = build_model(cfg.arch, data.spec.num_classes)
+    session.check_outputs(need_bytes=3 * 4 * count_params(model))
+    if session.mode == "online":  # teachers and pool are resolved through the run (lineage), as distill.py does
+        session.start_tracking()
+    exits.enter_context(session.tracked())
+    objective, extra = program.student_objective(cfg, session, data, model)
+    model, optimizer = session._prepare(model)
+    epoch, step, sums, history = session._resume(model, optimizer)
+    return Member(cfg, session, model, optimizer, objective, extra, epoch, step, dict(sums), list(history))
+
+
+def run_pack(cfgs: list[DistillConfig], stacked: str, program) -> None:
+    sessions = []
+    for cfg in cfgs:
+        session = MemberSession(cfg, job=names.STUDENT)
+        if session.finished and str(cfg.resume) == "auto":
+            print(f"already finished: {session.run_dir} (student artifact {session.done_info()['artifact']}); "
+                  "pass --resume=False to distil again", flush=True)
+        else:
+            sessions.append((cfg, session))
+    if not sessions:
+        return
+    acc = sessions[0][1].accelerator
+    if acc.num_processes > 1:
+        raise KDError("python -m kd.sweep.pack runs in one process: start it with python, not accelerate launch")
+    if cfgs[0].mixed_precision == "fp16":
+        raise KDError("packed runs do not scale fp16 losses: pass --mixed_precision=bf16 (or no) in the spec")
+    from kd.data import load_dataset
+
+    data = load_dataset(cfgs[0].dataset, cfgs[0].data_dir, acc.device)
+    stack = acc.device.type != "cpu" if stacked == "auto" else stacked == "True"
+    print(f"pack of {len(sessions)} on {acc.device} ({'stacked' if stack else 'one after another'}): "
+          + ", ".join(cfg.run_name() for cfg, _ in sessions), flush=True)
+    with contextlib.ExitStack() as exits:
+        members = [open_member(cfg, session, data, program, exits) for cfg, session in sessions]
+        fit_pack(members, stack)
+        for m in members:
+            model = m.session.accelerator.unwrap_model(m.model)
+            final, path = program.publish_student(m.cfg, m.session, model, m.objective, m.history, m.extra)
+            print(f"{m.name}: student test acc {final[names.TEST_ACC]:.4f}, agreement "
+                  f"{final[names.TEST_AGREEMENT]:.4f}; {m.session.where()}; artifact {path}", flush=True)
+
+
+def parser() -> ArgumentParser:
+    p = ArgumentParser(prog="python -m kd.sweep.pack", description=__doc__.split("\n\n")[0])
+    p.add_argument("spec", help="a W&B grid spec of distill.py runs, e.g. sweeps/demo/ensemble_distill.yaml")
+    p.add_argument("--pack", type=int, default=4, help="runs per pack (one process trains one pack at a time)")
+    p.add_argument("--stacked", default="auto", choices=("auto", "True", "False"),
+                   help="one stacked model (auto: on accelerators) or the members one after another")
+    p.add_argument("--dry-run", action="store_true", help="print the packs; run nothing")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    with cli():
+        if args.pack < 1:
+            raise KDError(f"--pack must be >= 1, got {args.pack}")
+        spec = load_spec(args.spec)
+        packs = plan(grid_configs(spec), args.pack)
+        if args.dry_run:
+            for i, cfgs in enumerate(packs):
+                print(f"pack {i + 1}/{len(packs)}: " + " ".join(cfg.run_name() for cfg in cfgs))
+            print(f"dry run: {sum(map(len, packs))} runs of {spec.program} in {len(packs)} packs; nothing was run",
+                  file=sys.stderr)
+            return 0
+        for key in ("entity", "project"):  # as python -m kd.sweep exports them to its runs
+            if spec.config.get(key):
+                os.environ[f"WANDB_{key.upper()}"] = str(spec.config[key])
+        os.environ.pop("WANDB_RUN_ID", None)  # one id for one run: every member has its own
+        program = load_program()
+        for i, cfgs in enumerate(packs):
+            print(f"[pack {i + 1}/{len(packs)}]", flush=True)
+            run_pack(cfgs, args.stacked, program)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
