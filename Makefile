@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 test: setup
-	$(PY) -m pytest -m "not chaos"
+	$(PY) -m pytest -m "not chaos and not slow"
 
 # ruff, and the layering contract in pyproject.toml (import-linter: a lower layer never imports a higher one)
 lint: setup
@@ -23,7 +23,7 @@ lint: setup
 	$(VENV)/bin/lint-imports
 
 chaos: setup
-	$(PY) -m pytest -m chaos
+	$(PY) -m pytest -m "chaos or slow"
 
 # The whole pipeline offline on digits: teachers, generator + pool, Figure 1 and ensemble-size sweeps, figures.
 # Started again, every step reuses what is done.

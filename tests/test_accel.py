@@ -85,6 +85,7 @@ def test_compile_off_returns_the_model_and_modes_are_checked():
         StaticCompiled(model, mode="fast")
 
 
+@pytest.mark.slow  # a long end-to-end test: make chaos runs it
 def test_larger_batch_takes_the_graph_smaller_ones_run_eagerly():
     calls = []
     fwd = StaticCompiled(torch.nn.Identity())

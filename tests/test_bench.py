@@ -46,6 +46,7 @@ def test_bench_smoke_writes_table_and_json(tmp_path):
     assert "compile" in result["skipped"] or "compile" not in result["results"]  # the CPU compiles only if asked
 
 
+@pytest.mark.slow  # a long end-to-end test: make chaos runs it
 def test_bench_compile_section_on_the_cpu(tmp_path):
     """--compile runs the compile section in a child: compiled vs eager, no recompiles, SIGTERM honoured."""
     out = run_script("-m kd.bench", "--smoke", "--compile", "--skip=train,distill,cache,ensemble,synthetic",

@@ -234,6 +234,7 @@ def test_packed_grid_keeps_each_run_and_equals_plain_runs(packed, plain):
     assert other > 0.1, "another run's weights must not pass as equal"
 
 
+@pytest.mark.slow  # a long end-to-end test: make chaos runs it
 def test_pack_killed_mid_way_resumes_plainly_or_packed_to_the_plain_weights(tmp_path, teachers_dir, plain):
     folder = folder_with_teachers(tmp_path / "killed", teachers_dir)
     args = ("grid.yaml", "--stacked=False")  # one after another: bitwise what distill.py computes

@@ -277,6 +277,7 @@ def test_digits_sngan_trains_exports_and_publishes(trained_gan):
     assert (trained_gan / "gen/samples.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow  # a long end-to-end test: make chaos runs it
 def test_digits_sngan_killed_then_resumed_has_the_same_weights(trained_gan, tmp_path):
     cut = run_script("-m kd.synthetic", *GAN_TRAIN, cwd=tmp_path, check=False,
                      env={"WANDB_MODE": "disabled", "KD_FAULT": "generator-step@35:KILL"})
