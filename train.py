@@ -10,19 +10,15 @@ Every setting is a --key=value flag (python train.py --help). Killed, the same c
 
 from kd import names
 from kd.config import TrainConfig, parse_flags
-from kd.engine import Session
 from kd.errors import cli
+from kd.session import Session
 
 
 def main(argv=None) -> None:
     with cli():
         cfg = parse_flags(TrainConfig, argv)
         session = Session(cfg, job=names.TEACHER)
-        if session.finished and str(cfg.resume) == "auto":
-            info = session.done_info()
-            print(f"already finished: {session.run_dir} (teacher artifact {info['artifact']}); "
-                  "pass --resume=False to train again")
-            session.report_finished()
+        if session.already_finished("teacher"):
             return
         from kd.data import load_dataset
         from kd.models import build_model, count_params

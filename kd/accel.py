@@ -1,6 +1,6 @@
 """Compiled training steps that compile once: ``torch.compile`` with static shapes for the engine's loop.
 
-:func:`compile_model` is what :class:`kd.engine.Session` calls for ``--compile=True`` (and returns the model
+:func:`compile_model` is what :class:`kd.session.Session` calls for ``--compile=True`` (and returns the model
 itself otherwise). The callable it returns:
 
 * compiles the model with ``dynamic=False`` for one batch shape, the largest seen so far: every full batch of

@@ -83,6 +83,14 @@ def publish(name: str, type: str, files: list[str | Path], metadata: dict, run=N
     return folder / version
 
 
+def held(name: str, type: str, files: list, metadata: dict, store=None) -> Path | None:
+    """The store's newest version of ``name`` when it holds exactly these files, type and metadata, else None."""
+    folder = _artifact_dir(name, store)
+    versions = [int(p.name[1:]) for p in folder.glob("v*") if p.name[1:].isdigit()]
+    same = _same_as_newest(folder, versions, type, files, metadata)
+    return None if same is None else folder / same
+
+
 def _same_as_newest(folder: Path, versions: list[int], type: str, files, metadata: dict) -> str | None:
     """The newest version if it holds exactly these files, type and metadata (so a rerun adds no copy)."""
     if not versions:

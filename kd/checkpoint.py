@@ -19,8 +19,8 @@ from kd.errors import KDError
 from kd.io import load_tensors, remove_stale_temps, save_tensors, sha256_file, write_json
 
 
-def pack(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
-    """Model and optimizer state as (tensors, JSON-able info); :func:`unpack` is the inverse."""
+def state_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """Model and optimizer state as (tensors, JSON-able info); :func:`load_state_tensors` is the inverse."""
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     opt = optimizer.state_dict()
     scalars = {}
@@ -33,7 +33,7 @@ def pack(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict
     return tensors, {"param_groups": opt["param_groups"], "optim_scalars": scalars}
 
 
-def unpack(tensors: dict, info: dict, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+def load_state_tensors(tensors: dict, info: dict, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     state: dict = {}
     for k, v in tensors.items():

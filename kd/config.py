@@ -25,6 +25,11 @@ RUN_KEYS = {names.JOB, names.RUN_NAME, names.TEACHER_NAMES, names.TEACHER_HASHES
             names.SYNTHETIC_SOURCE, "n_real", "n_synthetic", "n_params", "n_train", "wandb_version"}
 
 
+def fingerprint(identity: dict) -> str:
+    """10 hex digits of the sha256 of a configuration's identity (JSON, keys sorted): names its run folder."""
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
 def setting(default, help: str, *, lo=None, hi=None, lo_open: bool = False, hi_open: bool = False,
             choices=None, name: bool = False):
     """A config field with its documentation and its allowed values (checked by :func:`check_fields`)."""
@@ -147,8 +152,7 @@ class TrainConfig:
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
 
     def fingerprint(self) -> str:
-        blob = json.dumps(self.identity(), sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:10]
+        return fingerprint(self.identity())
 
 
 @dataclass

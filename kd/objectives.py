@@ -2,7 +2,7 @@
 
 Both draw an epoch the same way (:class:`Epochs`: a permutation and one view id per image, a function of
 (seed, epoch) only) and cut it into steps with :func:`kd.data.step_batches` (each rank takes its contiguous
-part of a step's batch). See :mod:`kd.engine` for the protocol the loop calls.
+part of a step's batch). Both satisfy :class:`kd.engine.Objective`, the protocol the loop calls.
 
 The student's static pool (paper App. A.3): N = round(r * n_real) synthetic images, labelled once by the
 teacher in eval mode, never augmented. Every batch of B holds ceil(B * n_real / (n_real + N)) real images and
@@ -99,7 +99,7 @@ class Distill(Epochs):
         self.syn_targets = self.teacher_clean(self.syn) if self.syn is not None else None
         self.test_teacher = self.teacher_clean(data.test_x)
         self.teacher_acc = accuracy(self.test_teacher, data.test_y)
-        self._logged_teacher = False
+        self.teacher_acc_logged = False  # logged once, with the first evaluation
 
     def teacher_clean(self, images: torch.Tensor) -> torch.Tensor:
         return predict(self.ensemble, images, self.data.spec, self.autocast)
@@ -156,7 +156,7 @@ class Distill(Epochs):
         t, y = self.test_teacher, self.data.test_y
         out = {names.TEST_ACC: accuracy(logits, y), names.TEST_AGREEMENT: agreement(logits, t),
                names.TEST_KL: predictive_kl(logits, t), names.TEST_ECE: ece(logits, y)}
-        if not self._logged_teacher:
+        if not self.teacher_acc_logged:
             out[names.TEACHER_ACC] = self.teacher_acc
-            self._logged_teacher = True
+            self.teacher_acc_logged = True
         return out

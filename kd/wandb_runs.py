@@ -1,8 +1,7 @@
 """W&B runs: which mode, which run id, what a resumed run already holds, and the reader of offline runs.
 
 * :func:`wandb_mode`: ``WANDB_MODE`` if set, else online when a W&B login exists, else offline.
-* Run ids: a run folder (or an output folder) keeps its W&B run id in a JSON file from the start, so a run
-  killed before its first checkpoint continues the same W&B run (:func:`folder_run_id`).
+* :func:`new_run_id`: W&B's own run id format (a run folder records its id: :mod:`kd.run_folder`).
 * :func:`last_logged_step`: the highest step a resumed run already holds (W&B drops a step that goes back).
 * Offline runs on disk are read with W&B's own reader, ``wandb leet inspect`` (:func:`inspect_summary`,
   :func:`inspect_history`); folders that share a run id are the parts of one resumed run.
@@ -19,7 +18,6 @@ import sys
 from pathlib import Path
 
 from kd.errors import KDError
-from kd.io import read_json, write_json
 
 MODES = {"online": "online", "run": "online", "offline": "offline", "dryrun": "offline", "disabled": "disabled"}
 
@@ -72,27 +70,6 @@ def new_run_id() -> str:
     from wandb.sdk.lib.runid import generate_id
 
     return generate_id()
-
-
-def folder_run_id(path: Path, fresh: str | None = None) -> str:
-    """The run id recorded in ``path`` (a JSON ``{"run_id": ...}``), else a new one (``fresh``, or
-    $WANDB_RUN_ID as an agent sets it, or a random id) recorded there first."""
-    if path.exists():
-        return read_json(path)["run_id"]
-    run_id = fresh or os.environ.get("WANDB_RUN_ID") or new_run_id()
-    write_json(path, {"run_id": run_id})
-    return run_id
-
-
-def start_run(project: str, name: str, job_type: str, config: dict, run_id: str | None = None):
-    """A plain ``wandb.init`` for the jobs that run outside the training engine (pool generation)."""
-    import wandb
-
-    mode = wandb_mode()
-    print(announce_mode(mode), file=sys.stderr)
-    run = wandb.init(project=project, name=name, job_type=job_type, config=config, mode=mode, dir=wandb_dir(),
-                     id=run_id, resume="allow" if run_id else None)
-    return run, mode
 
 
 def last_logged_step(run, mode: str) -> int:

@@ -271,7 +271,7 @@ def test_synthetic_generation_killed_anywhere_resumes_to_the_same_pool(tmp_path,
     assert run["steps"] == [1], run["steps"]  # the one logged step, once
     configs = [c for c in run["configs"] if c]
     assert configs and all(c == configs[0] for c in configs) and configs[0]["num"] == 10
-    assert json.loads((out / "wandb-run.json").read_text())["run_id"] in runs
+    assert json.loads((out / "run.json").read_text())["run_id"] in runs
 
 
 GENERATOR = ["train", "--dataset=digits", "--max_steps=50", "--save_every=25", "--sample_every=1000", "--out=gen"]

@@ -141,7 +141,7 @@ def test_damaged_checkpoint_is_refused_not_restarted(how, unfinished_run, workdi
 def test_run_id_survives_a_kill_before_the_first_checkpoint(workdir, monkeypatch):
     """run.json keeps the W&B run id from the start, so a rerun continues the same W&B run (bug: a new id)."""
     from kd.config import TrainConfig, parse_flags
-    from kd.engine import Session
+    from kd.session import Session
 
     monkeypatch.setenv("WANDB_MODE", "disabled")
     first = Session(parse_flags(TrainConfig, RUN), job="teacher")

@@ -14,7 +14,7 @@ import pytest
 import wandb
 
 from kd import artifacts, teachers
-from kd.engine import unlocked
+from kd.tracker import unlocked
 from kd.errors import KDError
 from kd.io import save_weights
 from kd.models import build_model

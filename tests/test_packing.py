@@ -1,10 +1,10 @@
-"""Packed runs (kd.packing, python -m kd.sweep.pack) compute what separate runs compute.
+"""Packed runs (kd.stacking, kd.steppers, python -m kd.sweep.pack) compute what separate runs compute.
 
 * One stacked model of m PreResNet-8s takes the steps m separate models take (forward, backward, BatchNorm
   running statistics, SGD with Nesterov momentum and weight decay), to 1e-5 in float32 and 1e-9 in float64.
 * A digits grid packed into one process gives each run its own run folder, offline W&B run and artifact;
   stacked, its weights are the plain ``distill.py`` runs' to float rounding, one after another, bitwise.
-* Killed mid-way (``KD_FAULT=pack-step@N:KILL``), a plain ``distill.py`` resumes one member from the pack's
+* Killed mid-way (``KD_FAULT=train-step@N:KILL``), a plain ``distill.py`` resumes one member from the pack's
   checkpoint, the pack resumes the others: the same weights as uninterrupted runs, no W&B step twice.
 """
 
@@ -25,8 +25,9 @@ from kd.config import DistillConfig
 from kd.errors import KDError
 from kd.io import load_tensors, load_weights
 from kd.models import build_model
-from kd.packing import LoopedPack, Stacked, StackedPack
-from kd.sweep import packfit
+from kd import engine
+from kd.stacking import StackedModel
+from kd.steppers import LoopedStep, StackedStep
 from kd.sweep.pack import plan
 from kd.wandb_runs import clean, inspect_summary, leet_records
 from tests.conftest import run_script
@@ -45,7 +46,7 @@ def config_of(run: dict) -> DistillConfig:
     return DistillConfig(**RECIPE, **run)
 
 
-# ------------------------------------------------------------------------------------------- kd.packing
+# ------------------------------------------------------------------------------------ kd.stacking, kd.steppers
 
 
 def tiny_models(m: int, dtype: torch.dtype) -> list:
@@ -76,7 +77,7 @@ def test_stacked_steps_equal_separate_models(one_thread, dtype, steps, atol):
         if step in (0, steps // 2):  # a second pack, built from the members' stepped weights and momenta
             if pack is not None:
                 pack.close()
-            pack = StackedPack(packed, packed_opts)
+            pack = StackedStep(packed, packed_opts)
         xs = [torch.randn(16, 3, 8, 8, generator=g, dtype=dtype) for _ in range(m)]  # each member its batch
         ts = [torch.randn(16, 10, generator=g, dtype=dtype) * 3 for _ in range(m)]
         sum(soft_ce(z, t) for z, t in zip(pack(xs), ts)).backward()
@@ -103,7 +104,7 @@ def test_stacked_steps_equal_separate_models(one_thread, dtype, steps, atol):
 def test_looped_pack_is_the_plain_loop_and_stacks_need_one_architecture(one_thread):
     plain, packed = tiny_models(2, torch.float32), tiny_models(2, torch.float32)
     opts, plain_opts = [sgd(p) for p in packed], [sgd(p) for p in plain]
-    pack = LoopedPack(packed, opts)
+    pack = LoopedStep(packed, opts)
     xs, ts = [torch.randn(8, 3, 8, 8) for _ in range(2)], [torch.randn(8, 10) for _ in range(2)]
     sum(soft_ce(z, t) for z, t in zip(pack(xs), ts)).backward()
     pack.step()
@@ -113,9 +114,9 @@ def test_looped_pack_is_the_plain_loop_and_stacks_need_one_architecture(one_thre
     for a, b in zip(packed, plain):
         assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
     with pytest.raises(ValueError, match="one architecture"):
-        Stacked([build_model("preresnet8", 10), build_model("preresnet8", 5)])
+        StackedModel([build_model("preresnet8", 10), build_model("preresnet8", 5)])
     with pytest.raises(ValueError, match="expected inputs"):
-        Stacked(plain)(torch.zeros(3, 4, 3, 8, 8))
+        StackedModel(plain)(torch.zeros(3, 4, 3, 8, 8))
 
 
 def test_members_at_different_positions_catch_up_then_train_together(monkeypatch):
@@ -123,18 +124,18 @@ def test_members_at_different_positions_catch_up_then_train_together(monkeypatch
     next member's position, then together."""
     calls = []
 
-    def segment(group, epoch, start, stop, stacked, stops, bar):
-        calls.append(([m.name for m in group], epoch, start, stop))
+    def segment(group, epoch, start, stop, stepper, stops, bar):
+        calls.append(([m.cfg.run_name() for m in group], epoch, start, stop))
         for m in group:
             m.epoch, m.step = (epoch + 1, 0) if stop == 4 else (epoch, stop)
 
-    monkeypatch.setattr(packfit, "train_segment", segment)
+    monkeypatch.setattr(engine, "train_segment", segment)
 
     def member(name, epoch, step):
-        cfg = SimpleNamespace(epochs=3, run_name=lambda: name)
-        return packfit.Member(cfg, None, None, None, SimpleNamespace(steps=lambda e: 4), {}, epoch, step)
+        session = SimpleNamespace(cfg=SimpleNamespace(epochs=3, run_name=lambda: name), main=False)
+        return engine.Member(session, None, None, SimpleNamespace(steps=lambda e: 4), None, epoch, step)
 
-    packfit.fit_pack([member("a", 1, 0), member("b", 0, 2), member("c", 0, 0), member("d", 3, 0)], True)
+    engine.fit([member("a", 1, 0), member("b", 0, 2), member("c", 0, 0), member("d", 3, 0)], lambda group: None)
     assert calls == [(["c"], 0, 0, 2), (["b", "c"], 0, 2, 4), (["a", "b", "c"], 1, 0, 4),
                      (["a", "b", "c"], 2, 0, 4)]
 
@@ -238,7 +239,7 @@ def test_packed_grid_keeps_each_run_and_equals_plain_runs(packed, plain):
 def test_pack_killed_mid_way_resumes_plainly_or_packed_to_the_plain_weights(tmp_path, teachers_dir, plain):
     folder = folder_with_teachers(tmp_path / "killed", teachers_dir)
     args = ("grid.yaml", "--stacked=False")  # one after another: bitwise what distill.py computes
-    out = run_script("-m kd.sweep.pack", *args, cwd=folder, check=False, env={"KD_FAULT": "pack-step@8:KILL"})
+    out = run_script("-m kd.sweep.pack", *args, cwd=folder, check=False, env={"KD_FAULT": "train-step@8:KILL"})
     assert out.returncode == -9, out.stderr[-3000:]  # SIGKILL in epoch 2, after the epoch-1 checkpoints
     pointers = sorted((folder / "runs").glob("*/checkpoint.json"))
     assert len(pointers) == 4 and all(json.loads(p.read_text())["epoch"] == 1 for p in pointers)

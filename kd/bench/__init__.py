@@ -13,7 +13,7 @@ machine torch's threads wait for each other (a small 2-core VM under load ran 6x
 
 Sections (``--skip`` takes their names):
 
-* **train**: :meth:`kd.engine.Session.fit` itself (the loop of train.py and distill.py, W&B disabled), timed
+* **train**: :meth:`kd.session.Session.fit` itself (the loop of train.py and distill.py, W&B disabled), timed
   by its own per-epoch ``throughput/img_per_s`` with the first epoch of every round dropped; vs **bare**, the
   model's forward/backward/SGD step on batches made beforehand (the engine's overhead), and **paper**, the
   paper's way: a torchvision-style CIFAR Dataset of PIL images with RandomCrop(32, pad 4),

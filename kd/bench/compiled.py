@@ -66,7 +66,7 @@ def _objective(spec: dict, data, cache, ens, session, on_first=None):
 def _sigterm(spec: dict, sizes: Sizes, device, data, cache, ens, root: Path) -> dict:
     """Seconds from a SIGTERM sent while the first step compiles to the loop's Interrupted."""
     from kd.bench.loops import engine_cfg
-    from kd.engine import Session
+    from kd.session import Session
     from kd.errors import Interrupted
     from kd.models import build_model
 
@@ -85,7 +85,7 @@ def _sigterm(spec: dict, sizes: Sizes, device, data, cache, ens, root: Path) -> 
             session.fit(model, objective)
     except Interrupted:
         stopped = time.perf_counter()
-        ckpt = session.checkpoints.load("")
+        ckpt = session.folder.checkpoints.load("")
         return {"honoured": True, "seconds_after_signal": stopped - sent[0], "signal_at_s": sent[0] - t0,
                 "first_step_s": stopped - t0, "stopped_at_step": ckpt["step"] if ckpt else None,
                 "checkpoint": ckpt is not None}

@@ -39,7 +39,7 @@ class Engine:
 
     def round(self) -> float:
         """Images/s: the median of the epochs after the first (the first warms up, or compiles)."""
-        from kd.engine import Session
+        from kd.session import Session
         from kd.models import build_model
 
         session = Session(self.cfg, job=self.job)

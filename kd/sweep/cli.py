@@ -13,9 +13,10 @@ import sys
 from pathlib import Path
 
 from kd.errors import ArgumentParser, Interrupted, KDError, one_line
-from kd.sweep.runner import Runner, new_run_id, raise_stop
+from kd.sweep.runner import Runner, raise_stop
 from kd.sweep.spec import Spec, build_argv, check_program_file, find_root, load_spec, sweeps_engine
 from kd.sweep.state import State
+from kd.wandb_runs import new_run_id
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
 

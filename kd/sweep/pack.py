@@ -3,19 +3,20 @@
 
 On a GPU a small network at the paper's batch sizes is bound by kernel launches, not arithmetic; the runs of
 a grid differ in seed, teachers and temperature, not in shape, so N of them train as one model whose every
-convolution is one grouped convolution over the members (:mod:`kd.packing`). Runs share a pack when they
+convolution is one grouped convolution over the members (:mod:`kd.stacking`). Runs share a pack when they
 agree in everything that sets the shape of a step and its learning rate (:data:`PACK_KEYS`); each pack holds
 at most ``--pack`` runs.
 
-Each member stays its own ``distill.py`` run, through distill.py's own functions (teachers, pool, cache,
-objective, artifact, summary) and the engine's Session: the run folder ``distill.py`` would use for its
-config (so ``python distill.py`` with it afterwards says "already finished", and ``python -m kd.sweep`` on
-the same spec finishes at once), a checkpoint every epoch in the engine's format (a plain ``distill.py`` run
-of that config resumes it), its own W&B run (config, history per epoch, final summary; several open in one
-process), its own student artifact. Killed, the same command resumes every member from its checkpoint;
-SIGTERM / SIGINT checkpoint every member at the next step (exit 143 / 130). The outputs go under the current
-folder, as ``python distill.py`` run from there would write them: run it from the repository root, where
-``python -m kd.sweep`` runs its programs.
+Each member stays its own ``distill.py`` run, through the functions ``distill.py`` calls (:mod:`kd.student`: teachers,
+pool, cache, objective, artifact, summary), its own :class:`~kd.session.Session` and the engine's one loop
+(:func:`kd.engine.fit`, which steps the members together through a :mod:`kd.steppers` stepper): the run folder
+``distill.py`` would use for its config (so ``python distill.py`` with it afterwards says "already finished", and
+``python -m kd.sweep`` on the same spec finishes at once), a checkpoint every epoch in the engine's format (a plain
+``distill.py`` run of that config resumes it), its own W&B run (config, history per epoch, final summary; several open
+in one process), its own student artifact. Killed, the same command resumes every member from its checkpoint; SIGTERM
+/ SIGINT checkpoint every member at the next step (exit 143 / 130). The outputs go under the current folder, as
+``python distill.py`` run from there would write them: run it from the repository root, where ``python -m kd.sweep``
+runs its programs.
 
 ``--stacked``: auto (default) stacks on accelerators and runs the members one after another on the CPU
 (where vmap over convolutions is slower than a loop, as for :class:`kd.models.Ensemble`); the numbers are
@@ -26,15 +27,13 @@ the plain runs' either way, to float rounding when stacked, bitwise when not. On
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import os
 import sys
 
-from kd import names
+from kd import names, student
 from kd.config import DistillConfig, parse_flags
 from kd.errors import ArgumentParser, KDError, cli
-from kd.sweep.packfit import Member, MemberSession, fit_pack
-from kd.sweep.spec import ENTRY_POINTS, load_spec
+from kd.sweep.spec import load_spec
 
 # what the members of a pack share: the shape of every step and its learning rate, the data and the device
 PACK_KEYS = ("dataset", "arch", "epochs", "batch_size", "lr", "eta_min", "momentum", "nesterov", "weight_decay",
@@ -66,19 +65,7 @@ def plan(configs: list[DistillConfig], size: int) -> list[list[DistillConfig]]:
     return [g[i:i + size] for g in groups.values() for i in range(0, len(g), size)]
 
 
-def load_program():
-    """distill.py itself (the entry point the spec names), so a member runs the code a plain run runs."""
-    if "distill" in sys.modules:
-        return sys.modules["distill"]
-    path = next(p for p, cls in ENTRY_POINTS.items() if cls is DistillConfig)
-    spec = importlib.util.spec_from_file_location("distill", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["distill"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-def open_member(cfg, session, data, program, exits: contextlib.ExitStack) -> Member:
+def open_member(cfg, session, data, exits: contextlib.ExitStack):
     """A member as distill.py starts a run: seeded weights, W&B run, teachers, pool, cache, objective; resumed
     from its checkpoint if it has one."""
     from accelerate.utils import set_seed
@@ -88,24 +75,26 @@ def open_member(cfg, session, data, program, exits: contextlib.ExitStack) -> Mem
     set_seed(cfg.student_seed, device_specific=False)  # the weights distill.py would draw
     model = build_model(cfg.arch, data.spec.num_classes)
     session.check_outputs(need_bytes=3 * 4 * count_params(model))
-    if session.mode == "online":  # teachers and pool are resolved through the run (lineage), as distill.py does
-        session.start_tracking()
     exits.enter_context(session.tracked())
-    objective, extra = program.student_objective(cfg, session, data, model)
-    model, optimizer = session._prepare(model)
-    epoch, step, sums, history = session._resume(model, optimizer)
-    return Member(cfg, session, model, optimizer, objective, extra, epoch, step, dict(sums), list(history))
+    objective, extra = student.prepare(cfg, session, data, model)
+    return session.member(model, objective, compile=False), extra
 
 
-def run_pack(cfgs: list[DistillConfig], stacked: str, program) -> None:
-    sessions = []
-    for cfg in cfgs:
-        session = MemberSession(cfg, job=names.STUDENT)
-        if session.finished and str(cfg.resume) == "auto":
-            print(f"already finished: {session.run_dir} (student artifact {session.done_info()['artifact']}); "
-                  "pass --resume=False to distil again", flush=True)
-        else:
-            sessions.append((cfg, session))
+def stepper(stacked: bool):
+    """How the members of a pack step together (:mod:`kd.steppers`)."""
+    from kd.engine import looped
+    from kd.steppers import StackedStep
+
+    if not stacked:
+        return looped
+    return lambda group: StackedStep([m.model for m in group], [m.optimizer for m in group])
+
+
+def run_pack(cfgs: list[DistillConfig], stacked: str) -> None:
+    from kd.session import Session
+
+    sessions = [(cfg, session) for cfg in cfgs
+                if not (session := Session(cfg, job=names.STUDENT)).already_finished("student")]
     if not sessions:
         return
     acc = sessions[0][1].accelerator
@@ -114,19 +103,19 @@ def run_pack(cfgs: list[DistillConfig], stacked: str, program) -> None:
     if cfgs[0].mixed_precision == "fp16":
         raise KDError("packed runs do not scale fp16 losses: pass --mixed_precision=bf16 (or no) in the spec")
     from kd.data import load_dataset
+    from kd.engine import fit
 
     data = load_dataset(cfgs[0].dataset, cfgs[0].data_dir, acc.device)
     stack = acc.device.type != "cpu" if stacked == "auto" else stacked == "True"
     print(f"pack of {len(sessions)} on {acc.device} ({'stacked' if stack else 'one after another'}): "
           + ", ".join(cfg.run_name() for cfg, _ in sessions), flush=True)
     with contextlib.ExitStack() as exits:
-        members = [open_member(cfg, session, data, program, exits) for cfg, session in sessions]
-        fit_pack(members, stack)
-        for m in members:
+        opened = [open_member(cfg, session, data, exits) for cfg, session in sessions]
+        fit([m for m, _ in opened], stepper(stack), desc=f"pack of {len(opened)}")
+        for m, extra in opened:
             model = m.session.accelerator.unwrap_model(m.model)
-            final, path = program.publish_student(m.cfg, m.session, model, m.objective, m.history, m.extra)
-            print(f"{m.name}: student test acc {final[names.TEST_ACC]:.4f}, agreement "
-                  f"{final[names.TEST_AGREEMENT]:.4f}; {m.session.where()}; artifact {path}", flush=True)
+            final, path = student.publish(m.cfg, m.session, model, m.objective, m.history, extra)
+            student.report(m.cfg, m.session, m.objective, final, path)
 
 
 def parser() -> ArgumentParser:
@@ -156,10 +145,9 @@ def main(argv: list[str] | None = None) -> int:
             if spec.config.get(key):
                 os.environ[f"WANDB_{key.upper()}"] = str(spec.config[key])
         os.environ.pop("WANDB_RUN_ID", None)  # one id for one run: every member has its own
-        program = load_program()
         for i, cfgs in enumerate(packs):
             print(f"[pack {i + 1}/{len(packs)}]", flush=True)
-            run_pack(cfgs, args.stacked, program)
+            run_pack(cfgs, args.stacked)
     return 0
 
 

@@ -23,6 +23,7 @@ from kd.errors import Interrupted, KDError
 from kd.sweep.processes import group_alive, pid_alive, process_start, stop_group
 from kd.sweep.spec import Spec, build_argv, run_label, sweeps_engine
 from kd.sweep.state import State, now
+from kd.wandb_runs import new_run_id
 
 PREEMPTED = 128 + signal.SIGTERM  # the programs' exit code after a checkpoint on SIGTERM
 PREEMPT_RERUNS = 3  # reruns of one preempted run in one call, then it is left for the next call
@@ -32,11 +33,6 @@ CLAIMABLE = ("pending", "failed", "interrupted")
 def raise_stop(signum, frame):
     raise Interrupted(signum)
 
-
-def new_run_id() -> str:
-    from wandb.sdk.lib import runid
-
-    return runid.generate_id()
 
 
 def fmt_duration(seconds: float) -> str:

@@ -13,9 +13,10 @@ Modules: :mod:`.config` (the settings), :mod:`.presets` (DDPM and SN-GAN recipes
 :mod:`.cli` (the command line; ``python -m kd.synthetic`` runs it).
 """
 
+from kd.pools import POOL_FILE, load_pool
 from kd.synthetic.cli import USAGE, main
 from kd.synthetic.config import GenerateConfig, GeneratorTrainConfig, source_name
-from kd.synthetic.pool import POOL_FILE, generate, load_pool
+from kd.synthetic.pool import generate
 from kd.synthetic.sampling import (
     denoise,
     derived_seed,

@@ -1,5 +1,5 @@
 """Pools of synthetic images: :func:`generate` writes one (sharded, resumable, bit-identical per seed, with its
-FID), :func:`load_pool` reads one for distillation.
+FID), :func:`kd.pools.load_pool` reads one for distillation.
 
 ``generate`` writes shards as it goes (``shards/shard-00003.safetensors``, their sha256 in ``shards/index.json``);
 image ``i`` is drawn from its own generator seeded by (seed, i) only, so a killed run started again continues
@@ -19,18 +19,19 @@ from pathlib import Path
 import torch
 
 from kd import faults
-from kd.artifacts import resolve
 from kd.data import DATASETS, load_dataset
-from kd.errors import NAME_RE, KDError, one_line
+from kd.errors import KDError, one_line
 from kd.io import load_tensors, read_json, remove_stale_temps, save_tensors, sha256_file, write_json
+from kd.pools import POOL_FILE
+from kd.run_folder import recorded_run_id
 from kd.synthetic import quality
 from kd.synthetic.config import GenerateConfig
 from kd.synthetic.generators import load_sampler
 from kd.synthetic.publishing import publish_once
 from kd.synthetic.sampling import save_grid, to_pixels
-from kd.wandb_runs import folder_run_id, last_logged_step, start_run, wandb_mode
+from kd.tracker import Tracker
+from kd.wandb_runs import wandb_mode
 
-POOL_FILE = "pool.safetensors"
 QUALITY_KEYS = ("fid", "fid_reason", "inception_score", "inception_score_std", "fid_features", "fid_real_images")
 
 
@@ -61,15 +62,18 @@ def generate(cfg: GenerateConfig, *, stop_after_shards: int | None = None, quali
         sampler = load_sampler(cfg.model_ref(), cfg, device, store=store)
     if cfg.fid == "True" and quality_feature is None:
         _require_inception()
-    run, mode = start_run(cfg.project, name, "synthetic", asdict(cfg), run_id=folder_run_id(out / "wandb-run.json"))
+    tracker = Tracker()
+    tracker.announce(sys.stderr)
+    tracker.start(project=cfg.project, run_id=recorded_run_id(out), name=name, config=asdict(cfg),
+                  job_type="synthetic")
     try:
         if sampler is None:
-            sampler = load_sampler(cfg.model_ref(), cfg, device, store=store, run=run if mode != "disabled" else None)
-        pool = _generate(cfg, sampler, out, run, mode, stop_after_shards, quality_feature)
+            sampler = load_sampler(cfg.model_ref(), cfg, device, store=store, run=tracker.run)
+        pool = _generate(cfg, sampler, out, tracker, stop_after_shards, quality_feature)
     except BaseException:
-        run.finish(exit_code=1)
+        tracker.end(1)
         raise
-    run.finish()
+    tracker.end()
     return pool
 
 
@@ -142,7 +146,7 @@ def _make_shards(cfg, sampler, out: Path, index: dict, index_path: Path, counts:
     return made
 
 
-def _generate(cfg, sampler, out: Path, run, mode: str, stop_after_shards, quality_feature) -> Path | None:
+def _generate(cfg, sampler, out: Path, tracker, stop_after_shards, quality_feature) -> Path | None:
     identity = _identity(cfg, sampler)
     index, index_path = _open_index(out, identity)
     counts, todo = _todo(cfg, out, index)
@@ -168,7 +172,7 @@ def _generate(cfg, sampler, out: Path, run, mode: str, stop_after_shards, qualit
     meta.update(_quality(cfg, images, out / "pool.json", meta["sha256"], quality_feature, sampler.device))
     write_json(out / "pool.json", meta)
     grid = save_grid(images, out / "grid.png")
-    _log_and_publish(cfg, run, mode, meta, pool_path, grid, rate)
+    _log_and_publish(cfg, tracker, meta, pool_path, grid, rate)
     return pool_path
 
 
@@ -193,47 +197,14 @@ def _quality(cfg, images: torch.Tensor, meta_path: Path, digest: str, feature, d
     return result
 
 
-def _log_and_publish(cfg, run, mode: str, meta: dict, pool_path: Path, grid: Path, rate: float) -> None:
-    import wandb
-
-    if mode == "disabled" or last_logged_step(run, mode) < 1:  # a rerun of the same W&B run logs step 1 once
-        row = {"synthetic/samples": wandb.Image(str(grid)), "synthetic/img_per_s": rate, "synthetic/count": cfg.num}
+def _log_and_publish(cfg, tracker, meta: dict, pool_path: Path, grid: Path, rate: float) -> None:
+    if tracker.seen < 1:  # a rerun of the same W&B run logs step 1 once
+        row = {"synthetic/img_per_s": rate, "synthetic/count": cfg.num}
         if meta.get("fid") is not None:
             row.update({"synthetic/fid": meta["fid"], "synthetic/inception_score": meta["inception_score"]})
-        run.log(row, step=1)
-    publish_once(meta["artifact"], "dataset", [pool_path, pool_path.with_suffix(".json"), grid], meta,
-                 meta["sha256"], run, cfg.store or None, mode)
+        tracker.log(row, step=1)
+        tracker.image("synthetic/samples", grid, step=1)
+    publish_once(meta["artifact"], "dataset", [pool_path, pool_path.with_suffix(".json"), grid], meta, tracker,
+                 cfg.store or None)
     size = meta["height"]
     print(f"pool: {pool_path} ({cfg.num} x 3 x {size} x {size} uint8, sha256 {meta['sha256'][:12]}), grid: {grid}")
-
-
-def load_pool(ref: str, store=None, run=None) -> tuple[torch.Tensor, dict]:
-    """uint8 images [N, 3, H, W] and the pool's metadata, from a pool file, its folder or an artifact name.
-
-    The file's sha256 must match the one ``pool.json`` records; a mismatch or a missing file is a KDError.
-    """
-    ref = str(ref)
-    path = Path(ref).expanduser()
-    if path.is_dir():
-        file = path / POOL_FILE
-    elif path.is_file() or path.suffix == ".safetensors":
-        file = path
-    elif NAME_RE.match(ref) and ".." not in ref:
-        hint = (": create it with `python -m kd.synthetic generate --dataset=... --model=...`, "
-                "or pass a pool file or folder")
-        file = resolve(ref, run=run, store=store, kind="synthetic pool", hint=hint) / POOL_FILE
-    else:
-        raise KDError(f"synthetic pool {ref!r} not found: pass a pool file, its folder or a synthetic-* "
-                      "artifact name (python -m kd.synthetic generate makes one)")
-    if not file.exists():
-        raise KDError(f"pool file {file} is missing: generate it with `python -m kd.synthetic generate ...`")
-    meta = read_json(file.with_suffix(".json"))
-    if not meta.get("sha256"):
-        raise KDError(f"{file.with_suffix('.json')} records no sha256: the pool cannot be verified")
-    images = load_tensors(file, meta["sha256"]).get("images")
-    if images is None or images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
-        got = "no 'images' tensor" if images is None else f"{images.dtype} {tuple(images.shape)}"
-        raise KDError(f"{file} is not a pool of uint8 [N, 3, H, W] images ({got})")
-    if images.shape[0] != meta.get("count", images.shape[0]):
-        raise KDError(f"{file} holds {images.shape[0]} images but its pool.json says {meta['count']}")
-    return images, meta

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from kd.checkpoint import pack, unpack
+from kd.checkpoint import load_state_tensors, state_tensors
 from kd.io import sha256_file
 from kd.synthetic.sampling import denoise, image_generators, scheduler_class, to_pixels
 
@@ -54,13 +54,13 @@ class DdpmJob:
 
     def state(self) -> tuple[dict, dict]:
         """UNet + optimizer (:func:`kd.checkpoint.pack`), the EMA weights as ``ema.{i}``."""
-        tensors, info = pack(self.raw, self.optimizer)
+        tensors, info = state_tensors(self.raw, self.optimizer)
         tensors.update({f"ema.{i}": p for i, p in enumerate(self.ema.shadow_params)})
         info["ema"] = {k: v for k, v in self.ema.state_dict().items() if k != "shadow_params"}
         return tensors, info
 
     def load(self, tensors: dict, info: dict) -> None:
-        unpack(tensors, info, self.raw, self.optimizer)
+        load_state_tensors(tensors, info, self.raw, self.optimizer)
         shadow = [tensors[f"ema.{i}"] for i in range(len(self.ema.shadow_params))]
         self.ema.load_state_dict({**info["ema"], "shadow_params": shadow})
 

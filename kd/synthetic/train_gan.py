@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from kd.checkpoint import pack, unpack
+from kd.checkpoint import load_state_tensors, state_tensors
 from kd.io import sha256_file
 from kd.synthetic import sngan
 from kd.synthetic.sampling import image_generators, to_pixels
@@ -44,7 +44,7 @@ class GanJob:
         """G and D with their optimizers (:func:`kd.checkpoint.pack`, prefixed ``g.`` / ``d.``), the EMA G."""
         tensors, info = {}, {}
         for name, (model, opt) in self._parts().items():
-            t, info[name] = pack(model, opt)
+            t, info[name] = state_tensors(model, opt)
             tensors.update({f"{name}.{k}": v for k, v in t.items()})
         if self.ema is not None:
             tensors.update({f"ema.{k}": v for k, v in self.ema.state_dict().items()})
@@ -52,8 +52,8 @@ class GanJob:
 
     def load(self, tensors: dict, info: dict) -> None:
         for name, (model, opt) in self._parts().items():
-            unpack({k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(f"{name}.")}, info[name],
-                   model, opt)
+            part = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(f"{name}.")}
+            load_state_tensors(part, info[name], model, opt)
         if self.ema is not None:
             self.ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
 

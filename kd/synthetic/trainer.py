@@ -1,12 +1,13 @@
 """The one training skeleton of every generator (the DDPM and the SN-GAN differ in their step, not machinery).
 
-Accelerate; a checkpoint every ``save_every`` steps (``OUT/checkpoints/state.json`` naming
-``step-%08d.safetensors``, through :class:`kd.checkpoint.Checkpoints`) and on SIGTERM/SIGINT (then
-:class:`~kd.errors.Interrupted`: exit 143 / 130); resume; one W&B run per output folder (its id in
-``OUT/wandb-run.json`` from the start) whose logged rows are kept in every checkpoint, so a killed run continues
-the same W&B run and logs no step twice; sample grids (``OUT/samples.png``); at the end an export published as
-artifact ``generator-{dataset}`` (DDPM) or ``generator-{dataset}-{generator}``. The randomness of step ``s``
-depends on (seed, s) only, so a resumed run ends bitwise where an uninterrupted one does (CPU, same threads).
+Accelerate; the output folder is a :class:`kd.run_folder.RunFolder` (the resume rules of every trainer; a
+checkpoint every ``save_every`` steps, ``OUT/checkpoints/state.json`` naming ``step-%08d.safetensors``, and on
+SIGTERM/SIGINT, then :class:`~kd.errors.Interrupted`: exit 143 / 130; the W&B run id in ``OUT/run.json`` from
+the start); one W&B run per output folder (:class:`kd.tracker.Tracker`) whose logged rows are kept in every
+checkpoint, so a killed run continues the same W&B run and logs no step twice; sample grids
+(``OUT/samples.png``); at the end an export published as artifact ``generator-{dataset}`` (DDPM) or
+``generator-{dataset}-{generator}``. The randomness of step ``s`` depends on (seed, s) only,
+so a resumed run ends bitwise where an uninterrupted one does (CPU, same threads).
 
 A *job* (:mod:`kd.synthetic.train_ddpm`, :mod:`kd.synthetic.train_gan`) supplies the models and the step:
 ``channels``, ``batches_per_step``, ``auto_precision(cuda)``, ``total_steps(batches_per_epoch)``, ``build()``,
@@ -18,7 +19,6 @@ A *job* (:mod:`kd.synthetic.train_ddpm`, :mod:`kd.synthetic.train_gan`) supplies
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from dataclasses import asdict
@@ -27,15 +27,15 @@ from pathlib import Path
 import torch
 
 from kd import faults
-from kd.checkpoint import Checkpoints
 from kd.data import epoch_generator, load_dataset
 from kd.errors import Interrupted, KDError, stop_requests
+from kd.run_folder import RunFolder
 from kd.synthetic.config import GeneratorTrainConfig
 from kd.synthetic.publishing import publish_once
 from kd.synthetic.sampling import derived_seed, save_grid
-from kd.wandb_runs import announce_mode, folder_run_id, last_logged_step, wandb_dir, wandb_mode
+from kd.tracker import Tracker
 
-CKPT_KEYS = ("file", "sha256", "step", "identity", "wandb_id", "history")
+CKPT_KEYS = ("step",)  # beside the run folder's own keys
 LOG_EVERY = 10  # steps per logged row
 
 
@@ -75,60 +75,36 @@ def train(cfg: GeneratorTrainConfig) -> Path:
 class Trainer:
     def __init__(self, cfg: GeneratorTrainConfig, job):
         self.cfg, self.job, self.out = cfg, job, cfg.out_dir()
-        self.ckpts = Checkpoints(self.out / "checkpoints", pointer="state.json", stem="step", required=CKPT_KEYS)
-        self.identity = json.loads(json.dumps(cfg.identity()))  # tuples -> lists, as read back from JSON
-        self.state = self._resume_state()
+        self.folder = RunFolder(self.out, cfg.identity(), cfg.resume, ckpt_dir="checkpoints", pointer="state.json",
+                                stem="step", required=CKPT_KEYS)
+
+    def _open(self) -> None:
+        """The resume rules (the main process clears or cleans the folder first)."""
+        self.state = self.folder.open()
+        self.acc.wait_for_everyone()
         self.history = list(self.state["history"]) if self.state else []  # the logged rows, in every checkpoint
         self.last = dict(self.state.get("last", {})) if self.state else {}
-        self.wb, self.seen, self.run_id = None, 0, ""
-
-    def _resume_state(self) -> dict | None:
-        folder = self.ckpts.folder
-        if self.cfg.resume == "False":
-            return None
-        state = self.ckpts.load("pass --resume=False to start over, or another --out")
-        if state is not None and state["identity"] != self.identity:
-            diff = sorted(k for k in self.identity if state["identity"].get(k) != self.identity[k])
-            raise KDError(f"the checkpoint in {folder} was made with other settings (differs in "
-                          f"{', '.join(diff)}): pass --resume=False to start over, or another --out")
-        if state is None and self.cfg.resume == "True":
-            raise KDError(f"--resume=True but there is no checkpoint in {folder}")
-        return state
 
     # ------------------------------------------------------------------------------------------- set-up
     def _accelerator(self):
         from accelerate import Accelerator
 
-        cfg, self.mode = self.cfg, wandb_mode()
+        cfg = self.cfg
         cuda = torch.cuda.is_available() and not cfg.cpu
         self.precision = cfg.mixed_precision if cfg.mixed_precision != "auto" else self.job.auto_precision(cuda)
-        acc = Accelerator(mixed_precision=self.precision, cpu=cfg.cpu,
-                          log_with=None if self.mode == "disabled" else "wandb")
+        acc = Accelerator(mixed_precision=self.precision, cpu=cfg.cpu)
         self.acc, self.main = acc, acc.is_main_process
-        if self.main:
-            self.ckpts.clean()
-            if cfg.resume == "False":  # starting over: no old checkpoint to fall back on, a new W&B run
-                self.ckpts.clear()
-                (self.out / "wandb-run.json").unlink(missing_ok=True)
-            print(announce_mode(self.mode), file=sys.stderr)
+        self.folder.main = self.main
         return acc
 
     def _start_wandb(self) -> None:
         """One W&B run per output folder; rows a killed process logged but W&B lost are logged again."""
-        cfg, acc = self.cfg, self.acc
-        if self.state:
-            self.run_id = self.state["wandb_id"]
-        elif self.main:  # killed before a checkpoint: the same run
-            self.run_id = folder_run_id(self.out / "wandb-run.json")
-        acc.init_trackers(cfg.project, config={**asdict(cfg), "recipe": self.identity}, init_kwargs={"wandb": {
-            "name": cfg.artifact_name(), "job_type": "train-generator", "mode": self.mode, "id": self.run_id,
-            "resume": "allow", "dir": wandb_dir()}})
-        if self.main and self.mode != "disabled":
-            self.wb = acc.get_tracker("wandb", unwrap=True)
-        self.seen = last_logged_step(self.wb, self.mode)  # steps logged before a kill are not logged again
-        for row in self.history:
-            if row["step"] > self.seen:
-                acc.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
+        cfg = self.cfg
+        self.tracker = Tracker(self.main)
+        self.tracker.announce(sys.stderr)
+        self.tracker.start(project=cfg.project, run_id=self.folder.run_id(), name=cfg.artifact_name(),
+                           config={**asdict(cfg), "recipe": self.folder.identity}, job_type="train-generator")
+        self.tracker.replay([(row["step"], {k: v for k, v in row.items() if k != "step"}) for row in self.history])
 
     def _build(self) -> int:
         """The job's models (seeded), restored from the checkpoint; returns the step to continue from."""
@@ -136,18 +112,23 @@ class Trainer:
         self.job.build()
         step = 0
         if self.state:
-            self.job.load(self.ckpts.tensors(), self.state)
+            self.job.load(self.folder.tensors(), self.state)
             step = self.state["step"]
             if self.main:
-                print(f"resuming {self.ckpts.folder} at step {step}/{self.total}", file=sys.stderr)
+                print(f"resuming {self.folder.checkpoints.folder} at step {step}/{self.total}", file=sys.stderr)
         self.job.prepare(self.acc)
         return step
 
     # ------------------------------------------------------------------------------------------- the run
     def run(self) -> Path:
-        cfg, job = self.cfg, self.job
         acc = self._accelerator()
+        self._open()
         self._start_wandb()
+        with self.tracker.ending():
+            return self._run(acc)
+
+    def _run(self, acc) -> Path:
+        cfg, job = self.cfg, self.job
         data = load_dataset(cfg.dataset, cfg.data_dir, device=acc.device)
         self.batches = RealBatches(data.train_x[:, :job.channels], job.recipe.batch_size, cfg.seed,
                                    acc.process_index, acc.num_processes, cfg.dataset)
@@ -168,7 +149,6 @@ class Trainer:
             speed = f"{(step - start) / seconds:.1f} steps/s" if step > start else "nothing left to train"
             print(f"trained to step {step}/{self.total} in {seconds:.1f} s ({speed})", file=sys.stderr)
             self._publish(step)
-        acc.end_training()
         return self.out / job.export_dir
 
     def _loop(self, step: int, stop: int) -> int:
@@ -198,11 +178,8 @@ class Trainer:
                     if stops and step < stop:
                         self._checkpoint(step)
                         raise Interrupted(stops[0])
-            except Interrupted:
+            finally:
                 bar.close()
-                acc.end_training()
-                raise
-        bar.close()
         return step
 
     def _log_row(self, step: int, means: dict, bar) -> None:
@@ -211,25 +188,22 @@ class Trainer:
         epoch = step * self.job.batches_per_step / self.batches.per_epoch
         row = {**self.last, **self.job.extras(), "epoch": epoch}
         self.history.append({"step": step, **row})
-        if step > self.seen:
-            self.acc.log(row, step=step)
+        if step > self.tracker.seen:
+            self.tracker.log(row, step=step)
 
     def _checkpoint(self, step: int) -> None:
         self.acc.wait_for_everyone()
         if self.main:
             tensors, info = self.job.state()
-            self.ckpts.save(tensors, {**info, "identity": self.identity, "wandb_id": self.run_id, "step": step,
-                                      "total": self.total, "last": self.last, "history": self.history},
-                            name=f"step-{step:08d}.safetensors")
+            self.folder.save(tensors, {**info, "step": step, "total": self.total, "last": self.last,
+                                       "history": self.history}, self.tracker.run_id,
+                             name=f"step-{step:08d}.safetensors")
 
     def _samples(self, step: int) -> None:
         if not self.main:
             return
         grid = save_grid(self.job.grid(64, self.acc.device), self.out / "samples.png")
-        if step > self.seen and self.wb is not None:
-            import wandb
-
-            self.acc.log({"generator/samples": wandb.Image(str(grid))}, step=step)
+        self.tracker.image("generator/samples", grid, step)
 
     def _publish(self, step: int) -> None:
         cfg, name = self.cfg, self.cfg.artifact_name()
@@ -238,5 +212,5 @@ class Trainer:
                 "total_steps": self.total, **{k.split("/")[-1]: v for k, v in self.last.items()},
                 "params": self.job.n_params(), **extra}
         print(f"exported: {files[0].parent}", file=sys.stderr)
-        publish_once(name, "model", files, meta, meta["weights_sha256"], self.wb, cfg.store or None, self.mode,
+        publish_once(name, "model", files, meta, self.tracker, cfg.store or None,
                      hint=f": generate with --model={name}")

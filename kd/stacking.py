@@ -1,7 +1,7 @@
-"""m models of one architecture trained as one stacked model: the same numbers as m separate models, fewer launches.
+"""m models of one architecture as one stacked model: the same numbers as m separate models, fewer launches.
 
 The members of a sweep's grid differ in seed, teachers or temperature, not in shape, so their weights stack:
-:class:`Stacked` holds every parameter and buffer as one tensor ``[m, *shape]`` (``torch.func.stack_module_state``)
+:class:`StackedModel` holds every parameter and buffer as one tensor ``[m, *shape]`` (``torch.func.stack_module_state``)
 and runs ``torch.func.functional_call`` under ``torch.vmap`` over the member dimension. The input is ``[m, B, ...]``,
 each member its own batch, the output ``[m, B, C]``; vmap turns each convolution into one grouped convolution
 over the m members, so one step launches the kernels of one network instead of m.
@@ -12,12 +12,13 @@ over the m members, so one step launches the kernels of one network instead of m
   is the gradient of its own loss (the members share nothing).
 * An optimizer whose update is elementwise (SGD with momentum, Nesterov and weight decay, as the engine's)
   over the stacked tensors is m optimizers with the same hyperparameters: :func:`stack_optimizer` builds it
-  from the members' optimizers (their states stacked), :meth:`Stacked.unstack_into` writes weights, buffers
+  from the members' optimizers (their states stacked), :meth:`StackedModel.unstack_into` writes weights, buffers
   and optimizer states back into m ordinary models and optimizers, so checkpoints, evaluation and published
   weights stay the plain path's (:mod:`kd.checkpoint`).
 
 The results equal separate models up to float rounding (a grouped convolution sums in another order);
-tests/test_packing.py checks a step to 1e-5 and whole distillation runs against ``distill.py``.
+tests/test_packing.py checks a step to 1e-5 and whole distillation runs against ``distill.py``. The training step
+that uses it is :class:`kd.steppers.StackedStep`.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from torch import nn
 from torch.func import functional_call, stack_module_state
 
 
-class Stacked:
+class StackedModel:
     """The stacked weights of m models of one architecture; ``stacked(x)`` maps ``[m, B, ...]`` to ``[m, B, C]``."""
 
     def __init__(self, models: list[nn.Module]):
@@ -50,11 +51,11 @@ class Stacked:
     def training(self) -> bool:
         return self.base.training
 
-    def train(self, mode: bool = True) -> Stacked:
+    def train(self, mode: bool = True) -> StackedModel:
         self.base.train(mode)
         return self
 
-    def eval(self) -> Stacked:
+    def eval(self) -> StackedModel:
         return self.train(False)
 
     def parameters(self) -> list[torch.Tensor]:
@@ -92,7 +93,7 @@ def _hyper(group: dict) -> dict:
     return {k: v for k, v in group.items() if k != "params"}
 
 
-def stack_optimizer(stacked: Stacked, optimizers: list[torch.optim.Optimizer]) -> torch.optim.Optimizer:
+def stack_optimizer(stacked: StackedModel, optimizers: list[torch.optim.Optimizer]) -> torch.optim.Optimizer:
     """One optimizer of the members' class and hyperparameters over the stacked parameters, its state the
     members' states stacked (an optimizer with no state yet, e.g. before the first step, stays so)."""
     if len(optimizers) != stacked.m:
@@ -141,64 +142,3 @@ def member_optimizer_state(stacked_state: dict, i: int, params: list[torch.Tenso
         state[idx] = {k: v[i].clone() if torch.is_tensor(v) and v.dim() == params[idx].dim() else v
                       for k, v in entry.items()}
     return {"state": state, "param_groups": copy.deepcopy(stacked_state["param_groups"])}
-
-
-class StackedPack:
-    """m models and optimizers trained as one :class:`Stacked` model with one stacked optimizer.
-
-    ``pack(xs)``: member i's logits for its batch ``xs[i]`` (the batches must share a shape); ``step()``: one
-    optimizer step, gradients cleared; ``close()``: weights, buffers and optimizer states back into the
-    members' own models and optimizers (which are not touched before).
-    """
-
-    def __init__(self, models: list[nn.Module], optimizers: list[torch.optim.Optimizer]):
-        self.models, self.optimizers = models, optimizers
-        self.stacked = Stacked(models)
-        self.optimizer = stack_optimizer(self.stacked, optimizers)
-
-    def set_lr(self, lr: float) -> None:
-        for g in self.optimizer.param_groups:
-            g["lr"] = lr
-
-    def train(self) -> None:
-        self.stacked.train()
-
-    def __call__(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
-        return list(self.stacked(torch.stack(xs)).unbind(0))
-
-    def step(self) -> None:
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-
-    def close(self) -> None:
-        self.stacked.unstack_into(self.models, self.optimizers, self.optimizer)
-
-
-class LoopedPack(StackedPack):
-    """The same interface over the members one by one: the reference (bitwise the plain loop's numbers), and
-    the faster path on CPUs, where vmap over convolutions costs more than it saves."""
-
-    def __init__(self, models: list[nn.Module], optimizers: list, channels_last: bool = False):
-        self.models, self.optimizers, self.channels_last = models, optimizers, channels_last
-
-    def set_lr(self, lr: float) -> None:
-        for opt in self.optimizers:
-            for g in opt.param_groups:
-                g["lr"] = lr
-
-    def train(self) -> None:
-        for model in self.models:
-            model.train()
-
-    def __call__(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
-        if self.channels_last:
-            xs = [x.contiguous(memory_format=torch.channels_last) for x in xs]
-        return [model(x) for model, x in zip(self.models, xs)]
-
-    def step(self) -> None:
-        for opt in self.optimizers:
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
-    def close(self) -> None:
-        pass

@@ -1,0 +1,132 @@
+"""One student: its teachers, pool, teacher cache, objective and published result.
+
+``distill.py`` runs one student; ``python -m kd.sweep.pack`` runs several in one process. Both call the same
+functions here, between the start of the student's W&B run and its training (:func:`prepare`) and after it
+(:func:`publish`), so a packed student is the plain one in every number, file and W&B key.
+
+Teachers and pool are resolved on the main process (online through its W&B run, so W&B records the lineage:
+which student used which teacher and pool versions) and loaded on every process. Every program prints the
+exact teacher versions (``name:version``) and the pool it uses.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kd import names
+from kd.errors import KDError
+from kd.pools import load_pool, pool_file
+
+
+def synthetic_images(cfg, data, session):
+    """The first round(r * n_real) images of the pool, checked against the dataset's image shape; (None, {})
+    for a real-data-only run."""
+    if not cfg.synthetic_ratio:
+        return None, {}
+    file = session.main_first(lambda: str(pool_file(cfg.synthetic_pool, cfg.store, session.run)))
+    images, meta = load_pool(file, store=cfg.store)
+    want = (3, data.spec.image_size, data.spec.image_size)
+    if images.dtype != torch.uint8 or tuple(images.shape[1:]) != want:
+        raise KDError(f"pool {cfg.synthetic_pool} holds {images.dtype} images of shape {tuple(images.shape[1:])}, "
+                      f"but {cfg.dataset} needs uint8 {want}: generate a pool with --dataset={cfg.dataset}")
+    n = round(cfg.synthetic_ratio * data.n_train)
+    if n > images.shape[0]:
+        raise KDError(f"--synthetic_ratio={cfg.synthetic_ratio} needs {n} synthetic images but the pool "
+                      f"{cfg.synthetic_pool} has {images.shape[0]}: generate a larger pool (--num={n} or more)")
+    if session.main:
+        print(f"pool: {cfg.synthetic_pool} ({file}), {n} of its {images.shape[0]} images, sha256 "
+              f"{meta.get('sha256', '')[:12]}", flush=True)
+    return images[:n], {names.SYNTHETIC_POOL_SHA: meta.get("sha256", ""),
+                        names.SYNTHETIC_SOURCE: meta.get("model", ""), names.SYNTHETIC_FID: meta.get("fid")}
+
+
+def inputs(cfg, session, data):
+    """Teachers and pool (checked against a resumed run's), and the config keys they add."""
+    from kd.teachers import choose_teachers, load_teachers, resolve_teachers, study_alias
+
+    if cfg.synthetic_ratio and not cfg.synthetic_pool:
+        raise KDError(
+            f"--synthetic_ratio={cfg.synthetic_ratio} needs --synthetic_pool=FILE_OR_ARTIFACT: make one with "
+            f"`python -m kd.synthetic generate --dataset={cfg.dataset} --num=N` (see README, synthetic data)"
+        )
+    run, alias = session.run, study_alias(cfg)
+    teachers = session.main_first(lambda: choose_teachers(cfg, run))
+    folders = session.main_first(lambda: resolve_teachers(teachers, alias, run, cfg.store))
+    members, metas = load_teachers(teachers, folders, data, device=session.device)
+    if session.main:
+        print("teachers: " + ", ".join(f"{t}:{_version(f)}" for t, f in zip(teachers, folders)), flush=True)
+    synthetic, syn_info = synthetic_images(cfg, data, session)
+    hashes = [m["sha256"] for m in metas]
+    session.check_inputs({"teacher_hashes": hashes, "synthetic_pool_sha256": syn_info.get(names.SYNTHETIC_POOL_SHA)})
+    extra = {names.TEACHER_NAMES: teachers, names.TEACHER_HASHES: hashes, "n_real": data.n_train,
+             "n_synthetic": 0 if synthetic is None else len(synthetic), **syn_info}
+    return members, synthetic, extra
+
+
+def _version(folder) -> str:
+    """``v3`` of a store folder ``.../teacher-.../v3`` (online: ``wandb-v3``)."""
+    from pathlib import Path
+
+    return Path(folder).name.removeprefix("wandb-")
+
+
+def teacher_targets(cfg, session, ensemble, data, hashes):
+    """The exact cache of teacher outputs over every view (None with --teacher_cache=False)."""
+    from kd.artifacts import store_root
+    from kd.teacher_cache import cached_targets
+
+    if not cfg.teacher_cache:
+        return None
+    cache, path, built = cached_targets(ensemble, data, hashes, store_root(cfg.store) / "_cache",
+                                        getattr(torch, cfg.cache_dtype), session.accelerator.autocast,
+                                        main=session.main)
+    if session.main:
+        print(f"teacher cache ({'built' if built else 'reused'}, {cfg.cache_dtype}, "
+              f"{cache.numel() * cache.element_size() / 2**20:.1f} MiB): {path}", flush=True)
+    return cache
+
+
+def prepare(cfg, session, data, model):
+    """Teachers, pool, W&B config, cache and objective of one student, its W&B run started (online it starts
+    first: teachers and pool are resolved through it). Returns (objective, extra config)."""
+    from kd.models import Ensemble, count_params
+    from kd.objectives import Distill
+
+    if session.mode == "online":
+        session.start_tracking()
+    members, synthetic, extra = inputs(cfg, session, data)
+    extra["n_params"] = count_params(model)
+    if session.mode == "online":
+        session.add_config(extra)
+    else:
+        session.start_tracking(extra)
+    ensemble = Ensemble(members).to(session.device)
+    cache = teacher_targets(cfg, session, ensemble, data, extra[names.TEACHER_HASHES])
+    acc = session.accelerator
+    objective = Distill(data, ensemble, cfg.batch_size, cfg.temperature, cfg.student_seed, synthetic,
+                        cache, acc.autocast, acc.process_index, acc.num_processes)
+    if session.ckpt:  # the teacher's accuracy is logged once, with the first evaluation
+        objective.teacher_acc_logged = any(names.TEACHER_ACC in r for r in session.ckpt["history"])
+    return objective, extra
+
+
+def publish(cfg, session, model, objective, history, extra):
+    """The student artifact and the final summary (then done.json). Returns (final metrics, artifact path)."""
+    final = {k: v for row in history for k, v in row.items()}  # last value of every key
+    meta = {"kind": names.STUDENT, "arch": cfg.arch, "dataset": cfg.dataset, "seed": cfg.student_seed,
+            "num_classes": objective.data.spec.num_classes, "test_acc": final[names.TEST_ACC],
+            "test_agreement": final[names.TEST_AGREEMENT], "teachers": extra[names.TEACHER_NAMES],
+            "run_id": session.run_id, "study": cfg.study, "config": session.config()}
+    path = session.publish(model, cfg.run_name(), "model", meta)
+    session.finish({**final, names.TEACHER_ACC: objective.teacher_acc, names.N_REAL: extra["n_real"],
+                    names.N_SYNTHETIC: extra["n_synthetic"], names.FINAL: True})
+    return final, path
+
+
+def report(cfg, session, objective, final, path) -> None:
+    if session.main:
+        print(f"{cfg.run_name()}: student test acc {final[names.TEST_ACC]:.4f}, agreement "
+              f"{final[names.TEST_AGREEMENT]:.4f}, KL {final[names.TEST_KL]:.4f} (teacher acc "
+              f"{objective.teacher_acc:.4f})", flush=True)
+        print(session.where(), flush=True)
+        print(f"student artifact {cfg.run_name()}: {path}", flush=True)
