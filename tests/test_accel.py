@@ -43,6 +43,7 @@ def steps(model, fwd, data):
     return losses, grads
 
 
+@pytest.mark.slow  # torch.compile: half a minute of inductor on the CPU (make chaos runs it)
 def test_compiled_steps_equal_eager_steps_and_compile_once():
     from torch._dynamo.utils import counters
 

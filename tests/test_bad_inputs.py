@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 
 import pytest
+import torch
 import yaml
 
 from kd import report, sweep
@@ -80,6 +81,15 @@ def refused(capsys, folder, entry, argv: list[str], needle: str) -> str:
     (["--seed=10000000000000"], "--seed must be >= 0 and <= 4294967295"),
     (["--weight_decay=5"], "--weight_decay must be a finite number >= 0 and < 1"),
     (["--batch_size=100000000"], "--batch_size must be >= 1 and <= 65536"),
+    (["--dataset=imagenet"], "unknown dataset"),
+    (["--arch=resnet9000"], "unknown arch"),
+    (["--lr=abc"], "--lr expects a number"),
+    (["--lr=nan"], "--lr must be"),
+    (["--lr=-0.1"], "--lr must be"),
+    (["--batch_size=0"], "--batch_size must be >= 1"),
+    (["--epochs=2.5"], "--epochs expects an integer"),
+    (["--nesterov=maybe"], "--nesterov expects True or False"),
+    (["--study=../escape"], "invalid study"),
 ])
 def test_train_refuses(args, needle, workdir, capsys):
     refused(capsys, workdir, train.main, [*TINY, *args], needle)
@@ -91,10 +101,11 @@ def store(workdir):
     """Two random digits teachers (and one of another class count) in the store, made in-process."""
     root = workdir / "artifacts"
     for name, classes in (("teacher-digits-preresnet8-s0", 10), ("teacher-digits-preresnet8-s1", 10),
-                          ("teacher-digits-preresnet14-s0", 100)):
+                          ("teacher-digits-preresnet14-s0", 100), ("teacher-cifar10-preresnet8-s0", 10)):
         folder = workdir / "made" / name
         meta = save_weights(folder, build_model(name.split("-")[2], classes).state_dict(),
-                            {"arch": name.split("-")[2], "dataset": "digits", "num_classes": classes, "seed": 0})
+                            {"arch": name.split("-")[2], "dataset": name.split("-")[1], "num_classes": classes,
+                             "seed": 0})
         publish(name, "model", [folder / "model.safetensors", folder / "meta.json"], meta, store=root)
     return root
 
@@ -132,9 +143,31 @@ def store(workdir):
      "no synthetic pool 'synthetic-digits-nothing'"),
     (["--synthetic_ratio=0.5", "--synthetic_pool=../elsewhere/pool"], "synthetic pool '../elsewhere/pool' not found"),
     (["--synthetic_ratio=0.5", "--synthetic_pool=missing.safetensors"], "pool file missing.safetensors is missing"),
+    (["--ensemble_size=4"], "needs 4 teachers"),
+    (["--ensemble_size=0"], "--ensemble_size must be >= 1"),
+    (["--synthetic_ratio=-0.5"], "--synthetic_ratio must be"),
+    (["--synthetic_ratio=lots"], "--synthetic_ratio expects a number"),
+    (["--synthetic_ratio=0.5"], "needs --synthetic_pool"),
+    (["--temperature=0"], "--temperature must be"),
+    (["--teachers=teacher-digits-preresnet8-s9"], "no teacher 'teacher-digits-preresnet8-s9'"),
+    (["--teachers=../../etc/passwd"], "invalid teacher name"),
+    (["--teachers=teacher-cifar10-preresnet8-s0"], "trained on cifar10"),
 ])
 def test_distill_refuses(args, needle, store, workdir, capsys):
     refused(capsys, workdir, distill.main, [*TINY, *args], needle)
+
+
+def test_distill_refuses_a_pool_of_the_wrong_shape_or_too_small(store, workdir, capsys):
+    from kd.io import save_tensors, write_json
+
+    for folder, images, needle in (("p16", torch.zeros(900, 3, 16, 16, dtype=torch.uint8), "needs uint8 (3, 8, 8)"),
+                                   ("p8", torch.zeros(10, 3, 8, 8, dtype=torch.uint8), "generate a larger pool")):
+        pool = workdir / folder
+        pool.mkdir()
+        digest = save_tensors(pool / "pool.safetensors", {"images": images})
+        write_json(pool / "pool.json", {"sha256": digest, "count": len(images), "model": "test", "dataset": "digits"})
+        refused(capsys, workdir, distill.main,
+                [*TINY, "--synthetic_ratio=0.5", f"--synthetic_pool={pool / 'pool.safetensors'}"], needle)
 
 
 # ------------------------------------------------------------------------------------------------ kd.sweep

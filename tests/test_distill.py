@@ -8,7 +8,6 @@ import torch.nn.functional as F
 from kd.io import save_tensors, write_json
 from kd.losses import kd_loss
 from kd.metrics import accuracy, agreement, ece, predictive_kl
-from kd.models import build_model
 from kd.wandb_runs import leet_records
 from tests.conftest import TINY, run_script
 
@@ -109,36 +108,13 @@ def test_trial_picks_contiguous_block_modulo_n():
     assert select_block(names, 1, 13) == ["t1"]
 
 
-def _fake_teacher(store, name, dataset, classes):
-    from kd.artifacts import publish
-    from kd.io import save_weights
-
-    folder = store / ".." / "made" / name
-    model = build_model("preresnet8", classes)
-    meta = save_weights(folder, model.state_dict(), {"arch": "preresnet8", "dataset": dataset,
-                                                     "num_classes": classes, "seed": 0})
-    publish(name, "model", [folder / "model.safetensors", folder / "meta.json"], meta, store=store)
-
-
-@pytest.fixture
-def store_with_odd_teachers(tmp_path):
-    store = tmp_path / "odd-store"
-    _fake_teacher(store, "teacher-cifar10-preresnet8-s0", "cifar10", 10)
-    _fake_teacher(store, "teacher-digits-preresnet8-s7", "digits", 100)
-    return store
-
-
 @pytest.mark.parametrize("args,needle", [
     (["--ensemble_size=4"], "needs 4 teachers"),
-    (["--ensemble_size=0"], "--ensemble_size must be >= 1"),
-    (["--synthetic_ratio=-0.5"], "--synthetic_ratio must be"),
-    (["--synthetic_ratio=lots"], "--synthetic_ratio expects a number"),
-    (["--synthetic_ratio=0.5"], "needs --synthetic_pool"),
-    (["--temperature=0"], "--temperature must be"),
     (["--teachers=teacher-digits-preresnet8-s9"], "no teacher 'teacher-digits-preresnet8-s9'"),
-    (["--teachers=../../etc/passwd"], "invalid teacher name"),
 ])
 def test_distill_errors_one_line_exit_2_nothing_written(tmp_path, teachers_dir, args, needle):
+    """At the process boundary: exit code 2, one line, nothing written (the rest of the matrix runs in-process,
+    in tests/test_bad_inputs.py)."""
     before = sorted(p.name for p in (teachers_dir / "artifacts").iterdir())
     out = run_distill(tmp_path, teachers_dir, *args, check=False)
     assert out.returncode == 2, out.stderr[-2000:]
@@ -146,22 +122,3 @@ def test_distill_errors_one_line_exit_2_nothing_written(tmp_path, teachers_dir, 
     assert len(lines) == 1 and needle in lines[0], out.stderr
     assert not (tmp_path / "runs").exists() and not (tmp_path / "wandb").exists()
     assert sorted(p.name for p in (teachers_dir / "artifacts").iterdir()) == before
-
-
-def test_pool_of_wrong_shape_or_too_small_is_refused(tmp_path, teachers_dir):
-    big = write_pool(tmp_path / "p16", torch.zeros(900, 3, 16, 16, dtype=torch.uint8))
-    out = run_distill(tmp_path, teachers_dir, "--synthetic_ratio=0.5", f"--synthetic_pool={big}", check=False)
-    assert out.returncode == 2 and "needs uint8 (3, 8, 8)" in out.stderr
-    small = write_pool(tmp_path / "p8", torch.zeros(10, 3, 8, 8, dtype=torch.uint8))
-    out = run_distill(tmp_path, teachers_dir, "--synthetic_ratio=0.5", f"--synthetic_pool={small}", check=False)
-    assert out.returncode == 2 and "generate a larger pool" in out.stderr
-    assert not (tmp_path / "runs").exists()
-
-
-def test_teacher_of_another_dataset_or_class_count_is_refused(tmp_path, store_with_odd_teachers):
-    for name, needle in (("teacher-cifar10-preresnet8-s0", "trained on cifar10"),
-                         ("teacher-digits-preresnet8-s7", "with 100 classes")):
-        out = run_script("distill.py", *TINY, f"--teachers={name}", cwd=tmp_path, check=False,
-                         env={"KD_STORE": str(store_with_odd_teachers)})
-        assert out.returncode == 2 and needle in out.stderr, out.stderr
-        assert not (tmp_path / "runs").exists()

@@ -14,10 +14,10 @@ import pytest
 import wandb
 
 from kd import artifacts, teachers
-from kd.tracker import unlocked
 from kd.errors import KDError
 from kd.io import save_weights
 from kd.models import build_model
+from kd.tracker import unlocked
 
 
 class FakeRun:

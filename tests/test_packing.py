@@ -21,11 +21,11 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+from kd import engine
 from kd.config import DistillConfig
 from kd.errors import KDError
 from kd.io import load_tensors, load_weights
 from kd.models import build_model
-from kd import engine
 from kd.stacking import StackedModel
 from kd.steppers import LoopedStep, StackedStep
 from kd.sweep.pack import plan

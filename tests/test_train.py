@@ -79,19 +79,12 @@ def test_sigterm_saves_mid_epoch_checkpoint_and_exits_cleanly(tmp_path):
 
 
 @pytest.mark.parametrize("args,needle", [
-    (["--dataset=imagenet"], "unknown dataset"),
-    (["--arch=resnet9000"], "unknown arch"),
     (["--no_such_flag=1"], "unknown flag --no_such_flag"),
-    (["--lr=abc"], "--lr expects a number"),
-    (["--lr=nan"], "--lr must be"),
-    (["--lr=-0.1"], "--lr must be"),
-    (["--batch_size=0"], "--batch_size must be >= 1"),
-    (["--epochs=2.5"], "--epochs expects an integer"),
-    (["--nesterov=maybe"], "--nesterov expects True or False"),
-    (["--study=../escape"], "invalid study"),
     (["--resume=True"], "no checkpoint"),
 ])
 def test_bad_flags_one_line_exit_2_nothing_written(tmp_path, args, needle):
+    """At the process boundary: exit code 2, one line on stderr (the rest of the matrix runs in-process, in
+    tests/test_bad_inputs.py)."""
     out = run_script("train.py", *TINY, *args, cwd=tmp_path, check=False)
     assert out.returncode == 2, out.stderr
     lines = [line for line in out.stderr.strip().splitlines() if line.strip()]

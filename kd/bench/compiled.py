@@ -66,9 +66,9 @@ def _objective(spec: dict, data, cache, ens, session, on_first=None):
 def _sigterm(spec: dict, sizes: Sizes, device, data, cache, ens, root: Path) -> dict:
     """Seconds from a SIGTERM sent while the first step compiles to the loop's Interrupted."""
     from kd.bench.loops import engine_cfg
-    from kd.session import Session
     from kd.errors import Interrupted
     from kd.models import build_model
+    from kd.session import Session
 
     session = Session(engine_cfg(sizes, device, "student", spec["batch"], root / "sigterm", True, 2), job="bench")
     sent: list[float] = []

@@ -39,8 +39,8 @@ class Engine:
 
     def round(self) -> float:
         """Images/s: the median of the epochs after the first (the first warms up, or compiles)."""
-        from kd.session import Session
         from kd.models import build_model
+        from kd.session import Session
 
         session = Session(self.cfg, job=self.job)
         objective = self.make_objective(session)

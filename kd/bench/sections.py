@@ -42,8 +42,8 @@ def build_cache(b: Bench, members: list, data) -> tuple[torch.Tensor, float, int
     """The ensemble's targets through kd.teacher_cache (per-member files under b.root, shared across m):
     (targets, seconds, members computed)."""
     from kd.bench.common import weights_hash
-    from kd.session import Session
     from kd.models import Ensemble
+    from kd.session import Session
     from kd.teacher_cache import cached_targets
 
     folder = b.root / "_cache"
