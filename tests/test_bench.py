@@ -214,3 +214,33 @@ def test_compiled_stacked_pack_steps_as_the_eager_one(one_thread):
     for m_e, m_c in zip(eager.pack.models, compiled.pack.models):
         for (key, a), b in zip(m_e.state_dict().items(), m_c.state_dict().values()):
             assert torch.allclose(a.float(), b.float(), rtol=1e-4, atol=1e-5), key
+
+
+def test_pack_sizes_that_do_not_fit_the_budget_are_skipped_and_named(tmp_path, one_thread):
+    """The first k always runs; a larger one that no longer fits is skipped, with every k above it, and named."""
+    import torch
+
+    from kd.bench.common import SMOKE, Bench
+    from kd.bench.packs import bench_packs
+
+    class FirstOnly:  # a budget with room for the first pack size only
+        def fits(self, need: float) -> bool:
+            return need == 0
+
+        def elapsed(self) -> float:
+            return 1.0
+
+    rows = []
+    b = Bench(SMOKE, torch.device("cpu"), tmp_path, False, FirstOnly(), rows, printer=lambda *a, **k: None)
+    res = bench_packs(b)
+    assert list(res["k"]) == ["1"] and res["best_k"] == 1
+    assert res["skipped"] == ["pack k=2"] and b.skipped == ["pack k=2"]
+    assert any(r["what"] == "pack k>=2: skipped" and r["ours"] == "over budget" for r in rows)
+
+
+def test_bench_names_the_sections_its_budget_skips(tmp_path):
+    out = run_script("-m kd.bench", "--smoke", "--budget=1", "--out=b.json", cwd=tmp_path)
+    result = json.loads((tmp_path / "b.json").read_text())
+    assert result["skipped"] == ["train", "distill", "pack", "cache", "ensemble", "synthetic"]
+    assert "skipped, over the run's budget: train, distill, pack, cache, ensemble, synthetic" in out.stdout
+    assert result["projection"] is None and "no projection" in out.stdout

@@ -77,17 +77,16 @@ def measured(results: dict, sizes: Sizes, r: dict) -> dict[str, str]:
     if r["compile_gain"] > 1:
         student += f"; student step compiled vs eager {r['compile_gain']:.2f}x"
     stacked = ", ".join(f"m = {k}: {v:.0f}" for k, v in r["stacked_fwd_s"].items())
+    syn = results["synthetic"]["samples_img_s"]
     return {"teachers": f"engine teacher step{ran}, {sizes.arch}, batch {sizes.teacher_batch}: "
                         f"{_med(results['training']['samples_img_s'], 'engine'):.0f} img/s",
             "students": student,
             "cache builds": f"member forwards/s, {sizes.arch}: {r['member_fwd_s']:.0f} one member alone"
                             + (f", stacked ensembles {stacked}" if stacked else ""),
             "cache loads": f"load + verify of a {sizes.load_mib} MiB file: {r['load_gb_s']:.2f} GB/s",
-            "pool (50k DDIM-100)": f"DDIM, {sizes.pool_steps} steps, {sizes.unet} UNet: "
-                                   f"{r['pool_img_s_old'] * STUDY['pool_steps'] / sizes.pool_steps:.1f} img/s at "
-                                   f"batch {sizes.gen_batch}"
-                                   + (f", {r['pool_img_s_new'] * STUDY['pool_steps'] / sizes.pool_steps:.1f} at "
-                                      f"{sizes.gen_big_batch}" if sizes.gen_big_batch else "")}
+            "pool (50k DDIM-100)": f"DDIM, {sizes.pool_steps} steps, {sizes.unet} UNet: " + ", ".join(
+                f"{_med(syn, f'ddim-{sizes.pool_steps}-{n}'):.1f} img/s at batch {n}"
+                for n in (sizes.gen_batch, sizes.gen_big_batch) if _med(syn, f"ddim-{sizes.pool_steps}-{n}"))}
 
 
 def _row(what: str, measured: str, means: str) -> dict:
