@@ -159,10 +159,15 @@ def rates(img_s_all: float, k: int, batch: int) -> dict:
 
 
 def best_k(result: dict) -> int | None:
-    """The measured k whose pack trains the most images/s in all (None: none measured); ``result["k"]`` is
-    keyed by str(k), as in the JSON."""
+    """The measured k that makes the study's students cheapest (:func:`kd.bench.projection.best_pack`), else
+    the one whose pack trains the most images/s in all (None: none measured); ``result["k"]`` is keyed by
+    str(k), as in the JSON."""
+    from kd.bench.projection import best_pack
+
     ks = result.get("k", {})
-    return int(max(ks, key=lambda k: ks[k]["pack"]["img_s_all"])) if ks else None
+    if not ks:
+        return None
+    return best_pack({k: v["gain"] for k, v in ks.items()}) or int(max(ks, key=lambda k: ks[k]["pack"]["img_s_all"]))
 
 
 def compare(students: Students, k: int, stacked: bool, steps: int, rounds: int) -> dict[str, list[float]]:
@@ -197,7 +202,7 @@ def bench_packs(b: Bench) -> dict:
         med = medians(s)
         gain = ratio(s, "pack", "plain")
         out["k"][str(k)] = {"samples_img_s": s, "pack": rates(med["pack"], k, sizes.pack_batch),
-                       "plain": rates(med["plain"], k, sizes.pack_batch), "gain": gain, "seconds": last[1]}
+                            "plain": rates(med["plain"], k, sizes.pack_batch), "gain": gain, "seconds": last[1]}
         b.add(row(f"pack k={k} ({how}) vs {k} plain student{'s' if k > 1 else ''}", med["pack"], med["plain"],
                   gain, None),
               note(f"pack k={k}: img/s a member; steps/s in all", f"{med['pack'] / k:.0f} img/s",

@@ -223,7 +223,7 @@ def _pack_rows(packs: dict | None, proj: dict | None) -> list[dict]:
     measured = (f"in all {each('img_s_all', '{:.0f}')} img/s = {each('student_steps_s_all', '{:.2f}')} "
                 f"student-steps/s; per member {each('img_s_member', '{:.0f}')} img/s; vs as many plain students "
                 + " / ".join(f"{per[k]['gain']:.2f}x" for k in ks))
-    means = f"fastest in all: k = {best_k_of(packs)}"
+    means = f"best: k = {best_k_of(packs)}"
     if proj:
         s = proj["students"]
         means += (f"; the study's students: {s['how']}, {proj['hours']['students']['old_h']:.1f} -> "
