@@ -11,11 +11,12 @@ from pathlib import Path
 import torch
 
 from kd.bench.common import CLASSES, CPU, CUDA, SMOKE, TEMPERATURE, Bench, Clock, machine, machine_line, process_seconds
-from kd.bench.table import markdown, note, summary_table, table
+from kd.bench.table import note, summary_table, table
 from kd.errors import ArgumentParser, KDError, cli
 
-SECTIONS = ("train", "distill", "cache", "ensemble", "synthetic", "compile")
-NEED_S = {"train": 20, "distill": 45, "cache": 15, "ensemble": 8, "synthetic": 25, "compile": 45}  # on a GPU
+SECTIONS = ("train", "distill", "pack", "cache", "ensemble", "synthetic", "compile")
+NEED_S = {"train": 20, "distill": 45, "pack": 30, "cache": 15, "ensemble": 8, "synthetic": 25,
+          "compile": 45}  # on a GPU
 
 
 def parse(argv):
@@ -63,27 +64,29 @@ def setup(args) -> tuple:
 
 
 def run_sections(b: Bench, skip: set) -> tuple[dict, list]:
-    from kd.bench import cachebuild, compiled, sampler, sections
+    from kd.bench import cachebuild, compiled, packs, sampler, sections
 
+    results: dict = {}
     runs = {"train": ("training", sections.bench_training), "distill": ("distillation", sections.bench_distill),
+            "pack": ("packs", packs.bench_packs),
             "cache": ("cache", cachebuild.bench_cache_build), "ensemble": ("ensemble", sections.bench_ensemble),
-            "synthetic": ("synthetic", sampler.bench_synthetic), "compile": ("compile", compiled.bench_compile)}
-    results, skipped = {}, []
+            "synthetic": ("synthetic", sampler.bench_synthetic),
+            "compile": ("compile", lambda b: compiled.bench_compile(b, results.get("packs")))}
     for name in SECTIONS:
         if name in skip:
             continue
         if not b.clock.fits(NEED_S[name]):
-            skipped.append(name)
+            b.skipped.append(name)
             b.add(note(f"{name}: skipped", "over budget", f"{b.clock.elapsed():.0f} s used"))
             continue
         key, fn = runs[name]
         results[key] = fn(b)
-    return results, skipped
+    return results, b.skipped
 
 
 def report(b: Bench, info: dict, results: dict, skipped: list, args) -> dict:
-    from kd.bench.projection import projection_rows
-    from kd.bench.summary import summarise
+    from kd.bench.projection import projection_notes, projection_table, projection_title
+    from kd.bench.summary import TITLE, summarise
 
     rows = b.rows
     checks = [r for r in rows if r.get("min")]
@@ -91,14 +94,14 @@ def report(b: Bench, info: dict, results: dict, skipped: list, args) -> dict:
     held = sum(r["holds"] == "yes" for r in checks)
     print(f"targets: {held} of {len(checks)} hold" + "".join(
         f"\n  {r['what']}: {r['ratio']} (target {r['target']})" for r in checks if r["holds"] != "yes"))
-    summary, proj = summarise(results, b.sizes, info)
-    print(f"\nThe GPU-speed issue's table ({info.get('gpu') or 'CPU ' + info['cpu']}):\n{summary_table(summary)}")
+    if skipped:
+        print("skipped, over the run's budget: " + ", ".join(skipped))
+    summary, proj = summarise(results, b.sizes, {**info, "skipped": skipped})
+    print(f"\n{TITLE} ({info.get('gpu') or 'CPU ' + info['cpu']}):\n{summary_table(summary)}")
     proj_table = ""
     if proj:
-        proj_table = markdown(("part of the CIFAR-100 study", "old design GPU-h", "new design GPU-h", "counts"),
-                              projection_rows(proj))
-        where = "" if b.device.type == "cuda" else " (rates of this CPU at its bench sizes: indicative only)"
-        print(f"\nProjection from this run's rates{where}:\n{proj_table}")
+        proj_table = projection_table(proj)
+        print(f"\n{projection_title(proj)}:\n{proj_table}\n{projection_notes(proj)}")
     else:
         print("\nno projection: it needs the train, distill, cache and synthetic sections")
     return {"machine": info, "sizes": asdict(b.sizes), "compile": args.compile, "smoke": args.smoke, "rows": rows,

@@ -7,7 +7,7 @@ import os
 import platform
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -39,6 +39,11 @@ class Sizes:
     compile_modes: tuple = ("default",)  # torch.compile modes of the compile section (kd.accel.MODES)
     compile_epochs: int = 3
     compile_steps: int = 4  # full steps an epoch of the compile section (and one short last batch)
+    pack_sizes: tuple = ()  # the pack section's k (students a pack trains at once); empty: no pack section
+    pack_arch: str = ""  # the pack section's students; empty: arch
+    pack_batch: int = 128  # each student's batch in the pack section (the study's student batch)
+    pack_images: int = 256  # training images (x 162 views in each student's cache) of the pack section
+    pack_steps: int = 1  # steps every student takes in a timed round of the pack section
     budget_s: float = 0.0  # the whole run's time budget (0: none); sections that no longer fit are skipped
 
     def distilled(self) -> tuple:
@@ -47,20 +52,27 @@ class Sizes:
     def forwards(self) -> tuple:
         return tuple(m for m in (self.forward_sizes or self.ensemble_sizes) if m > 1)
 
+    def packer(self) -> str:
+        return self.pack_arch or self.arch
 
+
+# The CPU runs packs one member after another (kd.sweep.pack's --stacked=auto), so a pack of k costs k steps:
+# k <= 4 shows it at the study's batch; 8 and 16 are for accelerators, where packs stack.
 CPU = Sizes(arch="preresnet20", teacher_batch=32, distill_batch=32, n_teacher=128, n_distill=32, epochs=4,
             bare_steps=12, paper_steps=4, rounds=3, gen_batch=64, gen_steps=(10, 25), pool_steps=25,
-            cache_images=2, load_mib=64)
+            cache_images=2, load_mib=64, pack_sizes=(1, 2, 4), pack_batch=128, pack_images=256, pack_steps=1)
 # A GPU: the paper's sizes, every section cut to fit `python -m kd.bench --device=cuda` into 4 minutes on an
 # H100/H200 (the compile section gets what is left of the budget; a mode that no longer fits is skipped).
 CUDA = Sizes(arch="preresnet56", teacher_batch=256, distill_batch=128, n_teacher=2048, n_distill=1024, epochs=3,
              bare_steps=16, paper_steps=8, rounds=2, ensemble_sizes=(1, 3, 12), distill_sizes=(1, 3),
              forward_sizes=(3, 12), cache_images=48, cache_sizes=(3,), load_mib=512, gen_batch=256,
              gen_steps=(25, 100), gen_rounds=1, gen_big_batch=1024, unet="cifar10",
-             compile_modes=("default", "reduce-overhead"), compile_epochs=3, compile_steps=8, budget_s=210.0)
+             compile_modes=("default", "reduce-overhead"), compile_epochs=3, compile_steps=8,
+             pack_sizes=(1, 2, 4, 8, 16), pack_batch=128, pack_images=1024, pack_steps=6, budget_s=210.0)
 SMOKE = Sizes(arch="preresnet8", teacher_batch=8, distill_batch=8, n_teacher=16, n_distill=8, epochs=2,
               bare_steps=2, paper_steps=2, rounds=1, ensemble_sizes=(1, 2), cache_images=2, cache_sizes=(2,),
-              load_mib=1, gen_batch=2, gen_steps=(2,), gen_rounds=1, pool_steps=2, compile_epochs=2)
+              load_mib=1, gen_batch=2, gen_steps=(2,), gen_rounds=1, pool_steps=2, compile_epochs=2,
+              pack_sizes=(1, 2), pack_batch=8, pack_images=16, pack_steps=2)
 CLASSES = 100
 TEMPERATURE = 4.0
 
@@ -206,6 +218,7 @@ class Bench:
     clock: Clock
     rows: list
     printer: object = print
+    skipped: list = field(default_factory=list)  # what did not fit the budget (or this device), by name
 
     def add(self, *new: dict) -> None:
         from kd.bench.table import fmt

@@ -10,6 +10,10 @@ and reports what the child had written by then (it writes OUT.json after every p
 * **rounds**: eager and each compile mode, interleaved, ``compile_epochs`` epochs a round on a training set
   with a short last batch; per round the first epoch's seconds (the compilation) and the median img/s of
   the others, and dynamo's graph count after the first epoch and at the end (0 more: nothing recompiled).
+* **pack** (where packs stack, i.e. not on the CPU; when the pack section measured one): the stacked pack of
+  the pack section's best k, eager vs compiled (:class:`kd.bench.packs.CompiledStackedPack`, default mode),
+  interleaved; its compilation is the compiled variant's untimed first round. Skipped, and named, when the
+  time left is short of what the student step's compilation took (x 1.5, a pack's graph is larger).
 """
 
 from __future__ import annotations
@@ -162,20 +166,61 @@ def child(spec_path: str, out_path: str) -> None:
             result["compile_s"] = {spec["modes"][0]: result["sigterm"]["first_step_s"]}
         save()
     _rounds(spec, sizes, device, data, cache, ens, clock, result, save)
+    if spec.get("pack"):
+        _pack(spec["pack"], sizes, device, clock, result, save)
+
+
+def _pack(pack: dict, sizes: Sizes, device, clock: Clock, out: dict, save) -> None:
+    """The stacked pack of ``pack["k"]`` students, eager vs compiled, into ``out["pack"]``."""
+    from kd.bench.packs import Pack, Students
+
+    compile_s = max(out.get("compile_s", {}).values(), default=60.0)
+    res = out["pack"] = {"k": pack["k"], "arch": pack["arch"], "batch": pack["batch"]}
+    if not clock.fits(compile_s * 1.5 + 15):
+        res["skipped"] = f"over budget ({clock.left():.0f} s left, the student step compiled in {compile_s:.0f} s)"
+        out.setdefault("skipped", []).append("pack")
+        save()
+        return
+    try:
+        students = Students(pack["k"], pack["arch"], pack["batch"], pack["images"], device)
+        eager = Pack(students, pack["k"], stacked=True)
+        compiled = Pack(students, pack["k"], stacked=True, compiled=True)
+        t0 = time.perf_counter()
+        compiled.round(1)  # compiles
+        res["compile_s"] = time.perf_counter() - t0
+        eager.round(1)
+        save()
+        s = interleave({"eager": lambda: eager.round(pack["steps"]),
+                        "compiled": lambda: compiled.round(pack["steps"])}, pack["rounds"])
+    except Exception as e:  # a graph torch.compile cannot build is a finding, not the end of the run
+        res["failed"] = f"{type(e).__name__}: {str(e).strip()[:300]}"
+        save()
+        return
+    res.update(samples_img_s=s, gain=ratio(s, "compiled", "eager"))
+    save()
 
 
 # ---------------------------------------------------------------------------------------------------------
 # the parent
 
 
-def spec_for(b: Bench) -> dict:
+def spec_for(b: Bench, packs: dict | None = None) -> dict:
+    """The child's work; ``packs``: the pack section's results (its best k is compiled where packs stack)."""
     import torch
 
+    from kd.bench.packs import best_k, stacks
+
     sizes, batch = b.sizes, b.sizes.distill_batch
+    k = best_k(packs or {})
+    pack = None
+    if k and stacks(b.device):
+        pack = {"k": k, "arch": packs["arch"], "batch": packs["batch"], "images": packs["images"],
+                "steps": packs["steps_per_round"], "rounds": max(1, min(sizes.rounds, 2))}
     return {"device": str(b.device), "sizes": asdict(sizes), "batch": batch,
             "n": sizes.compile_steps * batch + batch // 4, "modes": list(sizes.compile_modes),
             "rounds": max(1, min(sizes.rounds, 2)), "sigterm": True, "threads": torch.get_num_threads(),
-            "root": str(b.root / "compile"), "deadline_s": max(b.clock.left() - 10, 1) if sizes.budget_s else 0}
+            "root": str(b.root / "compile"), "deadline_s": max(b.clock.left() - 10, 1) if sizes.budget_s else 0,
+            "pack": pack}
 
 
 def run_child(b: Bench, spec: dict) -> tuple[dict, str]:
@@ -195,10 +240,11 @@ def run_child(b: Bench, spec: dict) -> tuple[dict, str]:
     return (json.loads(out_path.read_text()) if out_path.exists() else {}), how
 
 
-def bench_compile(b: Bench) -> dict:
-    spec = spec_for(b)
+def bench_compile(b: Bench, packs: dict | None = None) -> dict:
+    spec = spec_for(b, packs)
     got, how = run_child(b, spec)
-    got.update(ended=how, spec={k: spec[k] for k in ("n", "batch", "modes", "rounds", "deadline_s")})
+    got.update(ended=how, spec={k: spec[k] for k in ("n", "batch", "modes", "rounds", "deadline_s", "pack")})
+    b.skipped.extend(f"compile: {name}" for name in got.get("skipped", []))
     s, compile_s = got.get("samples_img_s", {}), got.get("compile_s", {})
     for mode in spec["modes"]:
         if s.get(mode) and s.get("eager"):
@@ -216,9 +262,37 @@ def bench_compile(b: Bench) -> dict:
                    f"{sig['seconds_after_signal']:.1f} s" if sig.get("honoured") else "NOT honoured",
                    f"stopped at step {sig.get('stopped_at_step')}" if sig.get("honoured") else "", "",
                    "checkpoint written" if sig.get("checkpoint") else ""))
+    _pack_rows(b, spec, got)
     if not how.startswith("finished"):
         print(f"compile section {how}", flush=True)
     return got
+
+
+def _pack_rows(b: Bench, spec: dict, got: dict) -> None:
+    if not spec["pack"]:
+        b.add(note("compile: pack", "not run", "", "", "packs loop here" if packs_loop(b) else "no pack measured"))
+        return
+    res, k = got.get("pack", {}), spec["pack"]["k"]
+    if res.get("samples_img_s"):
+        s = res["samples_img_s"]
+        b.add(row(f"compile: pack k={k} compiled vs eager", statistics.median(s["compiled"]),
+                  statistics.median(s["eager"]), res["gain"], None),
+              note(f"compile: pack k={k} compiling", f"{res['compile_s']:.1f} s"))
+    else:
+        stopped = got.get("ended", "").startswith("stopped")  # killed at the budget before this phase ended
+        why = "over budget" if res.get("skipped") or stopped else (res.get("failed") or got.get("ended", ""))
+        b.add(note(f"compile: pack k={k}", "skipped" if res.get("skipped") or stopped else "failed", "", "",
+                   why[:18]))
+        if stopped and not res.get("skipped"):
+            b.skipped.append("compile: pack")
+        if res.get("failed"):
+            print(f"compile: pack k={k} failed: {res['failed']}", flush=True)
+
+
+def packs_loop(b: Bench) -> bool:
+    from kd.bench.packs import stacks
+
+    return not stacks(b.device)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
-"""The benchmark's two tables: the detailed one (ours vs reference, ratio, target) and the GPU-speed issue's
-summary (what | measured | what it means), old design beside new where both were measured."""
+"""The benchmark's two tables: the detailed one (ours vs reference, ratio, target) and the repository's speed
+table (what | measured | what it means), old design beside new where both were measured."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def table(rows: list) -> str:
 
 
 def markdown(header: tuple, rows: list[tuple]) -> str:
-    """A GitHub-markdown table (the issue's and the README's form)."""
+    """A GitHub-markdown table (the README's form)."""
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
     return "\n".join(lines)
