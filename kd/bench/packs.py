@@ -1,4 +1,4 @@
-"""The pack section: k students trained as one pack (:mod:`kd.packing`, what ``python -m kd.sweep.pack`` runs)
+"""The pack section: k students trained as one pack (:mod:`kd.steppers`, what ``python -m kd.sweep.pack`` runs)
 against the same k students trained plainly, one after another, for every k of ``Sizes.pack_sizes``.
 
 Every student distils from its own teacher-output table through :class:`kd.objectives.Distill` with
@@ -9,10 +9,10 @@ log-probabilities (their values do not change what a step costs), so the section
 
 * **plain**: k students, each its own forward/backward/SGD step as ``distill.py`` takes it (channels_last,
   bf16 autocast on a GPU), one student's steps after another's: what k plain runs on one device cost.
-* **pack**: the same k students as one pack, a step of all members at once as :mod:`kd.sweep.packfit`
+* **pack**: the same k students as one pack, a step of all members at once as :func:`kd.engine.train_segment`
   takes it (one backward of the summed losses, one optimizer step): stacked (one vmapped model,
-  :class:`kd.packing.StackedPack`) on accelerators, one member after another on the CPU
-  (:class:`kd.packing.LoopedPack`): ``python -m kd.sweep.pack``'s ``--stacked=auto`` rule.
+  :class:`kd.steppers.StackedStep`) on accelerators, one member after another on the CPU
+  (:class:`kd.steppers.LoopedStep`): ``python -m kd.sweep.pack``'s ``--stacked=auto`` rule.
 
 Per k the two run interleaved (one untimed round first), ``pack_steps`` steps a student a round; a rate is
 images/s in all (k x batch x steps / seconds), per member (in all / k), and student-steps/s (in all / batch).
@@ -41,13 +41,13 @@ def stacks(device: torch.device) -> bool:
 
 
 class CompiledStackedPack:
-    """A :class:`kd.packing.StackedPack` whose forward (the members' vmapped model) is one static-shape
+    """A :class:`kd.steppers.StackedStep` whose forward (the members' vmapped model) is one static-shape
     ``torch.compile`` graph; everything else (optimizer step, ``close``) is the pack's own."""
 
     def __init__(self, models: list, optimizers: list, mode: str | None = None):
-        from kd.packing import StackedPack
+        from kd.steppers import StackedStep
 
-        self.pack = StackedPack(models, optimizers)
+        self.pack = StackedStep(models, optimizers)
         self.forward = torch.compile(self.pack.stacked.__call__, dynamic=False, mode=mode)
 
     def __call__(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -121,19 +121,19 @@ class Plain:
 
 
 class Pack:
-    """The same k students as one pack, each step :func:`kd.sweep.packfit.train_segment`'s: every member's
+    """The same k students as one pack, each step :func:`kd.engine.train_segment`'s: every member's
     batch, one forward of the pack, the losses summed and backpropagated once, one optimizer step."""
 
     def __init__(self, students: Students, k: int, stacked: bool, compiled: bool = False):
-        from kd.packing import LoopedPack, StackedPack
+        from kd.steppers import LoopedStep, StackedStep
 
         models, opts, self.streams = students.build(k)
         if compiled:
             self.pack = CompiledStackedPack(models, opts)
         elif stacked:
-            self.pack = StackedPack(models, opts)
+            self.pack = StackedStep(models, opts)
         else:
-            self.pack = LoopedPack(models, opts, channels_last=True)
+            self.pack = LoopedStep(models, opts, channels_last=True)
         self.pack.train()
         self.objectives, self.device, self.batch, self.k = students.objectives[:k], students.device, students.batch, k
 
