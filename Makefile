@@ -14,8 +14,11 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
 	@touch $(STAMP)
 
+# two workers (the machine's two cores), one test file per worker at a time: a file's fixtures are built once
+XDIST := -n 2 --dist loadfile
+
 test: setup
-	$(PY) -m pytest -m "not chaos and not slow"
+	$(PY) -m pytest -m "not chaos and not slow" $(XDIST)
 
 # ruff, and the layering contract in pyproject.toml (import-linter: a lower layer never imports a higher one)
 lint: setup
@@ -23,7 +26,7 @@ lint: setup
 	$(VENV)/bin/lint-imports
 
 chaos: setup
-	$(PY) -m pytest -m "chaos or slow"
+	$(PY) -m pytest -m "chaos or slow" $(XDIST)
 
 # The whole pipeline offline on digits: teachers, generator + pool, Figure 1 and ensemble-size sweeps, figures.
 # Started again, every step reuses what is done.

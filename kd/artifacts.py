@@ -84,11 +84,13 @@ def publish(name: str, type: str, files: list[str | Path], metadata: dict, run=N
 
 
 def held(name: str, type: str, files: list, metadata: dict, store=None) -> Path | None:
-    """The store's newest version of ``name`` when it holds exactly these files, type and metadata, else None."""
-    folder = _artifact_dir(name, store)
-    versions = [int(p.name[1:]) for p in folder.glob("v*") if p.name[1:].isdigit()]
-    same = _same_as_newest(folder, versions, type, files, metadata)
-    return None if same is None else folder / same
+    """The version ``latest`` names when it holds exactly these files, type and metadata, else None (a version
+    whose publish was cut off before ``latest.json`` does not count: publishing again finishes it)."""
+    latest = local_versions(name, store)
+    if latest is None or not latest.name[1:].isdigit():
+        return None
+    same = _same_as_newest(latest.parent, [int(latest.name[1:])], type, files, metadata)
+    return None if same is None else latest
 
 
 def _same_as_newest(folder: Path, versions: list[int], type: str, files, metadata: dict) -> str | None:

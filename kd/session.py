@@ -25,7 +25,7 @@ from kd.checkpoint import load_state_tensors, state_tensors
 from kd.config import to_dict
 from kd.engine import Member, fit
 from kd.errors import KDError
-from kd.io import check_folder, save_weights, write_json
+from kd.io import check_folder, remove_stale_temps, save_weights, write_json
 from kd.run_folder import RunFolder
 from kd.tracker import Tracker
 
@@ -53,6 +53,8 @@ class Session:
             torch.backends.cudnn.benchmark = True
         set_seed(getattr(cfg, "student_seed", cfg.seed), device_specific=False)
         self.ckpt = self.folder.open()
+        if self.main:
+            remove_stale_temps(self.run_dir / "final")  # a publish cut off mid-write: never read, only space
         self.accelerator.wait_for_everyone()  # --resume=False: the folder is cleared before any process reads it
 
     # ----------------------------------------------------------------------------------------- state
