@@ -31,7 +31,10 @@ DATASETS = {
     "cifar10": DatasetSpec("cifar10", 10, 32, 4, True),
     "cifar100": DatasetSpec("cifar100", 100, 32, 4, True),
     "digits": DatasetSpec("digits", 10, 8, 1, False),
+    "digits-hard": DatasetSpec("digits-hard", 10, 8, 1, False),
 }
+# digits-hard: the demo's task, hard enough that teachers err and students can disagree with them
+HARD_TRAIN, HARD_NOISE, HARD_OCCLUDE = 360, 32.0, 3  # training images kept, noise std (of 255), occluder side
 
 
 @dataclass
@@ -64,6 +67,8 @@ def load_dataset(name: str, data_dir: str | Path = "data", device: str | torch.d
     spec = DATASETS[name]
     if name == "digits":
         arrays = _load_digits()
+    elif name == "digits-hard":
+        arrays = _hard(*_load_digits())
     else:
         arrays = _load_cifar(name, Path(data_dir))
     tensors = [torch.from_numpy(np.ascontiguousarray(a)) for a in arrays]
@@ -80,6 +85,24 @@ def _load_digits():
     y = d.target.astype(np.int64)
     xtr, xte, ytr, yte = train_test_split(x, y, test_size=0.2, stratify=y, random_state=0)
     return xtr, ytr, xte, yte
+
+
+def _hard(xtr, ytr, xte, yte):
+    """digits made harder, the same for every run (a fixed seed): a stratified subset of 360 training images,
+    every image (train and test) with Gaussian pixel noise and one black 3x3 square at a random place."""
+    from sklearn.model_selection import train_test_split
+
+    xtr, _, ytr, _ = train_test_split(xtr, ytr, train_size=HARD_TRAIN, stratify=ytr, random_state=0)
+    rng = np.random.default_rng(0)
+
+    def corrupt(x):
+        x = x.astype(np.float32) + rng.normal(0.0, HARD_NOISE, size=x[:, :1].shape).astype(np.float32)
+        side, size = HARD_OCCLUDE, x.shape[-1]
+        for img, (r, c) in zip(x, rng.integers(0, size - side + 1, size=(len(x), 2))):
+            img[:, r:r + side, c:c + side] = 0.0
+        return np.clip(np.round(x), 0, 255).astype(np.uint8)
+
+    return corrupt(xtr), ytr, corrupt(xte), yte
 
 
 _CIFAR_FILES = {"cifar10": ("cifar-10-batches-py", "cifar-10-python.tar.gz"),

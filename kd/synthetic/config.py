@@ -15,7 +15,7 @@ from kd.synthetic.presets import GENERATORS, GanPreset, Preset, presets_of
 
 SCHEDULERS = ("ddpm", "ddim", "dpm")
 DEFAULT_MODELS = {"cifar10": "google/ddpm-cifar10-32", "cifar100": names.generator_artifact("cifar100"),
-                  "digits": names.generator_artifact("digits")}
+                  "digits": names.generator_artifact("digits"), "digits-hard": names.generator_artifact("digits-hard")}
 _SEED_MAX = 2**63 - 1
 
 
@@ -119,7 +119,7 @@ class GeneratorTrainConfig:
                               f"{'SN-GAN' if key in _GAN_ONLY else 'DDPM'} setting): drop it")
 
     def preset_name(self) -> str:
-        return self.preset or self.dataset
+        return self.preset or names.DATASET_FAMILY.get(self.dataset, self.dataset)
 
     def recipe(self) -> Preset | GanPreset:
         """The preset with the non-zero overrides of the command line."""
