@@ -21,8 +21,9 @@ from kd.errors import KDError, check_name
 
 SEED_MAX = 2**32 - 1  # numpy's and torch's generators take seeds up to this
 # keys W&B hands back on resume (the stored config) that the programs add themselves: ignored, with one line
-RUN_KEYS = {names.JOB, names.RUN_NAME, names.TEACHER_NAMES, names.TEACHER_HASHES, names.SYNTHETIC_POOL_SHA,
-            names.SYNTHETIC_SOURCE, "n_real", "n_synthetic", "n_params", "n_train", "wandb_version"}
+RUN_KEYS = {names.JOB, names.RUN_NAME, names.TEACHER_NAMES, names.TEACHER_HASHES, names.TEACHER_VERSIONS,
+            names.SYNTHETIC_POOL_SHA, names.SYNTHETIC_SOURCE, names.SYNTHETIC_FID, "n_real", "n_synthetic", "n_params",
+            "n_train", "wandb_version", "recipe"}  # recipe: a generator run's resolved preset
 
 
 def fingerprint(identity: dict) -> str:

@@ -31,7 +31,23 @@ class Interrupted(Exception):
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse for the ``python -m kd.*`` commands: a usage error is one line and exit code 2, like KDError."""
+    """argparse for the ``python -m kd.*`` commands: a usage error is one line and exit code 2, like KDError;
+    ``--help`` shows every default; every option is spelled as the programs spell theirs (``--dry_run``), and
+    the dashed spelling (``--dry-run``) is accepted too."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def add_argument(self, *names, **kwargs):
+        if names and all(n.startswith("--") for n in names):
+            spelled = {("--" + n[2:].replace("-", "_")) for n in names} | {("--" + n[2:].replace("_", "-"))
+                                                                             for n in names}
+            first = "--" + names[0][2:].replace("-", "_")
+            if "dest" not in kwargs:
+                kwargs["dest"] = first[2:]
+            names = (first, *sorted(spelled - {first}))
+        return super().add_argument(*names, **kwargs)
 
     def error(self, message: str):
         self.exit(2, f"error: {message}: see {self.prog} --help\n")

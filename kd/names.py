@@ -39,6 +39,7 @@ RUN_NAME = "run_name"
 STUDY = "study"
 TEACHER_NAMES = "teacher_names"
 TEACHER_HASHES = "teacher_hashes"
+TEACHER_VERSIONS = "teacher_versions"  # name:version of each teacher, as resolved
 SYNTHETIC_POOL_SHA = "synthetic_pool_sha256"
 SYNTHETIC_SOURCE = "synthetic_source"
 SYNTHETIC_FID = "synthetic_fid"  # the pool's FID (a float; absent or None when unknown)

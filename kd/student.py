@@ -53,13 +53,14 @@ def inputs(cfg, session, data):
     teachers = session.main_first(lambda: choose_teachers(cfg, run))
     folders = session.main_first(lambda: resolve_teachers(teachers, alias, run, cfg.store))
     members, metas = load_teachers(teachers, folders, data, device=session.device)
+    versions = [f"{t}:{_version(f)}" for t, f in zip(teachers, folders)]
     if session.main:
-        print("teachers: " + ", ".join(f"{t}:{_version(f)}" for t, f in zip(teachers, folders)), flush=True)
+        print("teachers: " + ", ".join(versions), flush=True)
     synthetic, syn_info = synthetic_images(cfg, data, session)
     hashes = [m["sha256"] for m in metas]
     session.check_inputs({"teacher_hashes": hashes, "synthetic_pool_sha256": syn_info.get(names.SYNTHETIC_POOL_SHA)})
-    extra = {names.TEACHER_NAMES: teachers, names.TEACHER_HASHES: hashes, "n_real": data.n_train,
-             "n_synthetic": 0 if synthetic is None else len(synthetic), **syn_info}
+    extra = {names.TEACHER_NAMES: teachers, names.TEACHER_HASHES: hashes, names.TEACHER_VERSIONS: versions,
+             "n_real": data.n_train, "n_synthetic": 0 if synthetic is None else len(synthetic), **syn_info}
     return members, synthetic, extra
 
 

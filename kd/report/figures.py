@@ -21,6 +21,14 @@ from kd.io import temp_beside
 from kd.report.aggregate import FIG1_SIZES, Group, fig1_temperature, for_source, source_fid, sources, stats, trial_of
 
 BAND = "min–max over trials"
+
+
+def _lines_note(groups) -> str:
+    """What the lines and the shading are, as drawn: a band only where a point has two trials or more."""
+    ns = [len(g.runs) for g in groups if g is not None and g.runs]
+    if ns and max(ns) > 1:
+        return f"lines: mean over trials; shaded: {BAND}"
+    return "one trial per point: lines join single runs (no band)"
 ACC, AGREEMENT, TEACHER_ACC = names.TEST_ACC, names.TEST_AGREEMENT, names.TEACHER_ACC
 
 
@@ -101,17 +109,21 @@ def _fig1_panel(ax, gs: list[Group | None], ratios: list[float], labels: dict) -
     right.set_ylabel("test accuracy (%)", color="tab:orange")
     ax.tick_params(axis="y", colors="tab:blue")
     right.tick_params(axis="y", colors="tab:orange")
+    lo = min(ax.get_ylim()[0], right.get_ylim()[0])  # both axes on one scale: the percentages compare
+    hi = max(ax.get_ylim()[1], right.get_ylim()[1])
+    ax.set_ylim(lo, hi)
+    right.set_ylim(lo, hi)
     ax.grid(True, alpha=0.3)
 
 
-def _fig1_legend(fig) -> None:
+def _fig1_legend(fig, note: str) -> None:
     from matplotlib.lines import Line2D
 
     handles = [Line2D([], [], color="tab:blue", marker="o", label="test agreement (left axis)"),
                Line2D([], [], color="tab:orange", marker="o", label="student test accuracy (right axis)"),
                Line2D([], [], color="0.25", linestyle="--", label="teacher test accuracy (right axis)")]
     fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.945), ncol=3, fontsize=9.5,
-               title=f"lines: mean over trials; shaded: {BAND}", title_fontsize=9, frameon=False)
+               title=note + " · both axes on one scale", title_fontsize=9, frameon=False)
 
 
 def figure1(groups: list[Group], study: str, dataset: str, arch: str, source: str | None = None):
@@ -139,7 +151,7 @@ def figure1(groups: list[Group], study: str, dataset: str, arch: str, source: st
         drawn = True
     fig.suptitle("Fidelity vs generalization as synthetic data is added to distillation", fontsize=13, y=0.99)
     if drawn:
-        _fig1_legend(fig)
+        _fig1_legend(fig, _lines_note(at_tau))
     tau_txt = "-" if tau is None else f"{tau:g}"
     fig.text(0.5, 0.01, f"study {study} · dataset {dataset} · student {arch} · temperature τ = {tau_txt} · "
              f"trials per point: {_trials(at_tau)} · metrics on the test set after the last epoch",
@@ -163,7 +175,7 @@ def _fig2_lines(ax_acc, ax_agr, at0: list[Group]) -> None:
         ax.set_xlabel("teacher ensemble size m (number of teachers)")
         ax.set_ylabel(ylabel)
         ax.grid(True, alpha=0.3)
-        ax.legend(loc="best", fontsize=9, title=f"lines: mean over trials; shaded: {BAND}", title_fontsize=8.5)
+        ax.legend(loc="best", fontsize=9, title=_lines_note(at0), title_fontsize=8.5)
 
 
 def figure2(groups: list[Group], study: str, dataset: str, arch: str):

@@ -1,8 +1,8 @@
 """Run a W&B sweep spec offline: the stand-in for ``wandb sweep`` + ``wandb agent`` where no server is.
 
     python -m kd.sweep sweeps/demo/teachers.yaml               # run every run of the grid, here
-    python -m kd.sweep sweeps/demo/teachers.yaml --dry-run     # print each run's command, run nothing
-    python -m kd.sweep SPEC.yaml --count 2 --keep-going --state-dir DIR
+    python -m kd.sweep sweeps/demo/teachers.yaml --dry_run     # print each run's command, run nothing
+    python -m kd.sweep SPEC.yaml --count 2 --keep_going --state_dir DIR
     python -m kd.sweep.launch train.py --seed=0 ...            # one run, as a spec's command starts it
 
 The spec is the YAML that ``wandb sweep`` takes, unchanged (:mod:`kd.sweep.spec` checks it, bounded
@@ -20,7 +20,7 @@ exported: ``WANDB_SWEEP_ID``. With it set, ``wandb.init`` ignores the project an
 and ``wandb sync`` of the offline run fails on the server ("sweep ... not found"), since no server knows a
 local sweep. The local sweep id is exported as ``KD_SWEEP_ID`` instead.
 
-State (:mod:`kd.sweep.state`): ``runs/sweeps/<spec-stem>-<sha8>/state.json`` (``--state-dir`` to override),
+State (:mod:`kd.sweep.state`): ``runs/sweeps/<spec-stem>-<sha8>/state.json`` (``--state_dir`` to override),
 under an fcntl lock, so several runners can share one spec: a run is claimed (status running, pid, host,
 start time) before it starts and marked finished or failed after. Started again, a runner skips finished
 runs, retries failed ones and reruns runs whose runner died (the programs resume from their own

@@ -1,4 +1,4 @@
-"""``python -m kd.sweep SPEC.yaml [--dry-run] [--count N] [--keep-going] [--state-dir DIR]``: the command line.
+"""``python -m kd.sweep SPEC.yaml [--dry_run] [--count N] [--keep_going] [--state_dir DIR]``: the command line.
 
 A user error is one line (``error: ...``) and exit code 2 with nothing written; a SIGTERM, SIGINT or SIGHUP
 stops the current run (its program checkpoints), notes it interrupted and exits 128 + the signal number.

@@ -1,4 +1,4 @@
-"""``python -m kd.sweep.pack SPEC.yaml [--pack N] [--stacked auto|True|False] [--dry-run]``: a grid of
+"""``python -m kd.sweep.pack SPEC.yaml [--pack N] [--stacked auto|True|False] [--dry_run]``: a grid of
 ``distill.py`` runs trained several to a process, as one stacked model.
 
 On a GPU a small network at the paper's batch sizes is bound by kernel launches, not arithmetic; the runs of
@@ -120,7 +120,8 @@ def run_pack(cfgs: list[DistillConfig], stacked: str) -> None:
 
 def parser() -> ArgumentParser:
     p = ArgumentParser(prog="python -m kd.sweep.pack", description=__doc__.split("\n\n")[0])
-    p.add_argument("spec", help="a W&B grid spec of distill.py runs, e.g. sweeps/demo/ensemble_distill.yaml")
+    p.add_argument("spec", help="a W&B grid spec of distill.py runs, e.g. sweeps/demo/ensemble_size.yaml (16 runs, "
+                                "all at synthetic ratio 0: four packs of 4)")
     p.add_argument("--pack", type=int, default=4, help="runs per pack (one process trains one pack at a time)")
     p.add_argument("--stacked", default="auto", choices=("auto", "True", "False"),
                    help="one stacked model (auto: on accelerators) or the members one after another")

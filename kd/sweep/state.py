@@ -53,7 +53,7 @@ class State:
         data = self.peek()
         if data.get("spec_sha256") != self.spec.sha:
             raise KDError(f"{self.path} belongs to another spec ({data.get('spec_path')}): pass another "
-                          "--state-dir, or delete that folder to start over")
+                          "--state_dir, or delete that folder to start over")
         return data
 
     def peek(self) -> dict | None:
