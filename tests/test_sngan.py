@@ -343,10 +343,10 @@ def _authors_decay(initial: float, final: float, start: int, stop: int):
     return decay_fn
 
 
-@pytest.mark.parametrize("preset, end", [("gnosis", 1e-6), ("miyato", 0.0), ("digits", 1e-6)])
-def test_learning_rate_decays_linearly_to_the_presets_end(preset, end):
+@pytest.mark.parametrize("preset, lr, end", [("gnosis", 2e-4, 1e-6), ("miyato", 2e-4, 0.0), ("digits", 1e-3, 1e-6)])
+def test_learning_rate_decays_linearly_to_the_presets_end(preset, lr, end):
     p = GAN_PRESETS[preset]
-    total, lr = p.g_steps, 2e-4
+    total = p.g_steps
     assert (p.lr, p.lr_end) == (lr, end)
     at = [sngan.lr_at(s, total, p.lr, p.lr_end) for s in (0, total // 2, total, total + 7)]
     assert at[0] == lr and at[1] == pytest.approx((lr + end) / 2, rel=1e-12)
@@ -404,7 +404,7 @@ def test_digits_preset_trains_a_few_steps():
     g, d = build_gan(p)
     assert len(g.blocks) == 2 and g(torch.randn(2, p.z_dim)).shape == (2, 1, 8, 8)
     opt_g, opt_d = sngan.optimizers(p, g, d)
-    assert opt_d.defaults["betas"] == (0.0, 0.9) and opt_g.defaults["lr"] == 2e-4
+    assert opt_d.defaults["betas"] == (0.0, 0.9) and opt_g.defaults["lr"] == p.lr == 1e-3  # the preset's lr
     before_g = [q.detach().clone() for q in g.parameters()]
     before_d = [q.detach().clone() for q in d.parameters()]
     reals = _digit_batches(3 * p.n_dis, 32)
