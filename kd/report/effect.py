@@ -102,10 +102,11 @@ def _amount(row: dict) -> str:
     return f"ratio {row['ratio']:g}" + (f" (+{n:,} images)" if n else "")
 
 
-def _tick(src: str, fid: float | None) -> str:
+def _tick(src: str, fid: float | None, several: bool) -> str:
+    """A category's label: the family, the G step where the family has several sources, the FID."""
     step = step_of(src)
-    return f"{family_of(src)}\n{'final' if step is None else f'step {step}'}\n" + (
-        "FID unknown" if fid is None else f"FID {fid:.1f}")
+    at = ("final" if step is None else f"step {step}") if several else ""
+    return "\n".join(filter(None, (family_of(src), at, "FID unknown" if fid is None else f"FID {fid:.1f}")))
 
 
 def _panel(ax, rows: list[dict], key: str, x_of, dodge: float, families: list[str], ratios: list[float],
@@ -172,7 +173,8 @@ def figure_effect(groups: list[Group], study: str, dataset: str, arch: str):
             if on_fid:
                 ax.set_xlabel("generator FID (lower: closer to the real images)")
             else:
-                ax.set_xticks(range(len(srcs)), [_tick(s, fids[s]) for s in srcs], fontsize=7)
+                size = {f: sum(family_of(s) == f for s in srcs) for f in families}
+                ax.set_xticks(range(len(srcs)), [_tick(s, fids[s], size[family_of(s)] > 1) for s in srcs], fontsize=7)
                 ax.set_xlim(-0.6, len(srcs) - 0.4)
     handles = [Line2D([], [], color="0.3", marker=FAMILY_MARKERS[i % len(FAMILY_MARKERS)], linestyle="",
                       markersize=8, label=f) for i, f in enumerate(families)]
