@@ -540,3 +540,91 @@ def test_online_without_runs_names_the_offline_study(fake_api, mini, capsys):
     assert f"`wandb sync {root / 'wandb'}/offline-run-*`" in lines[0] and "pass --offline" in lines[0]
     assert f"3 offline run folder(s) of the study are on disk, e.g. {root / 'wandb'}/offline-run-" in lines[0]
     assert not (root / "online-figs").exists()
+
+
+# ------------------------------------------------------------------------------- the synthetic effect figure
+def _effect_run(rid, m, r, trial, acc, agree, source=None, fid=None) -> report.Run:
+    run = _run(rid, m, r, trial, 1.0, acc, source, fid)
+    run.summary["test/agreement"] = agree
+    return run
+
+
+# real only, per trial: (accuracy, agreement)
+BASE = {0: (0.80, 0.85), 1: (0.84, 0.88), 2: (0.78, 0.86)}
+# (source, fid, ratio) -> per trial (accuracy, agreement) with synthetic data; trial 2 missing for step10's 0.5
+SYN = {("generator-cifar10-sngan@step10", 90.0, 0.5): {0: (0.76, 0.80), 1: (0.83, 0.86)},
+       ("generator-cifar10-sngan@step10", 90.0, 1.0): {0: (0.75, 0.81), 1: (0.80, 0.83), 2: (0.70, 0.80)},
+       ("generator-cifar10-sngan@step20", 60.0, 1.0): {0: (0.79, 0.86), 1: (0.81, 0.84), 2: (0.76, 0.85)},
+       ("generator-cifar10-sngan", 40.0, 1.0): {0: (0.81, 0.87), 1: (0.86, 0.90), 2: (0.77, 0.89)},
+       ("google/ddpm-cifar10-32", 5.0, 1.0): {0: (0.82, 0.90)}}
+
+
+def _effect_groups(with_fid: bool = True) -> list:
+    runs = [_effect_run(f"b{t}", 1, 0.0, t, *BASE[t]) for t in BASE]
+    for (src, fid, ratio), per_trial in SYN.items():
+        runs += [_effect_run(f"{src}-{ratio}-{t}", 1, ratio, t, *v, src, fid if with_fid else None)
+                 for t, v in per_trial.items()]
+    return report.group_students(runs, [])
+
+
+def test_synthetic_effect_is_the_paired_change_with_a_t_interval():
+    from scipy import stats
+
+    rows = {(r["source"], r["ratio"]): r for r in report.synthetic_effects(_effect_groups())}
+    assert set(rows) == {(s, r) for s, _, r in SYN}
+    for (src, fid, ratio), per_trial in SYN.items():
+        row = rows[(src, ratio)]
+        assert (row["fid"], row["ensemble_size"], row["family"]) == (fid, 1, src.split("@")[0])
+        assert row["step"] == (int(src.rsplit("@step", 1)[1]) if "@step" in src else None)
+        for i, key in enumerate(("d_acc", "d_agreement")):
+            changes = [per_trial[t][i] - BASE[t][i] for t in sorted(per_trial)]  # paired: same trial only
+            assert row[f"{key}_n"] == len(changes)
+            assert row[f"{key}_trials"] == pytest.approx(dict(zip(sorted(per_trial), changes)))
+            assert row[key] == pytest.approx(statistics.fmean(changes))
+            if len(changes) == 1:
+                assert row[f"{key}_lo"] is None and row[f"{key}_hi"] is None
+                continue
+            sem = statistics.stdev(changes) / len(changes) ** 0.5
+            lo, hi = stats.t.interval(0.95, len(changes) - 1, loc=statistics.fmean(changes), scale=sem)
+            assert (row[f"{key}_lo"], row[f"{key}_hi"]) == pytest.approx((lo, hi), rel=1e-9)
+            table = {1: 12.706, 2: 4.303}[len(changes) - 1]  # t_0.975 from a printed table
+            assert row[f"{key}_hi"] - row[key] == pytest.approx(table * sem, rel=1e-3)
+    # by hand for one of them: accuracy changes -0.05, -0.04, -0.08 -> mean -0.05667, sd 0.02082
+    row = rows[("generator-cifar10-sngan@step10", 1.0)]
+    assert row["d_acc"] == pytest.approx(-0.17 / 3) and row["d_acc_lo"] == pytest.approx(-0.17 / 3 - 0.0517, abs=1e-4)
+
+
+def _drawn_points(ax) -> list[tuple[float, float, str]]:
+    return [(float(line.get_xdata()[0]), float(line.get_ydata()[0]), line.get_marker()) for line in ax.lines
+            if len(line.get_xdata()) == 1 and line.get_marker() not in ("None", None, "", "_")]  # not the caps
+
+
+def test_effect_figure_draws_intervals_against_fid_one_marker_per_family(tmp_path):
+    from kd.report.effect import figure_effect
+
+    groups = _effect_groups()
+    rows = report.synthetic_effects(groups)
+    fig = figure_effect(groups, "s", "cifar10", "preresnet56")
+    for ax, key in zip(fig.axes[:2], ("d_acc", "d_agreement")):  # 1 teacher: accuracy, agreement
+        points = _drawn_points(ax)
+        assert len(points) == len(rows)
+        markers = {}
+        for r in rows:  # each mean at its FID (shifted sideways by under 1 FID per amount), in percentage points
+            (hit,) = [p for p in points if abs(p[0] - r["fid"]) < 1.0 and p[1] == pytest.approx(100 * r[key])]
+            markers.setdefault(r["family"], set()).add(hit[2])
+        assert all(len(m) == 1 for m in markers.values()) and len(set().union(*markers.values())) == 2
+        bars = sorted((round(min(s[:, 1]), 6), round(max(s[:, 1]), 6)) for c in ax.collections
+                      for s in c.get_segments())
+        want = sorted((round(100 * r[f"{key}_lo"], 6), round(100 * r[f"{key}_hi"], 6)) for r in rows
+                      if r[f"{key}_lo"] is not None)
+        assert bars == want  # one 95% interval per mean over two or more trials, none for the lone trial
+        assert "FID" in ax.get_xlabel()
+    report.save_figure(fig, tmp_path / "effect.png")
+    w, h = _png_size(tmp_path / "effect.png")
+    assert w > 600 and h > 300
+
+    fig = figure_effect(_effect_groups(with_fid=False), "s", "cifar10", "preresnet56")  # no FID: categories
+    ticks = [t.get_text() for t in fig.axes[0].get_xticklabels()]
+    assert len(ticks) == 4 and all("FID unknown" in t for t in ticks)
+    assert ticks[0].startswith("generator-cifar10-sngan\nstep 10") and "final" in ticks[2]
+    assert len(_drawn_points(fig.axes[0])) == len(rows)

@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from torch.nn.utils import parametrize
 
 from kd import synthetic as syn
+from kd.errors import KDError
 from kd.io import sha256_file
 from kd.synthetic import quality, sngan
 from kd.synthetic.quality import QualityUnavailable, fid, inception_score
@@ -56,7 +57,7 @@ def _sn_layers(model: nn.Module) -> list[nn.Module]:
 
 
 def test_spectral_norm_on_every_d_layer_and_none_in_g():
-    g, d = build_gan("cifar10")
+    g, d = build_gan("miyato")
     d_layers, g_layers = _sn_layers(d), _sn_layers(g)
     assert len(d_layers) == 2 * 4 + 2 + 1  # 4 blocks x 2 convs, 2 shortcut 1x1 convs, the final linear
     assert all(parametrize.is_parametrized(m, "weight") for m in d_layers)
@@ -69,7 +70,7 @@ def test_spectral_norm_on_every_d_layer_and_none_in_g():
 
 
 def test_spectral_norm_makes_the_top_singular_value_one():
-    _, d = build_gan("cifar10")
+    _, d = build_gan("miyato")
     d.train()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
@@ -79,7 +80,7 @@ def test_spectral_norm_makes_the_top_singular_value_one():
         w = m.weight.detach()  # the normalised weight W / sigma(W)
         sigma = torch.linalg.matrix_norm(w.reshape(w.shape[0], -1), ord=2).item()
         assert sigma == pytest.approx(1.0, abs=0.1), m
-    g, _ = build_gan("cifar10")  # no normalisation in G: its 3x3 convs are far from norm 1 at Xavier init
+    g, _ = build_gan("miyato")  # no normalisation in G: its 3x3 convs are far from norm 1 at Xavier init
     c1 = g.blocks[0].c1.weight.detach()
     assert torch.linalg.matrix_norm(c1.reshape(c1.shape[0], -1), ord=2).item() > 1.2
 
@@ -94,8 +95,9 @@ def test_hinge_losses_on_hand_made_logits():
     assert d_hinge_loss(torch.tensor([1.0, 3.0]), torch.tensor([-1.0, -5.0])).item() == 0.0
 
 
-def test_shapes_and_range_at_32_px():
-    g, d = build_gan("cifar100")
+@pytest.mark.parametrize("preset", ["gnosis", "miyato"])
+def test_shapes_and_range_at_32_px(preset):
+    g, d = build_gan(preset)
     z = torch.randn(3, 128)
     x = g(z)
     assert x.shape == (3, 3, 32, 32) and x.min() >= -1 and x.max() <= 1
@@ -116,7 +118,7 @@ def _bn(c: int) -> int:
 
 
 def test_cifar_parameter_counts_layer_by_layer():
-    p = GAN_PRESETS["cifar10"]
+    p = GAN_PRESETS["miyato"]
     assert (p.z_dim, p.g_ch, p.d_ch, p.batch_size, p.n_dis, p.lr, p.betas, p.g_steps) == (
         128, 256, 128, 64, 5, 2e-4, (0.0, 0.9), 50_000)
     z, c, b = 128, 256, 4
@@ -139,6 +141,253 @@ def test_bad_sizes_are_refused():
         build_gan("imagenet")
 
 
+# The two reference architectures as their authors' code builds them, one entry per layer that has parameters:
+# ("linear", in, out, bias), ("conv", k, in, out) (always with a bias), ("bn", channels). Transcribed from the code
+# (module by module), not from kd.synthetic.sngan, so the counts below are an independent check.
+
+
+def _gnosis_layers(z: int = 128, k_g: int = 256, k_d: int = 128, img: int = 3) -> tuple[list, list]:
+    """samuelstanton/gnosis gnosis/models/sngan.py with config/density_model/sngan.yaml (G k=256, D k=128)."""
+    g = [("linear", z, 4 * 4 * k_g, True)]  # nn.Linear(z_dim, 4 * 4 * k)
+    for _ in range(3):  # ResBlockGenerator(k, k, stride=2): BN, ReLU, Upsample, Conv3, BN, ReLU, Conv3;
+        g += [("bn", k_g), ("conv", 3, k_g, k_g), ("bn", k_g), ("conv", 3, k_g, k_g)]  # bypass: in == out, none
+    g += [("bn", k_g), ("conv", 3, k_g, img)]  # BatchNorm2d(k), ReLU, Conv2d(k, img_channels, 3), Tanh
+    d = [("conv", 3, img, k_d), ("conv", 3, k_d, k_d), ("conv", 1, img, k_d)]  # FirstResBlockDiscriminator
+    for _ in range(3):  # ResBlockDiscriminator(k, k, stride=2), (k, k), (k, k): bypass in == out, none
+        d += [("conv", 3, k_d, k_d), ("conv", 3, k_d, k_d)]
+    d += [("linear", k_d, 1, True)]  # ReLU, AvgPool2d(8), nn.Linear(k, out_size=1)
+    return g, d
+
+
+def _miyato_layers(z: int = 128, ch_g: int = 256, ch_d: int = 128, img: int = 3) -> tuple[list, list]:
+    """pfnet-research/sngan_projection gen_models/resnet_32.py, dis_models/snresnet_32.py and their resblocks.py
+    (configs/sn_cifar10_unconditional.yml: ch 256 / 128, bottom_width 4)."""
+    g = [("linear", z, 4 * 4 * ch_g, True)]  # l1
+    for _ in range(3):  # Block(ch, ch, upsample=True): b1, c1, b2, c2 and c_sc (learnable_sc: upsample)
+        g += [("bn", ch_g), ("conv", 3, ch_g, ch_g), ("bn", ch_g), ("conv", 3, ch_g, ch_g), ("conv", 1, ch_g, ch_g)]
+    g += [("bn", ch_g), ("conv", 3, ch_g, img)]  # b5, c5
+    d = [("conv", 3, img, ch_d), ("conv", 3, ch_d, ch_d), ("conv", 1, img, ch_d)]  # OptimizedBlock: c1, c2, c_sc
+    d += [("conv", 3, ch_d, ch_d), ("conv", 3, ch_d, ch_d), ("conv", 1, ch_d, ch_d)]  # Block(downsample=True)
+    for _ in range(2):  # Block(ch, ch, downsample=False): learnable_sc False
+        d += [("conv", 3, ch_d, ch_d), ("conv", 3, ch_d, ch_d)]
+    d += [("linear", ch_d, 1, False)]  # l5 = SNLinear(ch, 1, nobias=True)
+    return g, d
+
+
+def _shapes(layers: list) -> list[tuple]:
+    """The parameter tensors' shapes (torch's layout) of a layer list."""
+    out = []
+    for kind, *a in layers:
+        if kind == "linear":
+            out += [(a[1], a[0])] + ([(a[1],)] if a[2] else [])
+        elif kind == "conv":
+            out += [(a[2], a[1], a[0], a[0]), (a[2],)]
+        else:
+            out += [(a[0],), (a[0],)]
+    return sorted(out)
+
+
+def _numel(shapes: list[tuple]) -> int:
+    return sum(math.prod(s) for s in shapes)
+
+
+def _own_shapes(model: nn.Module) -> list[tuple]:
+    return sorted(tuple(q.shape) for q in model.parameters())
+
+
+@pytest.mark.parametrize("preset, reference, ours_only, counts", [
+    ("gnosis", _gnosis_layers, [], (4_079_363, 1_037_313)),
+    # the one difference from sngan_projection: D's last linear has a bias here (as in Mimicry)
+    ("miyato", _miyato_layers, [(1,)], (4_276_739, 1_053_825))])
+def test_parameter_counts_match_the_authors_layer_lists(preset, reference, ours_only, counts):
+    g_ref, d_ref = map(_shapes, reference())
+    g, d = build_gan(preset)
+    assert _own_shapes(g) == g_ref and sum(q.numel() for q in g.parameters()) == _numel(g_ref)
+    assert _own_shapes(d) == sorted(d_ref + ours_only)
+    assert sum(q.numel() for q in d.parameters()) == _numel(d_ref) + _numel(ours_only)
+    assert (_numel(g_ref), _numel(d_ref) + _numel(ours_only)) == counts  # the README quotes these
+
+
+class _View(nn.Module):
+    def __init__(self, *shape):
+        super().__init__()
+        self.shape = shape
+
+    def forward(self, x):
+        return x.view(x.shape[0], *self.shape)
+
+
+class _RefGBlock(nn.Module):
+    """gnosis ResBlockGenerator(k, k, stride=2), as written there."""
+
+    def __init__(self, k: int):
+        super().__init__()
+        self.upsample = nn.Upsample(scale_factor=2, mode="bilinear")
+        self.model = nn.Sequential(nn.BatchNorm2d(k), nn.ReLU(), self.upsample, nn.Conv2d(k, k, 3, 1, padding=1),
+                                   nn.BatchNorm2d(k), nn.ReLU(), nn.Conv2d(k, k, 3, 1, padding=1))
+
+    def forward(self, x):
+        return self.model(x) + self.upsample(x)
+
+
+class _RefDBlock(nn.Module):
+    """gnosis FirstResBlockDiscriminator / ResBlockDiscriminator, spectral norm left out (the test feeds them
+    the normalised weights of ours)."""
+
+    def __init__(self, cin: int, cout: int, stride: int, first: bool):
+        super().__init__()
+        layers = [nn.Conv2d(cin, cout, 3, 1, padding=1), nn.ReLU(), nn.Conv2d(cout, cout, 3, 1, padding=1)]
+        self.model = nn.Sequential(*([] if first else [nn.ReLU()]), *layers)
+        self.downsample = nn.AvgPool2d(2, stride=stride, padding=0) if stride != 1 else nn.Sequential()
+        self.bypass = nn.Conv2d(cin, cout, 1, 1, padding=0) if cin != cout else nn.Sequential()
+
+    def forward(self, x):
+        return self.downsample(self.model(x)) + self.downsample(self.bypass(x))
+
+
+def _copy(dst: nn.Module, src: nn.Module) -> None:
+    """dst's weight, bias (and BN statistics) := src's; a spectrally normalised src gives its normalised weight."""
+    with torch.no_grad():
+        dst.weight.copy_(src.weight)
+        dst.bias.copy_(src.bias)
+        for name in ("running_mean", "running_var"):
+            if hasattr(dst, name):
+                getattr(dst, name).copy_(getattr(src, name))
+
+
+def test_gnosis_networks_compute_what_the_authors_modules_compute():
+    g, d = build_gan("gnosis")
+    k = 256
+    ref_g = nn.Sequential(nn.Linear(128, 4 * 4 * k), _View(k, 4, 4), *[_RefGBlock(k) for _ in range(3)],
+                          nn.BatchNorm2d(k), nn.ReLU(), nn.Conv2d(k, 3, 3, stride=1, padding=1), nn.Tanh())
+    _copy(ref_g[0], g.l1)
+    for i, block in enumerate(g.blocks):
+        for j, ours in ((0, block.b1), (3, block.c1), (4, block.b2), (6, block.c2)):
+            _copy(ref_g[2 + i].model[j], ours)
+    _copy(ref_g[5], g.b_out)
+    _copy(ref_g[7], g.c_out)
+    z = torch.randn(6, 128)
+    with torch.no_grad():
+        g.train(), ref_g.train()  # batch statistics, as in training
+        assert torch.allclose(g(z), ref_g(z), atol=1e-5)
+        g.eval(), ref_g.eval()  # running statistics, as when sampling a pool
+        assert torch.allclose(g(z), ref_g(z), atol=1e-5)
+
+    k = 128
+    ref_d = nn.Sequential(_RefDBlock(3, k, 2, True), _RefDBlock(k, k, 2, False), _RefDBlock(k, k, 1, False),
+                          _RefDBlock(k, k, 1, False), nn.ReLU(), nn.AvgPool2d(8), _View(k), nn.Linear(k, 1))
+    d.eval()  # the normalised weights without another power iteration
+    for ref, ours in zip(ref_d[:4], d.blocks):
+        convs = [m for m in ref.model if isinstance(m, nn.Conv2d)]
+        _copy(convs[0], ours.c1)
+        _copy(convs[1], ours.c2)
+        if isinstance(ref.bypass, nn.Conv2d):
+            _copy(ref.bypass, ours.c_sc)
+        else:
+            assert ours.c_sc is None  # identity shortcut in both
+    _copy(ref_d[7], d.l_out)
+    x = torch.rand(4, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        assert torch.allclose(d(x), ref_d(x), atol=1e-5)
+
+
+def test_initialisation_follows_each_reference():
+    """gnosis: Xavier uniform gain 1 (sqrt(2) for 1x1 convs), torch's bias init; miyato: gain sqrt(2) inside the
+    residual branches, 1 elsewhere, zero biases."""
+    def bound(w: torch.Tensor, gain: float) -> float:
+        fan_in, fan_out = w.shape[1] * w[0, 0].numel(), w.shape[0] * w[0, 0].numel()
+        return gain * math.sqrt(6.0 / (fan_in + fan_out))
+
+    def near_bound(w: torch.Tensor, gain: float) -> bool:
+        b = bound(w, gain)
+        return 0.95 * b < w.abs().max().item() <= b
+
+    g, d = build_gan("gnosis")
+    c1 = d.blocks[0].c1.parametrizations.weight.original
+    sc = d.blocks[0].c_sc.parametrizations.weight.original
+    assert near_bound(g.blocks[0].c1.weight, 1.0) and near_bound(c1, 1.0) and near_bound(sc, math.sqrt(2))
+    assert near_bound(g.l1.weight, 1.0) and near_bound(g.c_out.weight, 1.0)
+    fan_in = g.blocks[0].c1.weight[0].numel()  # torch's default bias: uniform(+-1 / sqrt(fan_in))
+    assert 0 < g.blocks[0].c1.bias.abs().max().item() <= 1 / math.sqrt(fan_in)
+    g, d = build_gan("miyato")
+    assert near_bound(g.blocks[0].c1.weight, math.sqrt(2)) and near_bound(g.blocks[0].c_sc.weight, 1.0)
+    assert all(not m.bias.any() for m in _sn_layers(g) + _sn_layers(d) if m.bias is not None)
+
+
+def test_presets_gnosis_and_miyato():
+    p = GAN_PRESETS["gnosis"]  # config/image_generation.yaml and density_model/sngan.yaml of the authors' code
+    assert (p.arch, p.z_dim, p.g_ch, p.d_ch, p.image_size, p.channels) == ("gnosis", 128, 256, 128, 32, 3)
+    assert (p.g_steps, p.batch_size, p.n_dis, p.lr, p.betas, p.lr_end) == (100_000, 128, 5, 2e-4, (0.0, 0.9), 1e-6)
+    assert p.flip and p.g_first and p.ema_decay == 0 and p.snapshots == (10_000, 25_000, 50_000)
+    p = GAN_PRESETS["miyato"]
+    assert (p.arch, p.lr_end, p.flip, p.g_first) == ("miyato", 0.0, False, False)
+    from kd.synthetic.config import GeneratorTrainConfig as Cfg
+
+    assert Cfg(generator="sngan", dataset="cifar100").preset_name() == "gnosis"  # the paper sweeps' generator
+    assert Cfg(generator="sngan", dataset="cifar100").artifact_name() == "generator-cifar100-sngan"
+    miyato = Cfg(generator="sngan", dataset="cifar10", preset="miyato")
+    assert miyato.artifact_name() == "generator-cifar10-sngan-miyato"
+    assert Cfg(generator="sngan", dataset="digits").artifact_name() == "generator-digits-sngan"
+    assert Cfg(dataset="cifar100").preset_name() == "cifar100"  # the DDPM's presets keep the dataset's name
+    assert "snapshots" not in Cfg(generator="sngan", dataset="cifar100").identity()
+
+
+def _authors_decay(initial: float, final: float, start: int, stop: int):
+    """gnosis/utils/optim.py get_decay_fn, the multiplier torch's LambdaLR applies (stepped once per G step)."""
+    def decay_fn(counter):
+        if counter <= start:
+            return 1
+        if counter >= stop:
+            return final / initial
+        return 1 - (counter - start) * (1 - final / initial) / (stop - start)
+    return decay_fn
+
+
+@pytest.mark.parametrize("preset, lr, end", [("gnosis", 2e-4, 1e-6), ("miyato", 2e-4, 0.0), ("digits", 1e-3, 1e-6)])
+def test_learning_rate_decays_linearly_to_the_presets_end(preset, lr, end):
+    p = GAN_PRESETS[preset]
+    total = p.g_steps
+    assert (p.lr, p.lr_end) == (lr, end)
+    at = [sngan.lr_at(s, total, p.lr, p.lr_end) for s in (0, total // 2, total, total + 7)]
+    assert at[0] == lr and at[1] == pytest.approx((lr + end) / 2, rel=1e-12)
+    assert at[2] == at[3] == pytest.approx(end, abs=1e-18)
+    decay = _authors_decay(lr, end if end else 1e-30, 0, total)  # sngan_projection's LinearShift ends at 0
+    for s in (1, total // 4, total // 3, total - 1):
+        assert sngan.lr_at(s, total, p.lr, p.lr_end) == pytest.approx(lr * decay(s), rel=1e-9, abs=1e-15)
+    small = 40  # torch's LambdaLR with the authors' function, one scheduler step per G step, as gnosis ran it
+    opt = torch.optim.Adam([nn.Parameter(torch.zeros(1))], lr=p.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _authors_decay(lr, end if end else 1e-30, 0, small))
+    for s in range(small + 1):
+        assert opt.param_groups[0]["lr"] == pytest.approx(sngan.lr_at(s, small, p.lr, p.lr_end), abs=1e-15)
+        opt.step()
+        sched.step()
+
+
+def test_authors_order_takes_the_g_step_first():
+    p = GAN_PRESETS["digits"]
+    g, d = build_gan(p)
+    opt_g, opt_d = sngan.optimizers(p, g, d)
+    order: list[str] = []
+    for name, opt in (("G", opt_g), ("D", opt_d)):
+        step = opt.step
+        opt.step = lambda *a, _s=step, _n=name, **k: (order.append(_n), _s(*a, **k))[1]
+    reals = _digit_batches(2, 16)
+    sngan.train_step(g, d, opt_g, opt_d, reals, g_first=True)
+    sngan.train_step(g, d, opt_g, opt_d, reals)
+    assert order == ["G", "D", "D", "D", "D", "G"]
+
+
+def test_flips_mirror_about_half_of_the_images():
+    from kd.synthetic.train_gan import _flip
+
+    x = torch.arange(200 * 8 * 8, dtype=torch.float32).view(200, 1, 8, 8)
+    out = _flip(x, torch.Generator().manual_seed(3))
+    same = (out == x).flatten(1).all(1)
+    mirrored = (out == x.flip(-1)).flatten(1).all(1)
+    assert bool((same ^ mirrored).all()) and 70 < int(mirrored.sum()) < 130
+    assert torch.equal(out, _flip(x, torch.Generator().manual_seed(3)))  # drawn from the step's generator only
+
+
 # ---------------------------------------------------------------- training
 
 
@@ -155,7 +404,7 @@ def test_digits_preset_trains_a_few_steps():
     g, d = build_gan(p)
     assert len(g.blocks) == 2 and g(torch.randn(2, p.z_dim)).shape == (2, 1, 8, 8)
     opt_g, opt_d = sngan.optimizers(p, g, d)
-    assert opt_d.defaults["betas"] == (0.0, 0.9) and opt_g.defaults["lr"] == 2e-4
+    assert opt_d.defaults["betas"] == (0.0, 0.9) and opt_g.defaults["lr"] == p.lr == 1e-3  # the preset's lr
     before_g = [q.detach().clone() for q in g.parameters()]
     before_d = [q.detach().clone() for q in d.parameters()]
     reals = _digit_batches(3 * p.n_dis, 32)
@@ -275,6 +524,109 @@ def test_digits_sngan_trains_exports_and_publishes(trained_gan):
     g, _ = sngan.load_generator(trained_gan / "gen/generator")
     assert not g.training and g(torch.randn(2, 32)).shape == (2, 1, 8, 8)
     assert (trained_gan / "gen/samples.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_trainer_logs_the_decaying_learning_rate(trained_gan):
+    state = json.loads((trained_gan / "gen/checkpoints/state.json").read_text())
+    p = GAN_PRESETS["digits"]
+    logged = [r["generator/lr"] for r in state["history"]]  # rows at steps 10..40: the lr of their last G step
+    want = [sngan.lr_at(r["step"] - 1, p.g_steps, p.lr, p.lr_end) for r in state["history"]]
+    assert logged == pytest.approx(want, rel=1e-12) and logged == sorted(logged, reverse=True)
+    assert logged[0] < p.lr and logged[-1] > p.lr_end  # 40 of 300 steps: well on the way down
+
+
+# ---------------------------------------------------------------- snapshots: pools of one training at several steps
+
+SNAP_TRAIN = ["train", "--generator=sngan", "--dataset=digits", "--save_every=10", "--sample_every=1000",
+              "--snapshots=10,20", "--out=gen"]
+
+
+@pytest.fixture(scope="module")
+def gan_with_snapshots(tmp_path_factory) -> Path:
+    """The digits SN-GAN trained to step 20 (its export kept as at-20.safetensors), then on to 30, snapshots at
+    10 and 20; its folder."""
+    folder = tmp_path_factory.mktemp("sngan-snapshots")
+    run_script("-m kd.synthetic", *SNAP_TRAIN, "--max_steps=20", cwd=folder, env={"WANDB_MODE": "disabled"})
+    shutil.copy(folder / GAN_WEIGHTS, folder / "at-20.safetensors")
+    run_script("-m kd.synthetic", *SNAP_TRAIN, "--max_steps=30", cwd=folder, env={"WANDB_MODE": "disabled"})
+    return folder
+
+
+def test_snapshots_are_exported_and_published_with_the_generator(gan_with_snapshots):
+    out = gan_with_snapshots / "gen/generator"
+    assert sngan.snapshot_steps(out) == [10, 20]
+    assert json.loads((out / "generator.json").read_text())["step"] == 30
+    snap = json.loads((out / "generator-step00000020.json").read_text())
+    assert snap["step"] == 20 and snap["kind"] == "sngan" and snap["sha256"] == sha256_file(
+        out / "generator-step00000020.safetensors")
+    a, b = load_file(str(out / "generator-step00000020.safetensors")), load_file(
+        str(gan_with_snapshots / "at-20.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # G as it was at step 20
+    store = gan_with_snapshots / "artifacts/generator-digits-sngan"
+    latest = json.loads((store / "latest.json").read_text())["version"]
+    manifest = json.loads((store / latest / "manifest.json").read_text())
+    assert sorted(manifest["files"]) == ["generator-step00000010.json", "generator-step00000010.safetensors",
+                                         "generator-step00000020.json", "generator-step00000020.safetensors",
+                                         "generator.json", "generator.safetensors"]
+    assert manifest["metadata"]["snapshots"] == [10, 20] and manifest["metadata"]["step"] == 30
+
+
+def test_pool_from_an_intermediate_checkpoint(gan_with_snapshots, workdir, monkeypatch, capsys):
+    from kd.report.effect import family_of, step_of
+
+    shutil.copytree(gan_with_snapshots / "artifacts", workdir / "artifacts")
+    no_inception_download(monkeypatch, workdir)
+    pools = {}
+    for step in (10, 20, 0):
+        pool = syn.generate(_gan_pool(step=step, num=40, batch_size=40, shard_size=40, fid="auto"))
+        pools[step] = syn.load_pool(str(pool))
+    images, meta = pools[10]
+    assert meta["model"] == "generator-digits-sngan@step10" and meta["generator_step"] == 10
+    assert meta["source"] == "generator-digits-sngan-step10" and meta["artifact"] == (
+        "synthetic-digits-generator-digits-sngan-step10")
+    assert meta["fid"] is None and "Inception weights" in meta["fid_reason"]  # null with the reason, as always
+    assert torch.equal(syn.load_pool("synthetic-digits-generator-digits-sngan-step10")[0], images)  # own artifact
+    assert pools[20][1]["artifact"] == "synthetic-digits-generator-digits-sngan-step20"
+    assert pools[0][1]["model"] == "generator-digits-sngan" and pools[0][1]["generator_step"] == 30
+    assert not torch.equal(pools[10][0], pools[20][0]) and not torch.equal(pools[20][0], pools[0][0])
+    assert (family_of(meta["model"]), step_of(meta["model"])) == ("generator-digits-sngan", 10)  # the report's
+    assert (family_of(pools[0][1]["model"]), step_of(pools[0][1]["model"])) == ("generator-digits-sngan", None)
+    # the same step through the trainer's folder, and an FID where the features can be had (a stand-in here)
+    folder_pool = syn.generate(_gan_pool(model=str(gan_with_snapshots / "gen"), step=10, num=40, batch_size=40,
+                                         shard_size=40, out="from-folder", fid="auto"), quality_feature=TinyFeatures())
+    again, meta = syn.load_pool(str(folder_pool))
+    assert torch.equal(again, images) and isinstance(meta["fid"], float) and meta["fid"] > 0
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:  # a step that was never exported: one line naming what there is
+        syn.main(["generate", "--model=generator-digits-sngan", "--dataset=digits", "--num=4", "--step=15"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "\n" not in err and "no SN-GAN generator at step 15" in err
+    assert "snapshots: 10, 20; final: step 30" in err and "--snapshots=15" in err
+    with pytest.raises(KDError, match="not an SN-GAN generator: drop --step"):
+        syn.generate(_gan_pool(model="google/ddpm-cifar10-32", step=5))
+
+
+def test_snapshot_settings_and_snapshots_of_another_run(tmp_path):
+    from kd.synthetic.config import GeneratorTrainConfig as Cfg
+    from kd.synthetic.train_gan import GanJob
+
+    assert Cfg(generator="sngan", dataset="cifar100").snapshot_steps() == (10_000, 25_000, 50_000)
+    assert Cfg(generator="sngan", dataset="digits", snapshots="200,50").snapshot_steps() == (50, 200)
+    assert Cfg(generator="sngan", dataset="digits", snapshots="none").snapshot_steps() == ()
+    with pytest.raises(KDError, match="must name steps from 1 to the run's 300 G steps"):
+        Cfg(generator="sngan", dataset="digits", snapshots="400").validate()
+    with pytest.raises(KDError, match="--snapshots does not apply to --generator=ddpm"):
+        Cfg(dataset="digits", snapshots="10").validate()
+    cfg = Cfg(generator="sngan", dataset="digits", out=str(tmp_path / "gen"))
+    job = GanJob(cfg)
+    folder = tmp_path / "gen/generator"
+    g = sngan.generator_of(job.recipe)
+    sngan.save_generator(folder, g, job.recipe, {"step": 100, "identity": job.identity}, sngan.snapshot_stem(100))
+    sngan.save_generator(folder, g, job.recipe, {"step": 200, "identity": {**job.identity, "seed": 1}},
+                         sngan.snapshot_stem(200))
+    job._drop_foreign_snapshots()  # what training does before its first step: another run's snapshot goes
+    assert sngan.snapshot_steps(folder) == [100] and not (folder / "generator-step00000200.safetensors").exists()
 
 
 @pytest.mark.slow  # a long end-to-end test: make chaos runs it

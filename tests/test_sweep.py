@@ -29,14 +29,18 @@ SPECS = sorted((REPO / "sweeps").glob("*/*.yaml"))
 STUDY = {"cifar10": "cifar10-paper", "cifar100": "cifar100-paper", "demo": "demo", "demo-generators": "demo-generators"}
 POOL = {"cifar10": "synthetic-cifar10-ddpm-cifar10-32", "cifar100": "synthetic-cifar100-generator-cifar100",
         "demo": "synthetic-digits-generator-digits", "demo-generators": "synthetic-digits-generator-digits"}
-# the generator axis: Figure 1 sweeps (and the generator comparison demo) also take the SN-GAN's pool
+# the generator axis: Figure 1 sweeps also take the SN-GAN's pool
 SNGAN_POOL = {"cifar10": "synthetic-cifar10-generator-cifar10-sngan",
-              "cifar100": "synthetic-cifar100-generator-cifar100-sngan",
-              "demo-generators": "synthetic-digits-generator-digits-sngan"}
+              "cifar100": "synthetic-cifar100-generator-cifar100-sngan"}
+# sample quality within one family: the generator comparisons take the SN-GAN at three steps or more (its
+# snapshots' pools, "-stepN") besides its final pool and the diffusion model's
+QUALITY_SPECS = {("cifar10", "generator_quality"), ("cifar100", "generator_quality"),
+                 ("demo-generators", "self_distill")}
+SNGAN_FAMILY = {**SNGAN_POOL, "demo-generators": "synthetic-digits-generator-digits-sngan"}
 RUNS = {("cifar10", "teachers"): 12, ("cifar10", "self_distill"): 30, ("cifar10", "ensemble_distill"): 30,
-        ("cifar10", "ensemble_size"): 54, ("demo", "teachers"): 4, ("demo", "self_distill"): 5,
-        ("demo", "ensemble_distill"): 5, ("demo", "ensemble_size"): 8, ("demo-generators", "teachers"): 1,
-        ("demo-generators", "self_distill"): 4}
+        ("cifar10", "ensemble_size"): 54, ("cifar10", "generator_quality"): 60, ("demo", "teachers"): 4,
+        ("demo", "self_distill"): 5, ("demo", "ensemble_distill"): 5, ("demo", "ensemble_size"): 8,
+        ("demo-generators", "teachers"): 1, ("demo-generators", "self_distill"): 24}
 LAUNCH = ["${env}", "${interpreter}", "-m", "kd.sweep.launch", "${program}", "${args}"]
 
 PROGRAM = r'''
@@ -121,7 +125,8 @@ def test_every_spec_is_there():
     assert {(p.parent.name, p.stem) for p in SPECS} == {
         (d, s) for d in STUDY if d != "demo-generators"
         for s in ("teachers", "self_distill", "ensemble_distill", "ensemble_size")} | {
-        ("demo-generators", "teachers"), ("demo-generators", "self_distill")}
+        ("demo-generators", "teachers"), ("demo-generators", "self_distill"),
+        ("cifar10", "generator_quality"), ("cifar100", "generator_quality")}
 
 
 @pytest.mark.parametrize("path", SPECS, ids=lambda p: f"{p.parent.name}/{p.name}")
@@ -144,7 +149,12 @@ def test_spec_is_valid_for_wandb_and_the_program(path):
         assert len(spec.grid) == RUNS.get((folder, kind), RUNS[("cifar10", kind)])
     else:
         assert len(spec.grid) == RUNS[(folder, kind)]
-    if not teacher and folder in SNGAN_POOL and kind != "ensemble_size":
+    if (folder, kind) in QUALITY_SPECS:
+        pools = params["synthetic_pool"]["values"]
+        steps = [p for p in pools if p.startswith(SNGAN_FAMILY[folder] + "-step")]
+        assert len(steps) >= 2 and SNGAN_FAMILY[folder] in pools and POOL[folder] in pools  # 3+ qualities + DDPM
+        assert params["synthetic_ratio"] == {"values": [0.0, 1.0]} and len(params["trial"]["values"]) >= 3
+    elif not teacher and folder in SNGAN_POOL and kind != "ensemble_size":
         assert params["synthetic_pool"] == {"values": [POOL[folder], SNGAN_POOL[folder]]}
     elif not teacher:
         assert params["synthetic_pool"] == {"value": POOL[folder]}

@@ -1,84 +1,196 @@
-"""``synthetic_effect.png``: does a better generator (lower FID) help distillation more?
+"""``synthetic_effect.png``: does better sample quality (lower FID) make the synthetic images help more?
 
-For each synthetic source and ensemble size 1 and 3 (at Figure 1's temperature): the change in mean student
-test accuracy and in mean test agreement from real data only (ratio 0) to the largest ratio of that source,
-in percentage points, against the generator's FID. Drawn only when the study uses two or more sources; a
-source whose FID is unknown is named under the figure instead of drawn.
+For each synthetic source (the generator of a pool; ``MODEL@stepN`` for a snapshot of one training at G step N),
+ensemble size 1 and 3 (at Figure 1's temperature) and synthetic amount (every ratio > 0 the source was run at):
+per trial, the paired change from real data only (ratio 0, the same ensemble size, temperature and trial) to that
+amount, in student test accuracy and in test agreement; then the mean over the trials present in both, with a
+95% interval (Student's t with n - 1 degrees of freedom; none for a single trial), against the pool's FID.
+
+A generator *family* is the sources that differ only in ``@stepN`` (the snapshots of one training and its final
+weights): one marker shape per family, one colour per synthetic amount, a family's points joined per amount.
+Drawn when the study uses two or more sources. When some source's FID is unknown (no Inception weights where its
+pool was made) the sources stand side by side in categories (family, then step) instead of on an FID axis, and
+the figure says so: the effect is still shown, only not against sample quality.
 """
 
 from __future__ import annotations
 
+import math
+import statistics
+
 from kd import names
-from kd.report.aggregate import FIG1_SIZES, Group, fig1_temperature, source_fid, sources
+from kd.report.aggregate import FIG1_SIZES, Group, fig1_temperature, source_fid, sources, trial_of
 
 DELTAS = {"d_acc": names.TEST_ACC, "d_agreement": names.TEST_AGREEMENT}
-MARKERS = {1: "o", 3: "s"}
-COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink")
+WHAT = {"d_acc": "student test accuracy", "d_agreement": "test agreement"}
+STEP_MARK = "@step"  # kd.synthetic.config.STEP_MARK: how a pool of a snapshot names its model
+FAMILY_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+LEVEL = 0.95
 
 
-def _delta(base: Group, top: Group, metric: str) -> float | None:
-    a, b = base.stats[metric]["mean"], top.stats[metric]["mean"]
-    return None if a is None or b is None else b - a
+def family_of(source: str) -> str:
+    """The generator family of a source: ``generator-cifar100-sngan@step10000`` -> ``generator-cifar100-sngan``."""
+    base, mark, step = source.rpartition(STEP_MARK)
+    return base if mark and step.isdigit() else source
+
+
+def step_of(source: str) -> int | None:
+    """The G step of a snapshot source, None for a final (or any other) generator."""
+    _, mark, step = source.rpartition(STEP_MARK)
+    return int(step) if mark and step.isdigit() else None
+
+
+def t_interval(values: list[float], level: float = LEVEL) -> tuple[float | None, float | None, float | None]:
+    """(mean, low, high): the mean of ``values`` and its ``level`` Student-t interval over them (n - 1 degrees
+    of freedom); (mean, None, None) for one value, all None for none. A NaN propagates."""
+    n = len(values)
+    if n == 0:
+        return None, None, None
+    mean = math.fsum(values) / n
+    if n == 1:
+        return mean, None, None
+    from scipy.stats import t  # scipy: a dependency of scikit-learn and torch-fidelity
+
+    half = float(t.ppf(0.5 + level / 2, n - 1)) * statistics.stdev(values) / math.sqrt(n)
+    return mean, mean - half, mean + half
+
+
+def paired_changes(base: Group, top: Group, metric: str) -> dict[int, float]:
+    """trial -> ``top``'s value minus ``base``'s value of the same trial, for the trials both hold."""
+    def by_trial(g: Group) -> dict[int, float]:
+        return {trial_of(r): float(v) for r in g.runs
+                if isinstance(v := r.value(metric), (int, float)) and not isinstance(v, bool)}
+
+    a, b = by_trial(base), by_trial(top)
+    return {t: b[t] - a[t] for t in sorted(a.keys() & b.keys())}
 
 
 def synthetic_effects(groups: list[Group]) -> list[dict]:
-    """One row per (source, ensemble size) that has both a real-only and a synthetic group at Figure 1's
-    temperature: source, fid, ensemble_size, ratio (the largest), d_acc and d_agreement (fractions)."""
+    """One row per (source, ensemble size, ratio > 0) that has a real-only group of the same ensemble size at
+    Figure 1's temperature: source, family, step, fid, ensemble_size, ratio, n_synthetic, and per change
+    (d_acc, d_agreement, as fractions): the mean over the paired trials, ``{key}_lo`` / ``{key}_hi`` (the 95%
+    t-interval, None for one trial), ``{key}_n`` (paired trials) and ``{key}_trials`` (trial -> change)."""
     tau = fig1_temperature(groups)
     rows = []
     for src in sources(groups):
         for m in FIG1_SIZES:
             base = [g for g in groups if g.key == (m, 0.0, tau)]
-            own = [g for g in groups if g.synthetic_source == src and g.ensemble_size == m and g.temperature == tau]
-            if not base or not own:
+            own = [g for g in groups if g.synthetic_source == src and g.ensemble_size == m and g.temperature == tau
+                   and g.synthetic_ratio > 0]
+            if not base:
                 continue
-            top = max(own, key=lambda g: g.synthetic_ratio)
-            rows.append({"source": src, "fid": source_fid(groups, src), "ensemble_size": m,
-                         "ratio": top.synthetic_ratio,
-                         **{k: _delta(base[0], top, metric) for k, metric in DELTAS.items()}})
+            for top in sorted(own, key=lambda g: g.synthetic_ratio):
+                row = {"source": src, "family": family_of(src), "step": step_of(src), "fid": source_fid(groups, src),
+                       "ensemble_size": m, "ratio": top.synthetic_ratio, "n_synthetic": top.n_synthetic}
+                for key, metric in DELTAS.items():
+                    changes = paired_changes(base[0], top, metric)
+                    mean, lo, hi = t_interval(list(changes.values()))
+                    row.update({key: mean, f"{key}_lo": lo, f"{key}_hi": hi, f"{key}_n": len(changes),
+                                f"{key}_trials": changes})
+                rows.append(row)
     return rows
 
 
-def _style(m: int) -> dict:
-    """1 teacher: a filled circle; 3: a larger open square (both visible where they coincide)."""
-    if m == 1:
-        return {"marker": "o", "markersize": 8}
-    return {"marker": MARKERS.get(m, "^"), "markersize": 13, "markerfacecolor": "none", "markeredgewidth": 2}
+# ------------------------------------------------------------------------------------------------ drawing
+def _order(rows: list[dict]) -> list[str]:
+    """Sources by family, then step (a family's final generator last)."""
+    return sorted({r["source"] for r in rows}, key=lambda s: (family_of(s), step_of(s) is None, step_of(s) or 0))
 
 
-def _draw(axes, rows: list[dict], srcs: list[str]) -> None:
-    for ax, (key, what) in zip(axes, (("d_acc", "student test accuracy"), ("d_agreement", "test agreement"))):
-        for row in rows:
-            if row["fid"] is None or row[key] is None:
+def _amount(row: dict) -> str:
+    n = row["n_synthetic"]
+    return f"ratio {row['ratio']:g}" + (f" (+{n:,} images)" if n else "")
+
+
+def _tick(src: str, fid: float | None, several: bool) -> str:
+    """A category's label: the family, the G step where the family has several sources, the FID."""
+    step = step_of(src)
+    at = ("final" if step is None else f"step {step}") if several else ""
+    return "\n".join(filter(None, (family_of(src), at, "FID unknown" if fid is None else f"FID {fid:.1f}")))
+
+
+def _panel(ax, rows: list[dict], key: str, x_of, dodge: float, families: list[str], ratios: list[float],
+           colors, label_steps: bool) -> None:
+    """One panel: per amount (colour, shifted sideways by ``dodge`` x-units per amount so the intervals do not
+    overlap) and family (marker), the mean changes with their intervals, joined along the family; with
+    ``label_steps`` each point of a family of several is labelled with its G step."""
+    for i, ratio in enumerate(ratios):
+        shift = (i - (len(ratios) - 1) / 2) * dodge
+        color = colors[i]
+        for fam in families:
+            pts = sorted(((x_of(r), r) for r in rows if r["ratio"] == ratio and r["family"] == fam
+                          and r[key] is not None and x_of(r) is not None), key=lambda p: p[0])
+            if not pts:
                 continue
-            ax.plot([row["fid"]], [100 * row[key]], linestyle="", color=COLORS[srcs.index(row["source"]) % len(COLORS)],
-                    **_style(row["ensemble_size"]))
-        ax.axhline(0.0, color="0.5", linewidth=1)
-        ax.set_xlabel("generator FID (lower: closer to the real images)")
-        ax.set_ylabel(f"change in {what} (percentage points)")
-        ax.set_title(f"{what}: largest synthetic ratio minus real only", fontsize=11)
-        ax.grid(True, alpha=0.3)
+            marker = FAMILY_MARKERS[families.index(fam) % len(FAMILY_MARKERS)]
+            xs, ys = [p[0] + shift for p in pts], [100 * p[1][key] for p in pts]
+            if len(pts) > 1:
+                ax.plot(xs, ys, color=color, linewidth=1, alpha=0.5)
+            for x, y, (_, r) in zip(xs, ys, pts):
+                lo, hi = r[f"{key}_lo"], r[f"{key}_hi"]
+                err = None if lo is None or hi is None else [[y - 100 * lo], [100 * hi - y]]
+                ax.errorbar([x], [y], yerr=err, color=color, marker=marker, markersize=8, capsize=3, linestyle="")
+                if label_steps and len(pts) > 1 and i == len(ratios) - 1:
+                    ax.annotate("final" if r["step"] is None else f"{r['step']}", (x, y), xytext=(6, 6),
+                                textcoords="offset points", fontsize=7, color="0.3")
+    ax.axhline(0.0, color="0.5", linewidth=1)
+    ax.grid(True, alpha=0.3)
 
 
 def figure_effect(groups: list[Group], study: str, dataset: str, arch: str):
+    from matplotlib import colormaps
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
 
-    rows, srcs = synthetic_effects(groups), sources(groups)
-    fig = Figure(figsize=(11.0, 4.8), layout="constrained")
-    axes = fig.subplots(1, 2)
-    _draw(axes, rows, srcs)
-    drawn = {r["source"] for r in rows if r["fid"] is not None}
-    handles = [Line2D([], [], color=COLORS[i % len(COLORS)], marker="o", linestyle="", label=s)
-               for i, s in enumerate(srcs) if s in drawn]
-    handles += [Line2D([], [], color="0.3", linestyle="", label=f"{m} teacher{'s' * (m > 1)}", **_style(m))
-                for m in MARKERS]
-    axes[1].legend(handles=handles, loc="best", fontsize=8.5)
-    fig.suptitle("Effect of the synthetic data per generator", fontsize=13)
-    unknown = sorted({r["source"] for r in rows if r["fid"] is None})
+    rows = synthetic_effects(groups)
+    sizes = sorted({r["ensemble_size"] for r in rows}) or list(FIG1_SIZES[:1])
+    srcs = _order(rows)
+    families = sorted({family_of(s) for s in srcs})
+    ratios = sorted({r["ratio"] for r in rows})
+    cmap = colormaps["viridis"]
+    colors = [cmap(0.1 + 0.75 * i / max(1, len(ratios) - 1)) for i in range(len(ratios))]
+    fids = {s: source_fid(groups, s) for s in srcs}
+    on_fid = bool(srcs) and all(v is not None for v in fids.values())
+    position = {s: i for i, s in enumerate(srcs)}
+
+    def x_of(r: dict):
+        return r["fid"] if on_fid else position[r["source"]]
+
+    if on_fid:
+        span = max(fids.values()) - min(fids.values())
+        dodge = 0.012 * (span or max(1.0, abs(max(fids.values()))))
+    else:
+        dodge = 0.6 / max(2, len(ratios))
+
+    fig = Figure(figsize=(12.0, 1.2 + 4.0 * len(sizes)), layout="constrained")
+    axes = fig.subplots(len(sizes), 2, squeeze=False)
+    for row_axes, m in zip(axes, sizes):
+        mine = [r for r in rows if r["ensemble_size"] == m]
+        for ax, key in zip(row_axes, DELTAS):
+            _panel(ax, mine, key, x_of, dodge, families, ratios, colors, label_steps=on_fid)
+            ax.set_ylabel(f"change in {WHAT[key]}\n(percentage points)")
+            ax.set_title(f"{WHAT[key]}, {m} teacher{'s' * (m > 1)}: synthetic minus real only", fontsize=11)
+            if on_fid:
+                ax.set_xlabel("generator FID (lower: closer to the real images)")
+            else:
+                size = {f: sum(family_of(s) == f for s in srcs) for f in families}
+                ax.set_xticks(range(len(srcs)), [_tick(s, fids[s], size[family_of(s)] > 1) for s in srcs], fontsize=7)
+                ax.set_xlim(-0.6, len(srcs) - 0.4)
+    handles = [Line2D([], [], color="0.3", marker=FAMILY_MARKERS[i % len(FAMILY_MARKERS)], linestyle="",
+                      markersize=8, label=f) for i, f in enumerate(families)]
+    amounts = {r["ratio"]: _amount(r) for r in rows}
+    handles += [Line2D([], [], color=colors[i], marker="s", linestyle="", markersize=8, label=amounts[ratio])
+                for i, ratio in enumerate(ratios)]
+    axes[0][1].legend(handles=handles, loc="best", fontsize=8)
+    fig.suptitle("Effect of the synthetic data against the generator's sample quality", fontsize=13)
+    trials = sorted({r[f"{k}_n"] for r in rows for k in DELTAS})
+    unknown = [s for s in srcs if fids[s] is None]
     tau = fig1_temperature(groups)
-    note = f" · not drawn (FID unknown): {', '.join(unknown)}" if unknown else ""
-    fig.text(0.5, -0.03, f"study {study} · dataset {dataset} · student {arch} · τ = "
-             f"{'-' if tau is None else f'{tau:g}'} · mean over trials{note}",
-             ha="center", va="top", fontsize=9, color="0.3")
+    which = "every source" if len(unknown) == len(srcs) else ", ".join(unknown)
+    note = (f" · FID unknown for {which}: sources in categories, not on an FID axis" if unknown else
+            " · labels: the G step of a snapshot")
+    fig.text(0.5, -0.01, f"study {study} · dataset {dataset} · student {arch} · τ = "
+             f"{'-' if tau is None else f'{tau:g}'} · per trial: synthetic minus real only of the same trial; "
+             f"mean and 95% t-interval over n = {'/'.join(map(str, trials)) or '0'} paired trials{note}",
+             ha="center", va="top", fontsize=8.5, color="0.3", wrap=True)
     return fig

@@ -4,9 +4,10 @@
   once per synthetic source (the generator of the pool): ``fig1.png`` for the first source in sorted order
   (or the only one), ``fig1-<source slug>.png`` for each other one. Real-only (ratio 0) runs are the common
   starting point of every generator's panel; each panel title names the generator and its FID.
-* ``synthetic_effect.png`` (only when the study uses two or more sources): per source and ensemble size 1
-  and 3, the change in student accuracy and in agreement from real only to the source's largest ratio,
-  against the generator's FID. Sources whose FID is unknown are named under the figure, not drawn.
+* ``synthetic_effect.png`` (only when the study uses two or more sources; :mod:`kd.report.effect`): per
+  source, ensemble size 1 and 3 and synthetic amount, the per-trial paired change in student accuracy and in
+  agreement from real only, its mean and 95% t-interval over trials, against the generator's FID; one marker
+  per generator family (a training's snapshots and final weights). Without every FID, in categories instead.
 * Figure 2: accuracy and agreement vs teacher-ensemble size at ratio 0, one line per temperature.
 """
 

@@ -3,8 +3,9 @@
     python -m kd.synthetic generate --model=google/ddpm-cifar10-32 --dataset=cifar10 --num=50000 \\
         --scheduler=ddim --steps=100                       # -> runs/synthetic/cifar10-ddpm-cifar10-32/
     python -m kd.synthetic train --dataset=digits          # a small DDPM of your own -> generator-digits
-    python -m kd.synthetic train --generator=sngan --dataset=cifar100     # the paper's SN-GAN (a GPU job)
+    python -m kd.synthetic train --generator=sngan --dataset=cifar100     # the paper's SN-GAN (preset gnosis; GPU)
     python -m kd.synthetic generate --model=generator-cifar100-sngan --dataset=cifar100 --num=50000
+    python -m kd.synthetic generate --model=generator-cifar100-sngan --dataset=cifar100 --num=50000 --step=10000
 
 Modules: :mod:`.config` (the settings), :mod:`.presets` (DDPM and SN-GAN recipes), :mod:`.sngan` (the SN-GAN),
 :mod:`.sampling` (seeds, reverse diffusion, pixels, grids), :mod:`.generators` (what ``--model`` samples from),

@@ -11,12 +11,13 @@ from pathlib import Path
 from kd import names
 from kd.config import check_fields, setting
 from kd.errors import KDError, check_name
-from kd.synthetic.presets import GENERATORS, GanPreset, Preset, presets_of
+from kd.synthetic.presets import GENERATORS, GanPreset, Preset, default_preset, presets_of
 
 SCHEDULERS = ("ddpm", "ddim", "dpm")
 DEFAULT_MODELS = {"cifar10": "google/ddpm-cifar10-32", "cifar100": names.generator_artifact("cifar100"),
                   "digits": names.generator_artifact("digits"), "digits-hard": names.generator_artifact("digits-hard")}
 _SEED_MAX = 2**63 - 1
+STEP_MARK = "@step"  # a pool of G at step N names its model "{model}@stepN" (the report's generator family)
 
 
 @dataclass
@@ -30,6 +31,8 @@ class GenerateConfig:
     scheduler: str = setting("ddim", "diffusion sampler (an SN-GAN ignores it)", choices=SCHEDULERS)
     steps: str = setting("auto", "sampler steps: a positive integer, or auto (ddpm: all training timesteps, "
                                  "ddim 100, dpm 25)")
+    step: int = setting(0, "SN-GAN: sample G as it was at this training step (a snapshot the trainer exported, "
+                           "see train --snapshots; the pool's name gets -stepN); 0: the final G", lo=0)
     seed: int = setting(0, "pool seed: image i depends on (seed, i) only", lo=0, hi=_SEED_MAX)
     batch_size: int = setting(256, "images per forward batch", lo=1)
     shard_size: int = setting(1024, "images per shard file (the unit of resumption)", lo=1)
@@ -63,7 +66,12 @@ class GenerateConfig:
         return self.model or DEFAULT_MODELS[self.dataset]
 
     def source_name(self) -> str:
-        return self.source or source_name(self.model_ref())
+        return self.source or source_name(self.model_ref()) + (f"-step{self.step}" if self.step else "")
+
+    def model_label(self) -> str:
+        """What the pool records as its model (and distillation as the run's synthetic source): the model, with
+        ``@stepN`` for a snapshot, so pools of one training at several steps are told apart."""
+        return self.model_ref() + (f"{STEP_MARK}{self.step}" if self.step else "")
 
     def artifact_name(self) -> str:
         return check_name(names.pool_artifact(self.dataset, self.source_name()), "artifact name")
@@ -73,6 +81,7 @@ class GenerateConfig:
 
 
 _DDPM_ONLY, _GAN_ONLY = ("epochs",), ("g_steps", "n_dis")
+_NOT_IN_IDENTITY = ("save_every", "sample_every", "snapshots")  # when and what is saved, not the weights
 
 
 @dataclass
@@ -82,9 +91,10 @@ class GeneratorTrainConfig:
     generator: str = setting("ddpm", "ddpm: an unconditional diffusion model | sngan: the paper's SN-GAN",
                              choices=GENERATORS)
     dataset: str = setting("digits", "training data", choices=names.DATASET_NAMES)
-    preset: str = setting("", "recipe (digits | cifar10 | cifar100); empty: the dataset's name")
+    preset: str = setting("", "recipe: ddpm digits | cifar10 | cifar100, sngan gnosis | miyato | digits; empty: "
+                              "the dataset's name (ddpm), gnosis on CIFAR (sngan)")
     epochs: int = setting(0, "DDPM: passes over the data; 0: the preset's", lo=0, hi=1_000_000)
-    g_steps: int = setting(0, "SN-GAN: generator steps in all; 0: the preset's (50k on CIFAR)", lo=0)
+    g_steps: int = setting(0, "SN-GAN: generator steps in all; 0: the preset's (gnosis 100k, miyato 50k)", lo=0)
     n_dis: int = setting(0, "SN-GAN: D steps per G step; 0: the preset's (5 on CIFAR)", lo=0, hi=100)
     batch_size: int = setting(0, "images per step; 0: the preset's", lo=0, hi=65_536)
     lr: float = setting(0.0, "peak learning rate; 0: the preset's", lo=0, hi=10)
@@ -92,6 +102,8 @@ class GeneratorTrainConfig:
                                lo=-1, hi=1, hi_open=True)
     save_every: int = setting(0, "steps between checkpoints; 0: the preset's", lo=0)
     sample_every: int = setting(0, "steps between sample grids; 0: the preset's", lo=0)
+    snapshots: str = setting("", "SN-GAN: G steps at which G is also exported, for generate --step (e.g. "
+                                 "10000,25000,50000); empty: the preset's; none: no snapshots")
     max_steps: int = setting(0, "> 0: stop (with a checkpoint) after this many steps; rerun to go on", lo=0)
     seed: int = setting(0, "seed of weights, data order and noise", lo=0, hi=2**32 - 1)
     mixed_precision: str = setting("auto", "auto: bf16 for a DDPM on a GPU, else no",
@@ -112,14 +124,33 @@ class GeneratorTrainConfig:
         if self.preset_name() not in presets_of(self.generator):
             choices = ", ".join(sorted(presets_of(self.generator)))
             raise KDError(f"unknown preset {self.preset!r}: choose one of {choices}")
-        other = _GAN_ONLY if self.generator == "ddpm" else _DDPM_ONLY
+        other = (*_GAN_ONLY, "snapshots") if self.generator == "ddpm" else _DDPM_ONLY
         for key in other:
             if getattr(self, key):
                 raise KDError(f"--{key} does not apply to --generator={self.generator} (the "
-                              f"{'SN-GAN' if key in _GAN_ONLY else 'DDPM'} setting): drop it")
+                              f"{'DDPM' if key in _DDPM_ONLY else 'SN-GAN'} setting): drop it")
+        if self.generator == "sngan":
+            self.snapshot_steps()
 
     def preset_name(self) -> str:
-        return self.preset or names.DATASET_FAMILY.get(self.dataset, self.dataset)
+        return self.preset or default_preset(self.generator, names.DATASET_FAMILY.get(self.dataset, self.dataset))
+
+    def snapshot_steps(self) -> tuple[int, ...]:
+        """The G steps at which the SN-GAN trainer exports snapshots: ``--snapshots``, else the preset's."""
+        if self.generator != "sngan" or self.snapshots.strip().lower() == "none":
+            return ()
+        total = self.recipe().g_steps
+        if not self.snapshots.strip():
+            return tuple(s for s in self.recipe().snapshots if s <= total)
+        try:
+            steps = sorted({int(x) for x in self.snapshots.split(",") if x.strip()})
+        except ValueError:
+            raise KDError(f"--snapshots expects G steps separated by commas (e.g. 10000,25000) or none, got "
+                          f"{self.snapshots!r}") from None
+        if not steps or steps[0] < 1 or steps[-1] > total:
+            raise KDError(f"--snapshots={self.snapshots} must name steps from 1 to the run's {total} G steps "
+                          f"(--g_steps), or be none")
+        return tuple(steps)
 
     def recipe(self) -> Preset | GanPreset:
         """The preset with the non-zero overrides of the command line."""
@@ -131,14 +162,18 @@ class GeneratorTrainConfig:
         return replace(presets_of(self.generator)[self.preset_name()], **over)
 
     def artifact_name(self) -> str:
-        return names.generator_artifact(self.dataset, self.generator)
+        """``generator-{dataset}`` (DDPM), ``generator-{dataset}-sngan`` (the dataset's default SN-GAN preset), with
+        ``-{preset}`` appended for any other preset (e.g. ``generator-cifar100-sngan-miyato``)."""
+        name = names.generator_artifact(self.dataset, self.generator)
+        preset = self.preset_name()
+        return name if preset == default_preset(self.generator, self.dataset) else f"{name}-{preset}"
 
     def out_dir(self) -> Path:
         return Path(self.out or f"runs/{self.artifact_name()}")
 
     def identity(self) -> dict:
         """What the weights depend on (a checkpoint made under another identity is not resumed)."""
-        recipe = {k: v for k, v in asdict(self.recipe()).items() if k not in ("save_every", "sample_every")}
+        recipe = {k: v for k, v in asdict(self.recipe()).items() if k not in _NOT_IN_IDENTITY}
         return {"generator": self.generator, "dataset": self.dataset, "preset": self.preset_name(),
                 "seed": self.seed, **recipe}
 

@@ -4,7 +4,8 @@
 a ``generator.json`` with ``"kind": "sngan"`` beside safetensors weights is an SN-GAN
 (:func:`kd.synthetic.sngan.save_generator` writes it), anything else a diffusers DDPM pipeline. A sampler maps
 image ids to float images in [-1, 1]; image ``i``'s noise (the diffusion's, or the GAN's latent) comes from
-``derived_seed(seed, i)`` only, so every pool is bit-identical per seed.
+``derived_seed(seed, i)`` only, so every pool is bit-identical per seed. ``--step=N`` picks an SN-GAN's snapshot
+at G step N (:func:`kd.synthetic.sngan.generator_json`) instead of its final weights.
 """
 
 from __future__ import annotations
@@ -55,17 +56,19 @@ class GanSampler:
 
     kind = "sngan"
 
-    def __init__(self, folder, device: torch.device):
-        self.g, self.info = sngan.load_generator(folder)
+    def __init__(self, folder, device: torch.device, step: int = 0):
+        self.g, self.info = sngan.load_generator(folder, step=step)
         self.fingerprint = model_fingerprint(self.g)
         self.g, self.device = self.g.to(device), device
+        self.step = self.info.get("step")  # the G step of these weights (None: exported before steps were kept)
 
     def identity(self) -> dict:
         return {"model_sha256": self.fingerprint, "generator": "sngan", "device": self.device.type,
                 "dtype": "float32"}
 
     def describe(self) -> str:
-        return f"SN-GAN (z {self.g.z_dim}, one forward pass)"
+        at = f" at G step {self.step}" if self.step is not None else ""
+        return f"SN-GAN{at} (z {self.g.z_dim}, one forward pass)"
 
     def __call__(self, ids, seed: int) -> torch.Tensor:
         z = torch.stack([torch.randn(self.g.z_dim, generator=g) for g in image_generators(ids, seed)])
@@ -75,8 +78,12 @@ class GanSampler:
 def load_sampler(model: str, cfg, device: torch.device, store=None, run=None):
     """The sampler for ``--model`` (SN-GAN or diffusion, told apart by the folder's generator.json)."""
     path = model_path(model, store, run, cfg.dataset)
+    step = getattr(cfg, "step", 0)
     if path.exists() and sngan.is_generator_folder(path):
-        return GanSampler(path, device)
+        return GanSampler(path, device, step)
     if path.exists() and sngan.is_generator_folder(path / "generator"):  # a trainer's output folder
-        return GanSampler(path / "generator", device)
+        return GanSampler(path / "generator", device, step)
+    if step:
+        raise KDError(f"--step={step} picks an SN-GAN snapshot, but {model} is not an SN-GAN generator: drop --step "
+                      "(a diffusion model's sampler steps are --steps)")
     return DiffusionSampler(pipeline_at(path, model, cfg.dataset), cfg.scheduler, cfg.steps, device)

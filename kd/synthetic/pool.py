@@ -151,7 +151,7 @@ def _generate(cfg, sampler, out: Path, tracker, stop_after_shards, quality_featu
     index, index_path = _open_index(out, identity)
     counts, todo = _todo(cfg, out, index)
     size = identity["height"]
-    print(f"{cfg.model_ref()} -> {out}: {cfg.num} images {size}x{size}, {sampler.describe()}, seed {cfg.seed}, "
+    print(f"{cfg.model_label()} -> {out}: {cfg.num} images {size}x{size}, {sampler.describe()}, seed {cfg.seed}, "
           f"{identity['device']}/{identity['dtype']}; {len(counts) - len(todo)}/{len(counts)} shards already done",
           file=sys.stderr)
     t0 = time.perf_counter()
@@ -164,8 +164,10 @@ def _generate(cfg, sampler, out: Path, tracker, stop_after_shards, quality_featu
         print(f"generated {made} images in {seconds:.1f} s ({rate:.1f} img/s)", file=sys.stderr)
     images = torch.cat([load_tensors(_shard_path(out, k), index["shards"][str(k)]["sha256"])["images"]
                         for k in range(len(counts))])
-    meta = {"model": cfg.model_ref(), "source": cfg.source_name(), "dataset": cfg.dataset, "count": cfg.num,
+    meta = {"model": cfg.model_label(), "source": cfg.source_name(), "dataset": cfg.dataset, "count": cfg.num,
             "generator": sampler.kind, "artifact": cfg.artifact_name(), **identity}
+    if sampler.kind == "sngan":
+        meta["generator_step"] = sampler.step
     pool_path = out / POOL_FILE
     meta["sha256"] = save_tensors(pool_path, {"images": images}, metadata={"count": cfg.num})
     faults.point("pool-saved")  # the pool is in place, pool.json (its hash) not yet
