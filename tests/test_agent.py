@@ -224,7 +224,7 @@ def test_wandb_agent_stop_checkpoints_and_the_rerun_resumes_the_same_run(tmp_pat
     monkeypatch.chdir(tmp_path)
 
     spec = load_spec(DEMO)
-    args = {**spec.grid[0], "epochs": {"value": 3}, "batch_size": {"value": 128}}  # 12 steps an epoch
+    args = {**spec.grid[0], "epochs": {"value": 3}, "batch_size": {"value": 32}}  # 12 steps an epoch (360 images)
     program = str(ROOT / "train.py")  # the agent runs in tmp_path here, not in the repository root
     server = FakeServer(DEMO.read_text(), {"run_id": RUN_ID, "args": args, "program": program}, tmp_path)
     monkeypatch.setattr(wandb, "Api", lambda *a, **k: server)
@@ -240,7 +240,7 @@ def test_wandb_agent_stop_checkpoints_and_the_rerun_resumes_the_same_run(tmp_pat
     assert seen["launcher"] == ["python", "-m", "kd.sweep.launch", program, *flags]  # after /usr/bin/env
     assert seen["program"][1:] == [program, *flags]
     assert seen["program_pgid"] == seen["program_pid"] != seen["launcher_pgid"]
-    (run_dir,) = tmp_path.glob("runs/teacher-digits-preresnet8-s0-*")
+    (run_dir,) = tmp_path.glob("runs/teacher-digits-hard-preresnet8-s0-*")
     config = json.loads((run_dir / "config.json").read_text())
     assert {k: config[k] for k in args} == {k: v["value"] for k, v in args.items()}
 

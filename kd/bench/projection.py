@@ -1,10 +1,10 @@
 """The whole CIFAR-100 study's device-hours, projected from rates measured in the same run, old design vs new.
 
-The study (sweeps/cifar100): 12 PreResNet-56 teachers x 200 epochs at batch 256; Figure 1's 54 students (m = 1
-and m = 3 teachers, tau 1, 3 trials: the real-only run and synthetic ratios 0.25, 0.5, 0.75, 1 from each of two
-pools, the diffusion model's and the SN-GAN's) and the ensemble-size figure's 54 (m = 1, 2, 3, 4, 5, 6, 8, 10,
-12, tau 1 and 4, 3 trials, ratio 0; its m = 1 and 3 runs at tau 1 are Figure 1's real-only runs, so 48 more
-run): 102 student runs of 300 epochs at batch 128. An epoch is one pass over the 50k real images; a batch of B
+The study (sweeps/cifar100): 12 PreResNet-56 teachers x 200 epochs at batch 256; Figure 1's 30 students (m = 1
+and m = 3 teachers, tau 1, 3 trials: the real-only run and synthetic ratios 0.25, 0.5, 0.75, 1 from the paper's
+generator, the authors' SN-GAN) and the ensemble-size figure's 54 (m = 1, 2, 3, 4, 5, 6, 8, 10, 12, tau 1 and 4,
+3 trials, ratio 0; its m = 1 and 3 runs at tau 1 are Figure 1's real-only runs, so 48 more run): 78 student runs
+of 300 epochs at batch 128 (the optional sample-quality sweep is not counted). An epoch is one pass over the 50k real images; a batch of B
 holds ceil(B * n_real / (n_real + N)) real images, so an epoch has ceil(50000 / real) steps of B images, each
 costing what a ratio-0 step costs (a synthetic image's targets are computed once, when the run starts).
 Teacher caches: 50k images x 162 views per teacher; a 50k DDIM-100 pool (the SN-GAN pool is one generator
@@ -21,7 +21,7 @@ forward an image: not counted, nor is training either generator).
 
 Packs hold runs that agree in everything but seed, teachers and temperature (kd.sweep.pack's ``PACK_KEYS``):
 here the synthetic ratio and, above ratio 0, the pool; so the 54 real-only runs pack together and each of
-the 8 (ratio, pool) groups of 6 packs apart. A pack of j runs where the measured sizes are k = 1, 2, 4, ... is
+the 4 (ratio, pool) groups of 6 packs apart. A pack of j runs where the measured sizes are k = 1, 2, 4, ... is
 costed as the smallest measured pack that holds j (a pack's step costs no less with more members).
 
 Every rate is measured in this run (at the bench's sizes, which on the CPU are not the study's); the counts
@@ -37,7 +37,7 @@ from collections import namedtuple
 from kd.data import split_batch
 from kd.teachers import select_block
 
-POOLS = ("synthetic-cifar100-generator-cifar100", "synthetic-cifar100-generator-cifar100-sngan")
+POOLS = ("synthetic-cifar100-generator-cifar100-sngan",)
 STUDY = {"teachers": 12, "teacher_epochs": 200, "teacher_batch": 256, "student_epochs": 300, "student_batch": 128,
          "n_real": 50_000, "views": 162, "classes": 100, "trials": 3, "fig1_m": (1, 3),
          "fig1_ratios": (0.0, 0.25, 0.5, 0.75, 1.0), "fig1_pools": POOLS, "fig1_tau": 1.0,
