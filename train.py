@@ -20,17 +20,17 @@ def main(argv=None) -> None:
         session = Session(cfg, job=names.TEACHER)
         if session.already_finished("teacher"):
             return
-        from kd.data import load_dataset
-        from kd.models import build_model, count_params
-        from kd.objectives import Supervised
-
-        data = load_dataset(cfg.dataset, cfg.data_dir, session.device)
-        model = build_model(cfg.arch, data.spec.num_classes)
-        session.check_outputs(need_bytes=3 * 4 * count_params(model))  # weights + momentum + final weights
-        acc = session.accelerator
-        objective = Supervised(data, cfg.batch_size, cfg.seed, acc.process_index, acc.num_processes)
-        session.start_tracking({"n_params": count_params(model), "n_train": data.n_train})
         with session.tracked():
+            from kd.data import load_dataset
+            from kd.models import build_model, count_params
+            from kd.objectives import Supervised
+
+            data = load_dataset(cfg.dataset, cfg.data_dir, session.device)
+            model = build_model(cfg.arch, data.spec.num_classes)
+            session.check_outputs(need_bytes=3 * 4 * count_params(model))  # weights + momentum + final weights
+            acc = session.accelerator
+            objective = Supervised(data, cfg.batch_size, cfg.seed, acc.process_index, acc.num_processes)
+            session.start_tracking({"n_params": count_params(model), "n_train": data.n_train})
             history = session.fit(model, objective)
             final = history[-1]
             name = cfg.run_name()

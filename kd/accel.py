@@ -1,4 +1,5 @@
-"""Compiled training steps that compile once: ``torch.compile`` with static shapes for the engine's loop.
+"""The Accelerator of a run (:func:`accelerator`), and compiled training steps that compile once: ``torch.compile``
+with static shapes for the engine's loop.
 
 :func:`compile_model` is what :class:`kd.session.Session` calls for ``--compile=True`` (and returns the model
 itself otherwise). The callable it returns:
@@ -27,6 +28,31 @@ import os
 import torch
 
 MODES = (None, "reduce-overhead", "max-autotune-no-cudagraphs")
+
+
+def accelerator(mixed_precision: str, cpu: bool):
+    """The run's Accelerator. On a machine without CUDA it is told so (``cpu=True``): under a distributed launcher
+    (``accelerate launch`` / torch's elastic launcher, ``LOCAL_RANK`` set) Accelerate then joins the processes
+    with gloo, where it would otherwise run each process as a world of its own."""
+    from accelerate import Accelerator
+
+    if os.environ.get("TORCHELASTIC_RUN_ID"):
+        _stop_with_parent()
+    return Accelerator(mixed_precision=mixed_precision, cpu=cpu or not torch.cuda.is_available())
+
+
+def _stop_with_parent() -> None:
+    """A worker of torch's elastic launcher sits in a session of its own: were the launcher killed, it would run
+    on with nobody waiting for it. On Linux it gets SIGTERM when its parent dies (it checkpoints and exits)."""
+    import ctypes
+    import signal
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() == 1:  # the launcher died before the prctl
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 class StaticCompiled:

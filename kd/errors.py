@@ -23,11 +23,16 @@ class KDError(Exception):
 
 
 class Interrupted(Exception):
-    """A stop signal arrived and a checkpoint was written: the process exits 128 + signal number."""
+    """A stop signal arrived: the process exits 128 + signal number. ``saved``: the training loop wrote a
+    checkpoint first (a stop outside training, e.g. during set-up, has nothing to save)."""
 
-    def __init__(self, signum: int = signal.SIGTERM):
+    def __init__(self, signum: int = signal.SIGTERM, saved: bool = True):
         super().__init__(signal.Signals(signum).name)
-        self.signum = int(signum)
+        self.signum, self.saved = int(signum), saved
+
+
+def _stop_now(signum, frame):
+    raise Interrupted(signum, saved=False)
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -70,19 +75,32 @@ def check_name(value: str, what: str) -> str:
 @contextlib.contextmanager
 def cli():
     """Entry points: KDError -> one line, exit 2; Interrupted -> one line, exit 128 + signal; Ctrl-C before
-    any checkpoint exists -> one line, exit 130 (no traceback)."""
+    any checkpoint exists -> one line, exit 130 (no traceback). SIGTERM and SIGINT stop the program at any moment
+    (the training loop defers them to its next step, :func:`stop_requests`)."""
+    import threading
+
+    old = {}
+    if threading.current_thread() is threading.main_thread():
+        old = {s: signal.signal(s, _stop_now) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
     except KDError as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         raise SystemExit(2) from None
     except Interrupted as e:
-        print(f"interrupted by {e}: checkpoint saved; run the same command again to resume", file=sys.stderr)
+        if e.saved:
+            print(f"interrupted by {e}: checkpoint saved; run the same command again to resume", file=sys.stderr)
+        else:
+            print(f"interrupted by {e} outside training (nothing to checkpoint); run the same command again",
+                  file=sys.stderr)
         raise SystemExit(128 + e.signum) from None
     except KeyboardInterrupt:
         print("interrupted by SIGINT before anything was checkpointed; run the same command again",
               file=sys.stderr)
         raise SystemExit(130) from None
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
 
 
 @contextlib.contextmanager

@@ -14,17 +14,19 @@ re-logs only the checkpointed epochs W&B has not seen, so no step is logged twic
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 from pathlib import Path
 
 import torch
 
 from kd import artifacts, faults, names, wandb_runs
-from kd.accel import compile_model
+from kd.accel import accelerator, compile_model
 from kd.checkpoint import load_state_tensors, state_tensors
 from kd.config import to_dict
 from kd.engine import Member, fit
-from kd.errors import KDError
+from kd.errors import Interrupted, KDError
 from kd.io import check_folder, remove_stale_temps, save_weights, write_json
 from kd.run_folder import RunFolder
 from kd.tracker import Tracker
@@ -34,12 +36,11 @@ CKPT_KEYS = ("epoch", "step", "param_groups")
 
 class Session:
     def __init__(self, cfg, job: str):
-        from accelerate import Accelerator
         from accelerate.utils import set_seed
 
         self.cfg, self.job = cfg, job
         self.mode = wandb_runs.wandb_mode()
-        self.accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.cpu)
+        self.accelerator = accelerator(cfg.mixed_precision, cfg.cpu)
         self.device = self.accelerator.device
         self.main = self.accelerator.is_main_process
         self.run_dir = Path(cfg.out_dir) / f"{cfg.run_name()}-{cfg.fingerprint()}"
@@ -132,6 +133,11 @@ class Session:
         self.tracker.update_config(extra)
 
     def _start(self, run_id: str) -> None:
+        """The W&B run, on the main process; a failure there is the same one-line error on every process."""
+        self.tracker.run_id = run_id
+        self.main_first(lambda: self._start_main(run_id))
+
+    def _start_main(self, run_id: str) -> None:
         cfg = self.cfg
         self.tracker.start(project=cfg.project, run_id=run_id, name=cfg.run_name(), config=self.config(),
                            job_type=names.JOB_TYPES.get(self.job, self.job), group=cfg.study,
@@ -149,9 +155,20 @@ class Session:
     def end(self, exit_code: int = 0) -> None:
         self.tracker.end(exit_code)
 
+    @contextlib.contextmanager
     def tracked(self):
-        """Around everything after ``start_tracking``: the W&B run ends with the process's fate."""
-        return self.tracker.ending()
+        """Around the whole run: the W&B run ends with the process's fate (:meth:`kd.tracker.Tracker.ending`). A
+        SIGTERM before the W&B run started (data, teachers, pool) is a preemption too: under a sweep agent the
+        run is opened only to be marked preempting, so the agent reruns it."""
+        try:
+            with self.tracker.ending():
+                yield
+        except Interrupted as e:
+            if e.signum == signal.SIGTERM and not self.tracker.active and os.environ.get("WANDB_SWEEP_ID") \
+                    and self.mode != "disabled":
+                self._start(self.folder.run_id())
+                self.end(143)
+            raise
 
     def finish(self, summary: dict) -> None:
         """The final summary, the end of the W&B run (its artifact uploaded), then ``done.json``: a kill before

@@ -74,13 +74,17 @@ def _version(folder) -> str:
 def teacher_targets(cfg, session, ensemble, data, hashes):
     """The exact cache of teacher outputs over every view (None with --teacher_cache=False)."""
     from kd.artifacts import store_root
-    from kd.teacher_cache import cached_targets
+    from kd.teacher_cache import cached_targets, member_targets
 
     if not cfg.teacher_cache:
         return None
-    cache, path, built = cached_targets(ensemble, data, hashes, store_root(cfg.store) / "_cache",
-                                        getattr(torch, cfg.cache_dtype), session.accelerator.autocast,
-                                        main=session.main)
+    root, dtype, acc = store_root(cfg.store) / "_cache", getattr(torch, cfg.cache_dtype), session.accelerator
+    built = False
+    if acc.num_processes > 1:  # the main process builds each member's file (one at a time, so that no process waits
+        for member, h in zip(ensemble.members, hashes):  # long at a barrier); then every process loads them
+            built |= session.main_first(lambda m=member, h=h: member_targets(m, h, data, root, dtype, acc.autocast)[2])
+    cache, path, made = cached_targets(ensemble, data, hashes, root, dtype, acc.autocast, main=session.main)
+    built = built or made
     if session.main:
         print(f"teacher cache ({'built' if built else 'reused'}, {cfg.cache_dtype}, "
               f"{cache.numel() * cache.element_size() / 2**20:.1f} MiB): {path}", flush=True)

@@ -9,8 +9,10 @@ W&B run per member): each holds its own run (``reinit="create_new"``).
   one line naming the fix.
 * ``replay``: rows a killed process logged but W&B lost are logged again, and only those (W&B drops a step
   that goes back, and a resumed offline run starts a second folder of the same id).
-* ``end``: a stopped run (exit 130 / 143) is marked preempting first, so W&B's agent (and
-  ``python -m kd.sweep``) reruns it and it resumes; a failed run ends with its exit code.
+* ``end``: a run stopped by SIGTERM (exit 143: a scheduler's preemption, a cancelled sweep) is marked preempting
+  first, so W&B's agent (and ``python -m kd.sweep``) reruns it and it resumes; a run stopped by SIGINT (exit 130:
+  Ctrl-C, or a stop from the W&B UI, which the SDK delivers as SIGINT) ends as stopped and is not rerun; a
+  failed run ends with its exit code.
 """
 
 from __future__ import annotations
@@ -108,7 +110,7 @@ class Tracker:
         self._ended = True
         if self.run is None:
             return
-        if exit_code in (130, 143):
+        if exit_code == 143:  # SIGTERM: preempted, to be rerun; SIGINT (Ctrl-C, or a stop from the W&B UI): stopped
             self.run.mark_preempting()
         self.run.finish(exit_code=exit_code or None)
 

@@ -114,13 +114,17 @@ def test_one_process_unless_asked_for_more(tmp_path, monkeypatch, capsys):
     config.parent.mkdir(parents=True)
     config.write_text(yaml.safe_dump({"distributed_type": "NO", "num_processes": 1}))
     assert launch.child_argv("train.py", []) == [sys.executable, "train.py"]  # a 1-process config: direct
-    config.write_text(yaml.safe_dump({"distributed_type": "MULTI_GPU", "num_processes": 4}))
-    accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes"]
-    assert launch.child_argv("train.py", ["--seed=1"]) == [*accelerate, "4", "train.py", "--seed=1"]
+    config.write_text(yaml.safe_dump({"distributed_type": "MULTI_GPU", "num_processes": 4, "gpu_ids": "0,1,2,3"}))
+    capsys.readouterr()
+    elastic = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node"]
+    assert launch.child_argv("train.py", ["--seed=1"]) == [*elastic, "4", "train.py", "--seed=1"]  # no gpu_ids
+    (line,) = capsys.readouterr().err.splitlines()  # the config that asks for more is named, in one line
+    assert f"4 processes (the Accelerate config {config}; KD_NUM_PROCESSES=1 for one)" in line
     monkeypatch.setenv("KD_NUM_PROCESSES", "2")
-    assert launch.child_argv("train.py", []) == [*accelerate, "2", "train.py"]
+    assert launch.child_argv("train.py", []) == [*elastic, "2", "train.py"]
     monkeypatch.setenv("KD_NUM_PROCESSES", "1")
     assert launch.child_argv("train.py", []) == [sys.executable, "train.py"]
+    assert "2 processes (KD_NUM_PROCESSES; KD_NUM_PROCESSES=1 for one)" in capsys.readouterr().err
     for bad in ("0", "two", "-1"):
         monkeypatch.setenv("KD_NUM_PROCESSES", bad)
         assert launch.main(["train.py"]) == 2

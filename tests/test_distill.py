@@ -96,6 +96,16 @@ def test_distill_end_to_end_with_ensemble_and_synthetic_pool(tmp_path, teachers_
     assert meta["teachers"] == ["teacher-digits-preresnet8-s0", "teacher-digits-preresnet8-s1",
                                 "teacher-digits-preresnet8-s2"]
     assert meta["config"]["n_synthetic"] == round(0.5 * meta["config"]["n_real"])
+    # the stored W&B config (synthetic_fid, teacher names and versions among it) comes back as flags and parses
+    from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
+
+    from kd.config import DistillConfig, parse_flags
+    from kd.wandb_runs import inspect_summary
+
+    stored = inspect_summary(folder)["config"]
+    assert "synthetic_fid" in stored and stored["teacher_versions"][0] == "teacher-digits-preresnet8-s0:v0"
+    flags = create_sweep_command_args({"args": {k: {"value": v} for k, v in stored.items()}})["args"]
+    assert parse_flags(DistillConfig, flags).run_name() == done["artifact"]
 
 
 def test_trial_picks_contiguous_block_modulo_n():

@@ -210,3 +210,18 @@ def test_train_two_steps_then_resume_then_generate(tmp_path, capsys, fresh_accel
     images, meta = syn.load_pool(str(pool))
     assert images.shape == (4, 3, 8, 8) and meta["source"] == "generator-digits"
     assert torch.equal(images[:, 0], images[:, 1])  # a one-channel model, grey in three channels
+
+    # each job's stored W&B config comes back as flags (as `wandb agent` passes it on resume) and parses
+    from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
+
+    from kd.config import parse_flags
+    from kd.wandb_runs import inspect_summary, offline_folders
+
+    jobs = {}
+    for folder in offline_folders(tmp_path):
+        config = inspect_summary(folder)["config"]
+        flags = create_sweep_command_args({"args": {k: {"value": v} for k, v in config.items()}})["args"]
+        cls = syn.GeneratorTrainConfig if "recipe" in config else syn.GenerateConfig
+        jobs[cls.__name__] = parse_flags(cls, flags)
+    assert jobs["GeneratorTrainConfig"].artifact_name() == "generator-digits"
+    assert jobs["GenerateConfig"].model == "generator-digits" and jobs["GenerateConfig"].num == 4

@@ -73,6 +73,8 @@ def test_sigterm_saves_mid_epoch_checkpoint_and_exits_cleanly(tmp_path):
     assert "checkpoint saved" in out.stderr and "Traceback" not in out.stderr
     ckpt = json.loads(next(tmp_path.glob("runs/*/checkpoint.json")).read_text())
     assert (ckpt["epoch"], ckpt["step"]) == (1, 7)  # 30 = 23 + 7: mid-epoch, exactly where it stopped
+    records = leet_records(next((tmp_path / "wandb").glob("offline-run-*")))
+    assert any(r.get("type") == "preempting" or "preempting" in r for r in records)  # to be rerun
     out = run_script("train.py", *ARGS, cwd=tmp_path)
     assert "resuming" in out.stdout and "at epoch 1 step 7" in out.stdout
     assert next(tmp_path.glob("runs/*/done.json")).exists()

@@ -1,12 +1,12 @@
 """The whole CIFAR-100 study's device-hours, projected from rates measured in the same run, old design vs new.
 
-The study (sweeps/cifar100): 12 PreResNet-56 teachers x 200 epochs at batch 256; Figure 1's 30 students (m = 1
-and m = 3 teachers, tau 1, 3 trials: the real-only run and synthetic ratios 0.25, 0.5, 0.75, 1 from the paper's
-generator, the authors' SN-GAN) and the ensemble-size figure's 54 (m = 1, 2, 3, 4, 5, 6, 8, 10, 12, tau 1 and 4,
-3 trials, ratio 0; its m = 1 and 3 runs at tau 1 are Figure 1's real-only runs, so 48 more run): 78 student runs
-of 300 epochs at batch 128 (the optional sample-quality sweep is not counted). An epoch is one pass over the 50k real images; a batch of B
-holds ceil(B * n_real / (n_real + N)) real images, so an epoch has ceil(50000 / real) steps of B images, each
-costing what a ratio-0 step costs (a synthetic image's targets are computed once, when the run starts).
+The study (sweeps/cifar100): 12 PreResNet-56 teachers x 200 epochs at batch 256; Figure 1's 30 students (m = 1 and m
+= 3 teachers, tau 1, 3 trials: the real-only run and synthetic ratios 0.25, 0.5, 0.75, 1 from the paper's generator,
+the authors' SN-GAN) and the ensemble-size figure's 54 (m = 1, 2, 3, 4, 5, 6, 8, 10, 12, tau 1 and 4, 3 trials,
+ratio 0; its m = 1 and 3 runs at tau 1 are Figure 1's real-only runs, so 48 more run): 78 student runs of 300 epochs
+at batch 128 (the optional sample-quality sweep is not counted). An epoch is one pass over the 50k real images; a
+batch of B holds ceil(B * n_real / (n_real + N)) real images, so an epoch has ceil(50000 / real) steps of B images,
+each costing what a ratio-0 step costs (a synthetic image's targets are computed once, when the run starts).
 Teacher caches: 50k images x 162 views per teacher; a 50k DDIM-100 pool (the SN-GAN pool is one generator
 forward an image: not counted, nor is training either generator).
 

@@ -15,13 +15,16 @@ nor waits for it: the training never checkpoints and keeps its GPU. This launche
 
 Processes: one by default ("one agent per GPU": run as many ``wandb agent`` processes as GPUs, each with its
 own CUDA_VISIBLE_DEVICES, which is left as it is). ``KD_NUM_PROCESSES=N``, or an Accelerate config file (the
-one ``accelerate config`` writes) whose ``num_processes`` is above 1, asks for more. One process runs the
-program directly (``python PROGRAM ARGS``): Accelerate's single-process launcher would only add a process that
-neither passes signals on nor keeps the exit code, and with no config ``accelerate launch`` takes every
-visible GPU. The programs set precision and device from their own flags; a config file's single-process
-settings (gpu_ids, dynamo) are not applied: set CUDA_VISIBLE_DEVICES instead. More processes run
-``accelerate launch --num_processes N PROGRAM ARGS`` (with the config file, if any); stopped, it exits
-128 + the signal when Accelerate reports a failure, as Accelerate does not pass the programs' codes on.
+one ``accelerate config`` writes) whose ``num_processes`` is above 1 (named in one line when the run starts),
+asks for more. One process runs the program directly (``python PROGRAM ARGS``). N processes run it under
+torch's elastic launcher, ``python -m torch.distributed.run --standalone --nproc_per_node N PROGRAM ARGS`` (what
+``accelerate launch`` runs for several GPUs; on a machine without GPUs the processes join over gloo, so the
+layout is the same on a CPU): the config file's other settings (gpu_ids among them) are not applied, so it
+never overrides an agent's CUDA_VISIBLE_DEVICES. The elastic launcher passes a SIGTERM on to its workers (each
+checkpoints and exits 143) and is stopped with SIGTERM when this launcher dies; each worker is stopped with
+SIGTERM when the elastic launcher dies (:func:`kd.accel.accelerator`), so a SIGKILL anywhere leaves no worker
+running. Stopped, a multi-process run exits 128 + the signal, as torch's launcher does not pass the programs'
+codes on.
 """
 
 from __future__ import annotations
@@ -69,16 +72,22 @@ def num_processes(config: Path | None) -> int:
     return value
 
 
+ELASTIC = ["-m", "torch.distributed.run"]
+
+
 def child_argv(program: str, args: list[str]) -> list[str]:
     config = accelerate_config()
     n = num_processes(config)
     if n == 1:
         return [sys.executable, program, *args]
-    return [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(n), program, *args]
+    why = "KD_NUM_PROCESSES" if os.environ.get("KD_NUM_PROCESSES", "").strip() else f"the Accelerate config {config}"
+    print(f"kd.sweep.launch: {n} processes ({why}; KD_NUM_PROCESSES=1 for one), under torch's elastic launcher",
+          file=sys.stderr, flush=True)
+    return [sys.executable, *ELASTIC, "--standalone", "--nproc_per_node", str(n), program, *args]
 
 
-def _die_with_parent():
-    """preexec_fn: SIGKILL this child when the launcher dies (Linux PR_SET_PDEATHSIG)."""
+def _die_with_parent(sig: int):
+    """preexec_fn: send this child ``sig`` when the launcher dies (Linux PR_SET_PDEATHSIG)."""
     if not sys.platform.startswith("linux"):
         return None
     import ctypes
@@ -86,9 +95,9 @@ def _die_with_parent():
     libc, parent = ctypes.CDLL(None, use_errno=True), os.getpid()
 
     def preexec():
-        libc.prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+        libc.prctl(1, sig)  # 1 = PR_SET_PDEATHSIG
         if os.getppid() != parent:  # the launcher died before the prctl
-            os._exit(128 + signal.SIGKILL)
+            os._exit(128 + sig)
 
     return preexec
 
@@ -116,7 +125,9 @@ class Launch:
         try:
             if self.got:  # stopped before anything started
                 return 128 + FORWARDED[self.got[0]]
-            self.child = subprocess.Popen(self.cmd, process_group=0, preexec_fn=_die_with_parent())
+            elastic = self.cmd[1:3] == ELASTIC  # told to stop (it stops its workers), or the program: killed
+            death = signal.SIGTERM if elastic else signal.SIGKILL
+            self.child = subprocess.Popen(self.cmd, process_group=0, preexec_fn=_die_with_parent(death))
             if self.got:  # a signal came while it was starting
                 self.forward(self.got.pop(), None)
             code = self.child.wait()
@@ -125,8 +136,8 @@ class Launch:
             for s, handler in previous.items():
                 signal.signal(s, handler)
         code = 128 - code if code < 0 else code
-        if self.got and code != 0 and self.cmd[1:3] == ["-m", "accelerate.commands.launch"]:
-            code = 128 + FORWARDED[self.got[0]]  # Accelerate does not pass the programs' exit codes on
+        if self.got and code != 0 and self.cmd[1:3] == ELASTIC:
+            code = 128 + FORWARDED[self.got[0]]  # torch's launcher does not pass the programs' exit codes on
         return code
 
 

@@ -87,12 +87,12 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------- set-up
     def _accelerator(self):
-        from accelerate import Accelerator
+        from kd.accel import accelerator
 
         cfg = self.cfg
         cuda = torch.cuda.is_available() and not cfg.cpu
         self.precision = cfg.mixed_precision if cfg.mixed_precision != "auto" else self.job.auto_precision(cuda)
-        acc = Accelerator(mixed_precision=self.precision, cpu=cfg.cpu)
+        acc = accelerator(self.precision, cfg.cpu)
         self.acc, self.main = acc, acc.is_main_process
         self.folder.main = self.main
         return acc

@@ -1,0 +1,130 @@
+"""Runs of several processes, on the CPU: the process layout of ``accelerate launch`` on several GPUs.
+
+torch's elastic launcher (``torchrun --nproc_per_node 2``; on a machine without GPUs the processes join over
+gloo) starts a teacher and a student: each finishes with exit code 0, publishes one artifact version and writes
+one W&B run. ``python -m kd.sweep.launch`` with ``KD_NUM_PROCESSES=2`` starts two workers the same way; a
+SIGTERM to it checkpoints and exits 143, and a SIGKILL of it leaves no worker running. Every program accepts its
+own stored W&B config back as flags, as ``wandb agent`` passes it when it resumes a run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from kd.config import DistillConfig, TrainConfig, parse_flags
+from kd.wandb_runs import inspect_summary, offline_folders
+from tests.conftest import ROOT, TINY, offline_env
+
+pytestmark = pytest.mark.slow  # several processes each: minutes on two cores (make chaos runs them)
+
+ELASTIC = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+
+
+def env_for(folder: Path, **extra: str) -> dict:
+    env = {**os.environ, **offline_env(folder), **extra}
+    for key in ("WANDB_RUN_ID", "WANDB_SERVICE", "KD_NUM_PROCESSES"):
+        env.pop(key, None)
+    return env
+
+
+def run(cmd: list[str], folder: Path, **extra: str) -> subprocess.CompletedProcess:
+    out = subprocess.run(cmd, cwd=folder, env=env_for(folder, **extra), capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, f"{cmd} exited {out.returncode}:\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}"
+    return out
+
+
+def stored_flags(folder: Path) -> list[str]:
+    """The run's config as W&B stores it, as the flags ``wandb agent`` builds from it on resume."""
+    from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
+
+    config = inspect_summary(folder)["config"]
+    return create_sweep_command_args({"args": {k: {"value": v} for k, v in config.items()}})["args"]
+
+
+@pytest.fixture(scope="module")
+def two_process_runs(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("two-processes")
+    teacher = run([*ELASTIC, str(ROOT / "train.py"), *TINY, "--epochs=1"], folder)
+    student = run([*ELASTIC, str(ROOT / "distill.py"), *TINY, "--epochs=1",
+                   "--teachers=teacher-digits-preresnet8-s0"], folder)
+    return folder, teacher, student
+
+
+def test_two_process_teacher_and_student_finish_publish_once_and_log_once(two_process_runs):
+    folder, teacher, student = two_process_runs
+    for out, name in ((teacher, "teacher-digits-preresnet8-s0"), (student, "student-digits-preresnet8-n1-r0-T1-s0")):
+        assert sorted(p.name for p in (folder / "artifacts" / name).glob("v*")) == ["v0"], out.stdout[-1000:]
+        assert out.stdout.count("W&B: offline") == 1  # only the main process speaks to W&B
+    assert "teacher cache (built" in student.stdout  # built once, by the main process
+    runs = offline_folders(folder)
+    assert len(runs) == 2, [p.name for p in runs]  # one W&B run each, not one per process
+    jobs = sorted(inspect_summary(f)["config"]["job"] for f in runs)
+    assert jobs == ["student", "teacher"]
+    for done in folder.glob("runs/*/done.json"):
+        assert json.loads(done.read_text())["run_id"] in {f.name.rsplit("-", 1)[1] for f in runs}
+
+
+def test_stored_config_round_trips_as_flags(two_process_runs):
+    folder, _, _ = two_process_runs
+    for f in offline_folders(folder):
+        config = inspect_summary(f)["config"]
+        cls = {"teacher": TrainConfig, "student": DistillConfig}[config["job"]]
+        parsed = parse_flags(cls, stored_flags(f))
+        assert parsed.run_name() == config["run_name"]
+        assert (folder / "runs" / f"{parsed.run_name()}-{parsed.fingerprint()}" / "done.json").exists()  # the same run
+
+
+def workers_of(folder: Path) -> list[int]:
+    """Live processes whose command line runs train.py into ``folder``."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if "train.py" in cmd and f"--out_dir={folder}" in cmd:
+                pids.append(int(proc.name))
+    return pids
+
+
+def start_launcher(folder: Path) -> subprocess.Popen:
+    args = [str(ROOT / "train.py"), *TINY, "--batch_size=16", "--epochs=50", f"--out_dir={folder / 'runs'}"]
+    return subprocess.Popen([sys.executable, "-m", "kd.sweep.launch", *args], cwd=folder,
+                            env=env_for(folder, KD_NUM_PROCESSES="2", OMP_NUM_THREADS="1"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_checkpoint(folder: Path, proc: subprocess.Popen, timeout: float = 180) -> None:
+    end = time.monotonic() + timeout
+    while not list(folder.glob("runs/*/checkpoint.json")):
+        assert proc.poll() is None and time.monotonic() < end, "the run stopped, or made no checkpoint in time"
+        time.sleep(0.5)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signals are Linux's")
+@pytest.mark.parametrize("how", ["TERM", "KILL"])
+def test_the_launcher_runs_two_workers_and_a_stop_leaves_none(tmp_path, how):
+    proc = start_launcher(tmp_path)
+    wait_for_checkpoint(tmp_path, proc)
+    assert len(workers_of(tmp_path / "runs")) == 2  # the two workers (the elastic launcher runs no train.py)
+    proc.send_signal(getattr(signal, f"SIG{how}"))
+    out, err = proc.communicate(timeout=120)
+    if how == "TERM":  # passed on: every worker checkpoints, the run exits 143
+        assert proc.returncode == 143, err[-3000:]
+        ckpt = json.loads(next(tmp_path.glob("runs/*/checkpoint.json")).read_text())
+        assert ckpt["step"] > 0 or ckpt["epoch"] > 0
+    else:
+        assert proc.returncode == -signal.SIGKILL
+    end = time.monotonic() + 60
+    while workers_of(tmp_path / "runs") and time.monotonic() < end:
+        time.sleep(0.5)
+    assert workers_of(tmp_path / "runs") == [], "a worker outlived the launcher"
