@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from kd import artifacts, faults, names, wandb_runs
+from kd import artifacts, faults, mirror, names, wandb_runs
 from kd.accel import accelerator, compile_model
 from kd.checkpoint import load_state_tensors, state_tensors
 from kd.config import to_dict
@@ -53,6 +53,7 @@ class Session:
         if torch.cuda.is_available():
             torch.backends.cudnn.benchmark = True
         set_seed(getattr(cfg, "student_seed", cfg.seed), device_specific=False)
+        self.main_first(self._fetch_checkpoint)
         self.ckpt = self.folder.open()
         if self.main:
             remove_stale_temps(self.run_dir / "final")  # a publish cut off mid-write: never read, only space
@@ -190,12 +191,26 @@ class Session:
 
     # ----------------------------------------------------------------------------------------- training
     def save_checkpoint(self, model, optimizer, epoch: int, step: int, sums: dict, history: list) -> None:
-        """Model + optimizer as safetensors; position, stats and history in the pointer JSON (atomic)."""
+        """Model + optimizer as safetensors; position, stats and history in the pointer JSON (atomic); mirrored
+        to the store (online also to W&B) so that the run resumes on another machine (:mod:`kd.mirror`)."""
         if not self.main:
             return
         tensors, info = state_tensors(self.accelerator.unwrap_model(model), optimizer)
         self.ckpt = self.folder.save(tensors, {**info, "epoch": epoch, "step": step, "sums": sums,
                                                "history": history, "extra": self.extra_state}, self.run_id)
+        checkpoints = self.folder.checkpoints
+        mirror.publish(self.run_dir, checkpoints.folder / self.ckpt["file"], checkpoints.pointer, self.ckpt,
+                       run=self.run if self.mode == "online" else None, store=self.cfg.store)
+
+    def _fetch_checkpoint(self) -> None:
+        """A run folder with no checkpoint (a run requeued onto another machine) takes the mirrored one."""
+        folder = self.folder
+        if str(self.cfg.resume) == "False" or folder.finished or folder.checkpoints.pointer.exists():
+            return
+        source = mirror.fetch(self.run_dir, folder.checkpoints.pointer.name, self.mode, self.cfg.project,
+                              store=self.cfg.store)
+        if source is not None:
+            print(f"fetched the checkpoint of {self.run_dir.name} from {source}", flush=True)
 
     def member(self, model, objective, compile: bool = True) -> Member:
         """The model on the device with its optimizer, through Accelerate, resumed from the run's checkpoint."""

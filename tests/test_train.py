@@ -92,3 +92,21 @@ def test_bad_flags_one_line_exit_2_nothing_written(tmp_path, args, needle):
     lines = [line for line in out.stderr.strip().splitlines() if line.strip()]
     assert len(lines) == 1 and needle in lines[0], out.stderr
     assert not any(p.name in ("runs", "wandb", "artifacts") for p in tmp_path.iterdir())
+
+
+def test_a_run_stopped_on_one_machine_resumes_on_another_from_its_mirrored_checkpoint(tmp_path):
+    """Two clones share only the artifact store (as machines share a network store; online, W&B): the run
+    requeued onto the second machine starts from the first one's checkpoint, in the same W&B run."""
+    store, first, second = tmp_path / "store", tmp_path / "machine-a", tmp_path / "machine-b"
+    first.mkdir(), second.mkdir()
+    env = {"KD_STORE": str(store), "KD_FAULT": "train-step@30:TERM"}
+    out = run_script("train.py", *ARGS, cwd=first, check=False, env=env)
+    assert out.returncode == 143, out.stderr[-2000:]
+    (mirrored,) = store.glob("checkpoint-teacher-digits-preresnet8-s1-*/v*")  # only the newest version is kept
+    run_id = json.loads(next(first.glob("runs/*/run.json")).read_text())["run_id"]
+    out = run_script("train.py", *ARGS, cwd=second, env={"KD_STORE": str(store)})
+    assert "fetched the checkpoint" in out.stdout and "at epoch 1 step 7" in out.stdout
+    assert json.loads(next(second.glob("runs/*/done.json")).read_text())["run_id"] == run_id
+    # offline, the second machine cannot see the first one's W&B folder: it logs every epoch once, from the
+    # checkpoint's history (online, W&B's resumed run says epoch 1 is there, and only 2..4 are logged)
+    assert history_steps(second)[run_id] == [1, 2, 3, 4]

@@ -1,0 +1,84 @@
+"""Checkpoints that outlive their machine: a run folder's newest checkpoint mirrored as an artifact.
+
+A preempted run that W&B requeues may restart on another machine, whose run folder is empty. So every
+checkpoint a teacher or student writes is also published as the artifact ``checkpoint-{run folder name}``
+(type ``checkpoint``: the tensors file and its pointer JSON): into the local store, which keeps only the
+newest version (a store shared between machines, e.g. ``KD_STORE`` on a network file system, is enough
+offline), and, online, into the run's W&B project, where the ``latest`` alias moves to it. A run whose folder
+holds no checkpoint first looks for that artifact (online in W&B, else in the store), copies its files into the
+folder (the tensors first, the pointer last: the pointer commits) and resumes from it, in the same W&B run
+(the pointer records its id).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from kd import artifacts
+from kd.errors import KDError
+from kd.io import atomic_write
+
+TYPE = "checkpoint"
+
+
+def artifact_name(run_dir: Path) -> str:
+    return f"checkpoint-{Path(run_dir).name}"
+
+
+def publish(run_dir: Path, tensors: Path, pointer: Path, info: dict, run=None, store=None) -> Path:
+    """The checkpoint ``tensors`` + ``pointer`` as the newest (and, in the store, only) version of its artifact."""
+    name = artifact_name(run_dir)
+    meta = {k: info[k] for k in ("epoch", "step", "run_id", "fingerprint") if k in info}
+    where = artifacts.publish(name, TYPE, [tensors, pointer], meta, run=run, store=store)
+    for old in where.parent.glob("v*"):
+        if old.is_dir() and old != where:
+            shutil.rmtree(old, ignore_errors=True)
+    for alias in where.parent.glob("alias-*.json"):
+        alias.unlink(missing_ok=True)  # the run id's alias: it would point at a removed version
+    return where
+
+
+def fetch(run_dir: Path, pointer_name: str, mode: str, project: str, store=None) -> Path | None:
+    """Copy the mirrored checkpoint of ``run_dir`` into it (when there is one); returns where it came from."""
+    name = artifact_name(run_dir)
+    if mode == "online":
+        source = _download(name, project, store)
+        listed = [] if source is None else [p.name for p in source.iterdir() if p.is_file()]
+    else:
+        source = artifacts.local_versions(name, store)
+        listed = [] if source is None else list(artifacts.verify_folder(source)["files"])
+    if source is None:
+        return None
+    files = sorted(listed, key=lambda f: f == pointer_name)  # the pointer last (its tensors' sha256 is checked
+    # when the checkpoint is loaded)
+    if pointer_name not in files:
+        raise KDError(f"the mirrored checkpoint {source} holds no {pointer_name}: delete it, or pass --resume=False")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for fname in files:
+        with atomic_write(run_dir / fname) as out, open(source / fname, "rb") as src:
+            shutil.copyfileobj(src, out)
+    return source
+
+
+def _download(name: str, project: str, store) -> Path | None:
+    """The newest version of ``name`` in W&B (the run's entity, ``project``), downloaded; None if there is none."""
+    import os
+
+    import wandb
+
+    try:
+        api = wandb.Api()
+        entity = os.environ.get("WANDB_ENTITY") or api.default_entity
+        art = api.artifact(f"{entity}/{os.environ.get('WANDB_PROJECT') or project}/{name}:latest", type=TYPE)
+        root = artifacts.store_root(store) / name / f"wandb-{art.version}"
+        return Path(art.download(root=str(root)))
+    except wandb.errors.CommError as e:
+        if "not found" in str(e).lower() or "does not exist" in str(e).lower():
+            return None
+        raise KDError(f"cannot look up the mirrored checkpoint {name} in W&B ({str(e).splitlines()[0][:200]}): "
+                      "check the network and `wandb login`, or pass --resume=False") from None
+    except (ValueError, OSError) as e:
+        raise KDError(f"cannot fetch the mirrored checkpoint {name} from W&B ({type(e).__name__}: "
+                      f"{str(e).splitlines()[0][:200] if str(e) else ''}): check the network, or pass "
+                      "--resume=False") from None
