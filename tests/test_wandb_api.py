@@ -309,3 +309,14 @@ def test_the_latest_of_several_reports_with_the_title_is_updated(server, tmp_pat
     assert wandb_report.existing_report(ENTITY, PROJECT, STUDY) == (gid("View", 2), 3)
     assert server.ops() == {"GetDefaultEntity": 1, "ProjectViews": 1}
     assert wandb_report.existing_report(ENTITY, PROJECT, "another") == ("", 0)
+
+
+def test_the_report_says_where_its_panels_group_a_run_elsewhere():
+    runs = [report.Run(id=s["name"], name=s["displayName"], config=s["config"], summary=s["summary"])
+            for s in study(1)[:4]]
+    runs[0].config = {**runs[0].config, "teacher_names": ["a", "b"]}  # named with --teachers: 2 used, config says 1
+    groups = report.group_students(runs, [])
+    assert wandb_report.regrouped(groups) == [runs[0].label]
+    rep = wandb_report.build_report(ENTITY, PROJECT, STUDY, "cifar10", "preresnet56", groups, 3, None, "table")
+    assert "group 1 run(s) by their config's ensemble_size" in rep.blocks[0].text
+    assert not wandb_report.regrouped(report.group_students(runs[1:], []))

@@ -54,6 +54,12 @@ def counted_ids(groups: list[Group]) -> list[str]:
     return sorted({r.id for g in groups for r in g.runs})
 
 
+def regrouped(groups: list[Group]) -> list[str]:
+    """Labels of the counted runs the live panels group elsewhere than the figures: a run given its teachers by
+    name (``--teachers``) whose config's ensemble_size is not the number of teachers it used."""
+    return [r.label for g in groups for r in g.runs if r.config.get(ENSEMBLE_SIZE) != g.ensemble_size]
+
+
 def _live_panels(wr, expr, entity: str, project: str, groups: list[Group]):
     students = wr.Runset(entity=entity, project=project, name="the runs the figures count",
                          filters=[expr.Metric("ID").isin(counted_ids(groups))],
@@ -85,6 +91,9 @@ def build_report(entity: str, project: str, study: str, dataset: str, arch: str,
         f"student and teacher predict the same class (fidelity); **accuracy** is generalization. Figures show "
         f"the mean over trials with a {BAND} band. Made with `python -m kd.report --study={study} --publish`."
     )
+    if moved := regrouped(groups):
+        intro += (f" The live panels group {len(moved)} run(s) by their config's ensemble_size, not by the "
+                  f"teachers they used as the figures do: {', '.join(moved[:10])}.")
     figs = None
     if figures_run_id:
         figs = wr.Runset(entity=entity, project=project, name="report figures",
