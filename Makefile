@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-stamp
 STUDY  ?= demo
 SWEEPS ?= sweeps/$(STUDY)
 
-.PHONY: setup test lint chaos demo figures report synthetic bench agent clean
+.PHONY: setup test lint chaos demo figures report synthetic bench agent agents clean
 
 setup: $(STAMP)
 $(STAMP): pyproject.toml
@@ -65,6 +65,18 @@ report: setup
 agent: setup
 	@test -n "$(SWEEP)" || { echo "error: pass SWEEP=entity/project/sweep_id (printed by wandb sweep)" >&2; exit 2; }
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/wandb agent $(ARGS) $(SWEEP)
+
+# One agent per GPU of this machine, each seeing only its own (CUDA_VISIBLE_DEVICES), in the background; waits
+# for all. Ctrl-C (or SIGTERM to make) sends SIGTERM to every agent: each stops its run as a preemption.
+#   make agents SWEEP=entity/kd-fidelity/abc123 GPUS=0,1,2,3 [ARGS=--count=5]
+comma := ,
+agents: setup
+	@test -n "$(SWEEP)" || { echo "error: pass SWEEP=entity/project/sweep_id (printed by wandb sweep)" >&2; exit 2; }
+	@test -n "$(GPUS)" || { echo "error: pass GPUS=0,1,... (one agent per GPU, e.g. GPUS=0,1,2,3)" >&2; exit 2; }
+	pids=; trap 'kill -TERM $$pids 2>/dev/null' INT TERM; \
+	$(foreach gpu,$(subst $(comma), ,$(GPUS)),CUDA_VISIBLE_DEVICES=$(gpu) PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/wandb agent $(ARGS) $(SWEEP) & pids="$$pids $$!"; \
+	) rc=0; for p in $$pids; do wait $$p; s=$$?; while kill -0 $$p 2>/dev/null; do wait $$p; s=$$?; done; \
+	[ $$s -eq 0 ] || rc=$$s; done; exit $$rc
 
 clean:
 	rm -rf runs figures wandb .cache bench

@@ -8,7 +8,9 @@ images and view ids into the float batch in [-1, 1]; the teacher-output cache ke
 
 from __future__ import annotations
 
+import contextlib
 import math
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,29 +111,59 @@ _CIFAR_FILES = {"cifar10": ("cifar-10-batches-py", "cifar-10-python.tar.gz"),
                 "cifar100": ("cifar-100-python", "cifar-100-python.tar.gz")}
 
 
-def _load_cifar(name: str, root: Path):
-    """torchvision's CIFAR (downloaded into ``root`` when missing), as uint8 NCHW arrays. A failed download
-    leaves nothing behind (a folder it had to create is removed again)."""
-    import shutil
+@contextlib.contextmanager
+def data_lock(root: Path):
+    """An exclusive ``fcntl.flock`` on ``<root>.lock``, the file beside the data folder, held while a dataset is
+    checked, downloaded and read there: several processes on one machine (one sweep agent per GPU) download it
+    once, and none reads a folder another is filling. The kernel releases it when its holder dies, even by
+    SIGKILL. The lock file stays (removing it would let two processes lock two different files)."""
+    import fcntl
 
+    root = Path(root).resolve()
+    root.parent.mkdir(parents=True, exist_ok=True)
+    lock = root.parent / f"{root.name}.lock"
+    with open(lock, "a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"waiting for another process's download into {root} (lock {lock})", flush=True)
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _remove(paths: list[Path]) -> None:
+    for p in paths:
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        elif p.exists():
+            p.unlink(missing_ok=True)
+
+
+def _load_cifar(name: str, root: Path):
+    """torchvision's CIFAR (downloaded into ``root`` when missing), as uint8 NCHW arrays, under
+    :func:`data_lock`. A failed download leaves nothing behind: what this process created (``root``, the
+    extracted folder, the archive) is removed again, under the lock, so never while another process fills it."""
     from torchvision.datasets import CIFAR10, CIFAR100
 
     cls = CIFAR10 if name == "cifar10" else CIFAR100
     folder, archive = _CIFAR_FILES[name]
-    missing = [p for p in (root, *root.parents) if not p.exists()]
     out = []
-    for train in (True, False):
-        try:
-            ds = cls(root=str(root), train=train, download=not (root / folder).exists())
-        except Exception as e:  # urllib/URLError/OSError/RuntimeError: no network or a broken folder
-            if missing:
-                shutil.rmtree(missing[-1], ignore_errors=True)
-            raise KDError(
-                f"{name} is not in {root / folder} and could not be downloaded ({type(e).__name__}): "
-                f"place {archive} (from https://www.cs.toronto.edu/~kriz/) in {root} or extract it "
-                f"there, or pass --data_dir=FOLDER"
-            ) from None
-        out += [ds.data.transpose(0, 3, 1, 2), np.asarray(ds.targets)]
+    with data_lock(root):
+        made = [p for p in (root, root / folder, root / archive) if not p.exists()]
+        for train in (True, False):
+            try:
+                ds = cls(root=str(root), train=train, download=not (root / folder).exists())
+            except Exception as e:  # urllib/URLError/OSError/RuntimeError: no network or a broken folder
+                _remove(made)
+                raise KDError(
+                    f"{name} is not in {root / folder} and could not be downloaded ({type(e).__name__}): "
+                    f"place {archive} (from https://www.cs.toronto.edu/~kriz/) in {root} or extract it "
+                    f"there, or pass --data_dir=FOLDER"
+                ) from None
+            out += [ds.data.transpose(0, 3, 1, 2), np.asarray(ds.targets)]
     return out
 
 

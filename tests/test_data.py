@@ -1,11 +1,24 @@
 import hashlib
 import pickle
+import threading
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from kd.data import DATASETS, apply_views, crop_flip, decode_views, load_dataset, num_views, sample_views, split_batch
+from kd.data import (
+    DATASETS,
+    Data,
+    apply_views,
+    crop_flip,
+    decode_views,
+    load_dataset,
+    num_views,
+    sample_views,
+    split_batch,
+)
 from kd.errors import KDError
 from kd.objectives import Supervised
 
@@ -119,3 +132,87 @@ def test_missing_cifar_names_folder_and_file(tmp_path, monkeypatch):
         load_dataset("cifar100", tmp_path / "nowhere")
     msg = str(e.value)
     assert "cifar-100-python.tar.gz" in msg and str(tmp_path / "nowhere") in msg and "\n" not in msg
+
+
+# ------------------------------------------------------------------------- several processes, one download
+def _fake_cifar10(monkeypatch, tmp_path, download):
+    """torchvision's CIFAR10 with its md5 lists made for the tiny folder :func:`_write_tiny_cifar` writes, and
+    ``download`` (a function of the dataset's root) in place of the network download."""
+    from torchvision.datasets import CIFAR10
+
+    folder, _ = _write_tiny_cifar(tmp_path / "model")
+    monkeypatch.setattr(CIFAR10, "train_list", [[f"data_batch_{i}", _md5(folder / f"data_batch_{i}")]
+                                                for i in range(1, 6)])
+    monkeypatch.setattr(CIFAR10, "test_list", [["test_batch", _md5(folder / "test_batch")]])
+    monkeypatch.setattr(CIFAR10, "meta", {**CIFAR10.meta, "md5": _md5(folder / "batches.meta")})
+    monkeypatch.setattr(CIFAR10, "download", lambda self: download(Path(self.root)))
+
+
+def _together(n, fn):
+    """``fn()`` in ``n`` threads started at once; each one's result or exception."""
+    barrier, results = threading.Barrier(n), [None] * n
+
+    def go(i):
+        barrier.wait()
+        try:
+            results[i] = fn()
+        except Exception as e:  # noqa: BLE001 - the test looks at it
+            results[i] = e
+
+    threads = [threading.Thread(target=go, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return results
+
+
+class Downloads:
+    """A fake download that records how many ran and how many ran at the same time."""
+
+    def __init__(self, fail_first=False):
+        self.count = self.active = self.most = 0
+        self.fail_first, self.lock = fail_first, threading.Lock()
+
+    def __call__(self, root: Path):
+        with self.lock:
+            self.count += 1
+            self.active += 1
+            self.most = max(self.most, self.active)
+            first = self.count == 1
+        try:
+            time.sleep(0.3)  # long enough for the other one to arrive while this one fills the folder
+            if first and self.fail_first:
+                (root / "cifar-10-batches-py").mkdir(parents=True)
+                (root / "cifar-10-batches-py" / "data_batch_1").write_bytes(b"half")
+                time.sleep(0.2)
+                raise OSError("connection reset")
+            _write_tiny_cifar(root)
+        finally:
+            with self.lock:
+                self.active -= 1
+
+
+def test_two_loaders_at_once_download_cifar_once(tmp_path, monkeypatch):
+    downloads = Downloads()
+    _fake_cifar10(monkeypatch, tmp_path, downloads)
+    root = tmp_path / "shared" / "data"
+    a, b = _together(2, lambda: load_dataset("cifar10", root))
+    assert downloads.count == 1 and downloads.most == 1
+    assert isinstance(a, Data) and isinstance(b, Data), (a, b)
+    assert torch.equal(a.train_x, b.train_x) and a.train_x.shape == (30, 3, 32, 32)
+    assert (tmp_path / "shared" / "data.lock").exists()  # the lock file beside the data folder
+
+
+def test_a_failed_download_never_removes_a_folder_another_loader_fills(tmp_path, monkeypatch):
+    downloads = Downloads(fail_first=True)
+    _fake_cifar10(monkeypatch, tmp_path, downloads)
+    root = tmp_path / "data"
+    results = _together(2, lambda: load_dataset("cifar10", root))
+    failed = [r for r in results if isinstance(r, KDError)]
+    loaded = [r for r in results if isinstance(r, Data)]
+    assert len(failed) == 1 and len(loaded) == 1, results  # without the lock the failure deleted the other's folder
+    assert "connection reset" not in str(failed[0]) and "could not be downloaded (OSError)" in str(failed[0])
+    assert downloads.count == 2 and downloads.most == 1  # one after the other, under the lock
+    assert loaded[0].train_x.shape == (30, 3, 32, 32)
+    assert load_dataset("cifar10", root).test_x.shape == (6, 3, 32, 32) and downloads.count == 2  # stays there

@@ -288,8 +288,9 @@ def test_report_object_builds_offline(result):
     panels = [type(p).__name__ for grid in grids for p in grid.panels]
     assert panels.count("MediaBrowser") == 2
     assert {"LinePlot", "ScatterPlot", "BarPlot"} <= set(panels)
-    live = grids[-1].runsets[0]
-    assert "study" in str(live.filters) and STUDY in str(live.filters)
+    live = grids[-1].runsets[0]  # exactly the runs the figures count: no cut-off run, no other study
+    ids = sorted(r.id for g in result.groups for r in g.runs)
+    assert len(ids) == 8 and live.filters == f'Metric("ID") in {ids!r}'
 
 
 # ------------------------------------------------------------------------------------------------ broken folders
@@ -411,8 +412,11 @@ class FakeApi:
         FakeApi.CALLS.append({"path": path, "filters": filters, "per_page": per_page, "lazy": lazy})
         if FakeApi.FAIL is not None:
             raise FakeApi.FAIL
-        return [FakeRun(s, lazy) for s in FakeApi.RUNS if s["config"].get("study") == (filters or {}).get(
-            "config.study")]
+        parts = (filters or {}).get("$and", [filters or {}])  # {"config.study": s}, and maybe {"name": {"$in": ids}}
+        study = next(p["config.study"] for p in parts if "config.study" in p)
+        ids = next((p["name"]["$in"] for p in parts if "name" in p), None)
+        return [FakeRun(s, lazy) for s in FakeApi.RUNS if s["config"].get("study") == study
+                and (ids is None or s["id"] in ids)]
 
 
 def _spec(run: report.Run, state="finished", beat="2026-01-01T00:00:00") -> dict:
@@ -466,13 +470,18 @@ def test_online_cache_reused_until_a_run_changes(fake_api, tmp_path):
 
     fake_api.RUNS[0]["heartbeat_at"] = "2026-01-02T00:00:00"  # (a) a run resumed and logged again
     fake_api.RUNS[0]["summary"]["test/acc"] = 0.99
-    changed, note, calls = read()
-    assert [c["lazy"] for c in calls] == [True, False] and note.startswith("pulled")
-    assert changed[0].summary["test/acc"] == 0.99
+    changed, note, calls = read()  # the lightweight listing, then the changed run alone, listed in full
+    assert [c["lazy"] for c in calls] == [True, False] and note.startswith("1 run(s) of study tiny new or changed")
+    assert calls[1]["filters"] == {"$and": [{"config.study": STUDY}, {"name": {"$in": [fake_api.RUNS[0]["id"]]}}]}
+    assert changed[0].summary["test/acc"] == 0.99 and [vars(r) for r in changed[1:]] == [vars(r) for r in runs[1:]]
 
-    fake_api.RUNS.append(_spec(_run("late", 1, 0.0, 5, 9.0, 0.5)))  # a new run: pulled again
+    fake_api.RUNS.append(_spec(_run("late", 1, 0.0, 5, 9.0, 0.5)))  # a new run: pulled alone
     added, _, calls = read()
     assert [c["lazy"] for c in calls] == [True, False] and len(added) == 13
+    assert calls[1]["filters"]["$and"][1] == {"name": {"$in": ["late"]}} and added[-1].id == "late"
+    del fake_api.RUNS[1]  # a run deleted on W&B: gone from the report, nothing pulled
+    _, note, calls = read()
+    assert [c["lazy"] for c in calls] == [True] and note.startswith("1 run(s) of study tiny removed")
     _, note, calls = read(refresh=True)  # --refresh: straight to the full listing
     assert [c["lazy"] for c in calls] == [False] and note.startswith("pulled")
 

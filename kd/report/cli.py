@@ -68,7 +68,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--entity", default=None, help="online: W&B entity (default: $WANDB_ENTITY or yours)")
     p.add_argument("--project", default=None, help=f"online: W&B project (default: $WANDB_PROJECT or "
                    f"{names.PROJECT})")
-    p.add_argument("--publish", action="store_true", help="also save a W&B Report (needs `wandb login`)")
+    p.add_argument("--publish", action="store_true",
+                   help="also save the study's W&B Report, over the one it has (needs `wandb login`)")
     p.add_argument("--refresh", action="store_true", help="ignore the caches in .cache/report: read every run again")
     p.add_argument("--expect", default=None, metavar="SWEEP_DIR",
                    help="warn about each grid point of the student sweep specs there without a finished run")
@@ -141,13 +142,13 @@ def _publish(got: Loaded, study: str, dataset: str, arch: str, result: Result) -
     from kd.report.wandb_report import publish
 
     try:
-        result.url = publish(got.entity, got.project, study, dataset, arch, result.groups, len(result.teachers),
-                             result.paths, result.table)
+        result.url, done = publish(got.entity, got.project, study, dataset, arch, result.groups,
+                                   len(result.teachers), result.paths, result.table)
     except api_errors() as e:
         why = (str(e).splitlines() or [type(e).__name__])[0]
         out = result.paths["csv"].parent
         raise KDError(f"--publish failed ({why}); the figures and CSV in {out} are written") from None
-    print(f"W&B Report: {result.url}")
+    print(f"W&B Report ({done}): {result.url}")
 
 
 def run_report(args: argparse.Namespace) -> Result:

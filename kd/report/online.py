@@ -3,11 +3,14 @@
 * One listing (``Api.runs(entity/project, filters={"config.study": study}, per_page=500, lazy=False)``)
   brings each run's config and summary with the listing itself: no request per run. Every figure plots
   final values, so they are read from the run's summary; no history is pulled.
-* The cache, ``<cache_dir>/<entity>-<project>-<study>.json``, keeps the runs and a fingerprint of the
-  listing: each run's (id, state, heartbeatAt, historyLineCount). The next report lists the runs again
-  lightweight (``lazy=True``: no config nor summary) and reuses the cache only while that fingerprint is the
-  same (no run added, removed, resumed or finished since); else it pulls again. ``--refresh`` always pulls.
-  The cache is written only once the figures are (:meth:`OnlineCache.save`).
+* The cache, ``<cache_dir>/<entity>-<project>-<study>.json``, keeps the runs and a fingerprint of each:
+  (id, state, heartbeatAt, historyLineCount). The next report lists the runs again lightweight (``lazy=True``:
+  no config nor summary) and reuses the cache while no fingerprint changed (no run added, removed, resumed or
+  finished since). Else it lists, in full, only the runs that changed, by id (``name $in [...]``), in one
+  listing of its own, and keeps the cached others: never a request per run. (Asking the same ``wandb.Api``
+  for the full listing with the lazy listing's filters would reuse that lazy listing and load each run's
+  config on its own: ``Runs.upgrade_to_full``.) ``--refresh`` always pulls everything. The cache is written
+  only once the figures are (:meth:`OnlineCache.save`).
 * Any API failure (no such entity or project, no permission, no network) is one line that names the fix.
 """
 
@@ -83,10 +86,13 @@ def _plain(v):
     return str(v)
 
 
+def _print(r) -> list[str]:
+    return [str(r.id), str(r.state), str(getattr(r, "heartbeat_at", None)), str(getattr(r, "history_line_count", None))]
+
+
 def fingerprint(listing) -> list[list[str]]:
     """What changes when a run is added, removed, resumed, logs or finishes; the lightweight listing has it."""
-    return sorted([str(r.id), str(r.state), str(getattr(r, "heartbeat_at", None)),
-                   str(getattr(r, "history_line_count", None))] for r in listing)
+    return sorted(_print(r) for r in listing)
 
 
 def to_run(r) -> Run:
@@ -120,28 +126,62 @@ class OnlineCache:
             write_json(self.path, self.pending)
 
 
-def _listing(api, entity: str, project: str, study: str, lazy: bool):
-    return api.runs(f"{entity}/{project}", filters={f"config.{names.STUDY}": study}, per_page=PER_PAGE,
-                    lazy=lazy)
+def _listing(api, entity: str, project: str, filters: dict, lazy: bool):
+    return api.runs(f"{entity}/{project}", filters=filters, per_page=PER_PAGE, lazy=lazy)
+
+
+def _update(api, entity: str, project: str, where: dict, cache: OnlineCache):
+    """The runs from the cache and, listed in full, those whose fingerprint changed; None when none did.
+    Returns (runs, fingerprint, number of runs listed again)."""
+    light = list(_listing(api, entity, project, where, lazy=True))
+    if fingerprint(light) == cache.data["fingerprint"]:
+        return None
+    known = {tuple(f) for f in cache.data["fingerprint"]}
+    cached = {r.id: r for r in cache.data["runs"]}
+    changed = [str(r.id) for r in light if tuple(_print(r)) not in known or str(r.id) not in cached]
+    fresh, stale = {}, set(changed)
+    if changed:
+        ids = {"name": {"$in": changed}}
+        fresh = {str(r.id): r for r in _listing(api, entity, project, {"$and": [where, ids]}, lazy=False)}
+    runs, prints = [], []
+    for r in light:
+        rid = str(r.id)
+        if rid in fresh:
+            runs.append(to_run(fresh[rid]))
+            prints.append(_print(fresh[rid]))
+        elif rid not in stale:
+            runs.append(cached[rid])
+            prints.append(_print(r))
+    return runs, sorted(prints), len(changed)
 
 
 def read_online(study: str, entity: str, project: str, cache: OnlineCache) -> tuple[list[Run], str]:
     """Runs of ``study`` in ``entity/project`` (the cache's while W&B's runs are unchanged) and a note."""
     import wandb
 
+    where = {f"config.{names.STUDY}": study}
     try:
         api = wandb.Api(timeout=60)
         if cache.data is not None:
-            if fingerprint(_listing(api, entity, project, study, lazy=True)) == cache.data["fingerprint"]:
+            got = _update(api, entity, project, where, cache)
+            if got is None:
                 return cache.data["runs"], (f"W&B's runs of study {study} are unchanged since "
                                             f"{cache.data.get('pulled_at', '?')}: using {cache.path} "
                                             "(--refresh pulls again)")
-        listing = list(_listing(api, entity, project, study, lazy=False))
-        runs = [to_run(r) for r in listing]
-        printed = fingerprint(listing)
+        else:
+            listing = list(_listing(api, entity, project, where, lazy=False))
+            got = [to_run(r) for r in listing], fingerprint(listing), len(listing)
     except api_errors() as e:
         raise api_failure(e, f"list the runs of {entity}/{project}", entity, project) from None
+    runs, printed, pulled_n = got
     pulled = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     cache.pending = {"version": CACHE_VERSION, "entity": entity, "project": project, "study": study,
                      "pulled_at": pulled, "fingerprint": printed, "runs": [asdict(r) for r in runs]}
+    if cache.data is not None and not pulled_n:
+        return runs, (f"{len(cache.data['runs']) - len(runs)} run(s) of study {study} removed from W&B since "
+                      f"{cache.data.get('pulled_at', '?')}: the others from {cache.path}")
+    if cache.data is not None:
+        return runs, (f"{pulled_n} run(s) of study {study} new or changed on W&B since "
+                      f"{cache.data.get('pulled_at', '?')}: pulled those from {entity}/{project}, "
+                      f"{len(runs) - pulled_n} from {cache.path}")
     return runs, f"pulled {len(runs)} runs of study {study} from {entity}/{project}"

@@ -1,8 +1,15 @@
-"""``--publish``: the figures and the CSV logged to a ``report`` run, and a W&B Report that shows them.
+"""``--publish``: the figures and the CSV logged to a ``report`` run, and the study's W&B Report that shows them.
 
 The Report holds an introduction, each figure as the media of the run that logged it (``figures/<stem>``:
-fig1, one fig1-<source> per other synthetic source, fig2 and synthetic_effect when drawn), live panels over
-all the study's student runs, and the results table.
+fig1, one fig1-<source> per other synthetic source, fig2 and synthetic_effect when drawn), live panels and the
+results table. The live panels' runset is exactly the runs the figures count: one finished run per grid point
+(its filter is the list of their W&B run ids, not study and job, which would also hold duplicates and cut-off
+runs), grouped as the figures group them, so each panel's mean is the figure's.
+
+Each study has one Report, titled :func:`report_title`: ``--publish`` lists the project's Reports once
+(``wandb.Api().reports``) and saves over the one with that title (the latest updated, if several), through
+the SDK's own update (a ``Report`` with the existing ``id``: ``upsertView`` of that view); only a study without
+one gets a new Report.
 """
 
 from __future__ import annotations
@@ -28,11 +35,35 @@ def _media(wr, runset, title: str, key: str):
         wr.MediaBrowser(title=title, media_keys=[f"figures/{key}"], layout=wr.Layout(w=24, h=12))])
 
 
-def _live_panels(wr, expr, entity: str, project: str, study: str):
-    keys = (ENSEMBLE_SIZE, SYNTHETIC_RATIO, names.SYNTHETIC_SOURCE, TEMPERATURE)
-    students = wr.Runset(entity=entity, project=project, name=f"students of study {study}",
-                         filters=expr.And(expr.Config(names.STUDY) == study, expr.Config(names.JOB) == names.STUDENT),
-                         groupby=[f"config.{k}" for k in keys])
+GROUP_KEYS = (ENSEMBLE_SIZE, SYNTHETIC_RATIO, names.SYNTHETIC_SOURCE, TEMPERATURE)  # a figure's group
+
+
+def report_title(study: str) -> str:
+    """The study's Report title: how ``--publish`` finds the Report to update. (No "?": the Report's URL
+    carries the title.)"""
+    return f"Does KD really work: study {study}"[:128]
+
+
+def _titles(study: str) -> set[str]:
+    """The titles a study's Report has had (the first carried a "?"); a Report found by either gets the new one."""
+    return {report_title(study), f"Does KD really work? study {study}"[:128]}
+
+
+def counted_ids(groups: list[Group]) -> list[str]:
+    """The W&B run ids of the runs the figures count (one per grid point), sorted."""
+    return sorted({r.id for g in groups for r in g.runs})
+
+
+def regrouped(groups: list[Group]) -> list[str]:
+    """Labels of the counted runs the live panels group elsewhere than the figures: a run given its teachers by
+    name (``--teachers``) whose config's ensemble_size is not the number of teachers it used."""
+    return [r.label for g in groups for r in g.runs if r.config.get(ENSEMBLE_SIZE) != g.ensemble_size]
+
+
+def _live_panels(wr, expr, entity: str, project: str, groups: list[Group]):
+    students = wr.Runset(entity=entity, project=project, name="the runs the figures count",
+                         filters=[expr.Metric("ID").isin(counted_ids(groups))],
+                         groupby=[f"config.{k}" for k in GROUP_KEYS])
     return wr.PanelGrid(runsets=[students], panels=[
         wr.LinePlot(title="test agreement over epochs", x=names.EPOCH, y=[names.TEST_AGREEMENT],
                     layout=wr.Layout(x=0, y=0, w=12, h=8)),
@@ -46,19 +77,23 @@ def _live_panels(wr, expr, entity: str, project: str, study: str):
 
 
 def build_report(entity: str, project: str, study: str, dataset: str, arch: str, groups: list[Group],
-                 n_teachers: int, figures_run_id: str | None, table_md: str, figures=FIGURES):
-    """The W&B Report: text, the figures (media of the run that logged them, by stem) and live panels."""
+                 n_teachers: int, figures_run_id: str | None, table_md: str, figures=FIGURES, report_id: str = ""):
+    """The W&B Report: text, the figures (media of the run that logged them, by stem) and live panels;
+    ``report_id``: the id of the study's existing Report, which saving then updates."""
     import wandb_workspaces.reports.v2 as wr
     from wandb_workspaces import expr
 
     n_students = sum(len(g.runs) for g in groups)
     intro = (
         f"Reproduction of Stanton et al. 2021, *Does Knowledge Distillation Really Work?*, study `{study}` "
-        f"({dataset}, student {arch}): {n_students} finished student runs in {len(groups)} grid points, "
-        f"{n_teachers} teacher runs. **Agreement** is the share of test images where student and teacher "
-        f"predict the same class (fidelity); **accuracy** is generalization. Figures show the mean over "
-        f"trials with a {BAND} band. Made with `python -m kd.report --study={study} --publish`."
+        f"({dataset}, student {arch}): {n_students} finished student runs (one per grid point) in "
+        f"{len(groups)} groups, {n_teachers} teacher runs. **Agreement** is the share of test images where "
+        f"student and teacher predict the same class (fidelity); **accuracy** is generalization. Figures show "
+        f"the mean over trials with a {BAND} band. Made with `python -m kd.report --study={study} --publish`."
     )
+    if moved := regrouped(groups):
+        intro += (f" The live panels group {len(moved)} run(s) by their config's ensemble_size, not by the "
+                  f"teachers they used as the figures do: {', '.join(moved[:10])}.")
     figs = None
     if figures_run_id:
         figs = wr.Runset(entity=entity, project=project, name="report figures",
@@ -71,16 +106,30 @@ def build_report(entity: str, project: str, study: str, dataset: str, arch: str,
     for heading, stems in sections:
         blocks.append(wr.H2(text=heading))
         blocks += [_media(wr, figs, _title(stem), stem) for stem in stems if figs is not None]
-    blocks += [wr.H2(text="Live panels (all student runs of the study)"),
-               _live_panels(wr, expr, entity, project, study),
+    blocks += [wr.H2(text="Live panels (the runs the figures count)"),
+               _live_panels(wr, expr, entity, project, groups),
                wr.H2(text="Results table"), wr.MarkdownBlock(text="```\n" + table_md + "\n```")]
-    return wr.Report(entity=entity, project=project, title=f"Does KD really work? study {study}"[:128],
-                     description=f"{dataset}, {n_students} student runs", blocks=blocks)
+    report = wr.Report(entity=entity, project=project, title=report_title(study),
+                       description=f"{dataset}, {n_students} student runs", blocks=blocks)
+    report.id = report_id
+    return report
 
 
-def publish(entity: str, project: str, study: str, dataset: str, arch: str, groups: list[Group],
-            n_teachers: int, paths: dict[str, Path], table_md: str) -> str:
-    """Log every figure in ``paths`` (stem -> PNG) and the CSV to a report run; save the Report; its URL."""
+def existing_report(entity: str, project: str, study: str) -> tuple[str, int]:
+    """The id of the study's Report in ``entity/project`` ("" when it has none) and how many Reports carry its
+    title: one listing of the project's Reports."""
+    import wandb
+
+    want = _titles(study)
+    found = [r for r in wandb.Api(timeout=60).reports(f"{entity}/{project}") if r.display_name in want]
+    if not found:
+        return "", 0
+    newest = max(found, key=lambda r: (str(r.updated_at or r.created_at or ""), str(r.id)))
+    return str(newest.id), len(found)
+
+
+def log_figures(entity: str, project: str, study: str, paths: dict[str, Path]) -> tuple[str, list[str]]:
+    """Every figure in ``paths`` (stem -> PNG) and the CSV, logged to a new ``report`` run; its id, the stems."""
     import wandb
 
     figures = [stem for stem, p in paths.items() if Path(p).suffix == ".png"]
@@ -91,9 +140,21 @@ def publish(entity: str, project: str, study: str, dataset: str, arch: str, grou
         with open(paths["csv"], newline="") as fh:
             rows = list(csv.reader(fh))
         run.log({"results": wandb.Table(columns=rows[0], data=rows[1:])})
-        run_id = run.id
+        return run.id, figures
     finally:
         run.finish()
-    report = build_report(entity, project, study, dataset, arch, groups, n_teachers, run_id, table_md, figures)
+
+
+def publish(entity: str, project: str, study: str, dataset: str, arch: str, groups: list[Group],
+            n_teachers: int, paths: dict[str, Path], table_md: str) -> tuple[str, str]:
+    """Log the figures and the CSV to a report run, then save the study's Report over its existing one (or a
+    new one); its URL and what was done ("updated" or "created", and how many others share the title)."""
+    report_id, same = existing_report(entity, project, study)
+    run_id, figures = log_figures(entity, project, study, paths)
+    report = build_report(entity, project, study, dataset, arch, groups, n_teachers, run_id, table_md, figures,
+                          report_id=report_id)
     report.save()
-    return report.url
+    done = "updated" if report_id else "created"
+    if same > 1:
+        done += f"; {same - 1} older Report(s) of study {study} left as they are"
+    return report.url, done

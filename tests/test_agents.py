@@ -1,0 +1,84 @@
+"""``make agents``: one ``wandb agent`` per GPU, each with its own CUDA_VISIBLE_DEVICES, all stopped by Ctrl-C.
+
+The dry run (``make -n``) shows the commands. The real run uses a stand-in ``wandb`` (VENV= points make at a
+folder whose ``bin/wandb`` is a shell script that records its GPU and arguments, and on SIGTERM records that
+and exits 143, as W&B's agent ends on SIGTERM); the rest is the Makefile's recipe, run by make and sh.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+
+AGENT = re.compile(r'CUDA_VISIBLE_DEVICES=(\S+) PATH="[^"]*/bin:\$PATH" \S*/bin/wandb agent +(\S+)')
+
+
+def test_dry_run_prints_one_agent_per_gpu():
+    out = subprocess.run(["make", "-n", "agents", "SWEEP=a/b/c", "GPUS=0,1"], cwd=ROOT, capture_output=True,
+                         text=True, check=True).stdout
+    assert AGENT.findall(out) == [("0", "a/b/c"), ("1", "a/b/c")], out
+
+
+@pytest.mark.parametrize("args,message", [(["SWEEP=a/b/c"], "pass GPUS="), (["GPUS=0"], "pass SWEEP=")])
+def test_sweep_and_gpus_are_required(tmp_path, args, message):
+    venv = _fake_venv(tmp_path)
+    done = subprocess.run(["make", "-s", "agents", f"VENV={venv}", *args], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 2 and message in done.stderr
+
+
+FAKE_WANDB = """#!/bin/sh
+out="{out}/gpu-$CUDA_VISIBLE_DEVICES"
+trap 'echo stopped > "$out.stopped"; exit 143' TERM
+echo "$*" > "$out.started"
+while :; do sleep 0.05; done
+"""
+
+
+def _fake_venv(tmp_path: Path) -> Path:
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    wandb = venv / "bin" / "wandb"
+    wandb.write_text(FAKE_WANDB.format(out=tmp_path))
+    wandb.chmod(0o755)
+    stamp = venv / ".installed-stamp"  # newer than pyproject.toml: `setup` has nothing to do
+    stamp.touch()
+    newer = (ROOT / "pyproject.toml").stat().st_mtime + 10
+    os.utime(stamp, (newer, newer))
+    return venv
+
+
+@pytest.mark.parametrize("stop", ["ctrl-c", "sigterm"])
+def test_ctrl_c_or_sigterm_stops_every_agent(tmp_path, stop):
+    venv = _fake_venv(tmp_path)
+    make = subprocess.Popen(["make", "-s", "agents", f"VENV={venv}", "SWEEP=a/b/c", "GPUS=0,2,3",
+                             "ARGS=--count=1"], cwd=ROOT, start_new_session=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while len(list(tmp_path.glob("gpu-*.started"))) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        started = {p.name: p.read_text().strip() for p in tmp_path.glob("gpu-*.started")}
+        assert started == {f"gpu-{g}.started": "agent --count=1 a/b/c" for g in (0, 2, 3)}
+        assert make.poll() is None  # make waits for its agents
+        if stop == "ctrl-c":
+            os.killpg(make.pid, signal.SIGINT)  # Ctrl-C: the terminal signals the whole foreground group
+        else:
+            make.send_signal(signal.SIGTERM)  # a scheduler stopping make alone
+        out, _ = make.communicate(timeout=30)
+    finally:
+        if make.poll() is None:
+            os.killpg(make.pid, signal.SIGKILL)
+    assert sorted(p.name for p in tmp_path.glob("gpu-*.stopped")) == [f"gpu-{g}.stopped" for g in (0, 2, 3)], out
+    assert make.returncode != 0
+    left = subprocess.run(["pgrep", "-g", str(make.pid)], capture_output=True, text=True).stdout.split()
+    assert not left  # no agent left running
