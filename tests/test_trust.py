@@ -14,7 +14,7 @@ import pytest
 from kd.config import DistillConfig, parse_flags
 from kd.errors import KDError
 from kd.wandb_runs import leet_records
-from tests.conftest import ROOT, TINY, offline_env, run_script
+from tests.conftest import ROOT, TINY, offline_env, run_main, run_script
 
 DEMO = [*TINY, "--epochs=2", "--study=demo"]
 
@@ -31,9 +31,9 @@ def demo_teachers(tmp_path_factory):
     """Two study-"demo" teachers, then the README's ad-hoc example, which republishes seed 0 (no study)."""
     folder = tmp_path_factory.mktemp("demo-teachers")
     for seed in (0, 1):
-        run_script("train.py", *DEMO, f"--seed={seed}", cwd=folder, env={"WANDB_MODE": "disabled"})
+        assert run_main("train.py", *DEMO, f"--seed={seed}", cwd=folder, env={"WANDB_MODE": "disabled"}) == 0
     pinned = teacher_sha(folder, "teacher-digits-preresnet8-s0", "demo")
-    run_script("train.py", *TINY, "--epochs=1", "--seed=0", cwd=folder, env={"WANDB_MODE": "disabled"})
+    assert run_main("train.py", *TINY, "--epochs=1", "--seed=0", cwd=folder, env={"WANDB_MODE": "disabled"}) == 0
     return folder, pinned
 
 
@@ -47,12 +47,13 @@ def test_an_ad_hoc_teacher_does_not_change_the_studys_students(demo_teachers, tm
     latest = teacher_sha(folder, "teacher-digits-preresnet8-s0")
     assert latest != pinned  # the finding: `latest` moved to the ad-hoc 1-epoch teacher
     env = {"KD_STORE": str(folder / "artifacts"), "WANDB_MODE": "disabled"}
-    run_script("distill.py", *DEMO, "--epochs=1", "--teacher_pool=2", cwd=tmp_path, env=env)
+    assert run_main("distill.py", *DEMO, "--epochs=1", "--teacher_pool=2", cwd=tmp_path, env=env) == 0
     assert student_config(tmp_path)["teacher_hashes"] == [pinned]
     # a run outside any study still takes the newest version, as before
     other = tmp_path / "adhoc"
     other.mkdir()
-    run_script("distill.py", *TINY, "--epochs=1", "--teachers=teacher-digits-preresnet8-s0", cwd=other, env=env)
+    assert run_main("distill.py", *TINY, "--epochs=1", "--teachers=teacher-digits-preresnet8-s0", cwd=other,
+                    env=env) == 0
     assert student_config(other)["teacher_hashes"] == [latest]
 
 
@@ -78,7 +79,7 @@ def test_resume_refuses_a_teacher_republished_between_stop_and_rerun(demo_teache
     assert out.returncode == 143, out.stderr[-2000:]
     # the study's teacher s0 is trained again (same study, other hyperparameters): the study alias moves
     (tmp_path / "retrain").mkdir()
-    run_script("train.py", *DEMO, "--seed=0", "--lr=0.07", cwd=tmp_path / "retrain", env=env)
+    assert run_main("train.py", *DEMO, "--seed=0", "--lr=0.07", cwd=tmp_path / "retrain", env=env) == 0
     out = run_script("distill.py", *args, cwd=tmp_path, env=env, check=False)
     assert out.returncode == 2, out.stdout[-1000:] + out.stderr[-2000:]
     lines = out.stderr.strip().splitlines()
