@@ -52,14 +52,15 @@ def run_script(script: str, *args: str, cwd: Path, check: bool = True, timeout: 
 
 
 def run_main(script: str, *args: str, cwd: Path, env=None) -> int:
-    """train.py / distill.py's ``main`` in this process (no interpreter start, no imports: seconds saved), in
+    """train.py / distill.py's (or ``-m kd.synthetic``'s) ``main`` in this process (no interpreter start, no imports:
+    seconds saved), in
     ``cwd`` with the offline environment; for fixtures that only need what a run writes. Returns the exit code."""
     import importlib
 
     import torch
 
     sys.path.insert(0, str(ROOT))
-    module = importlib.import_module(Path(script).stem)
+    module = importlib.import_module(script[3:] if script.startswith("-m ") else Path(script).stem)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as OMP_NUM_THREADS=1 does for the subprocesses
     with pytest.MonkeyPatch.context() as mp:

@@ -25,7 +25,7 @@ from kd.io import sha256_file
 from kd.synthetic import quality, sngan
 from kd.synthetic.quality import QualityUnavailable, fid, inception_score
 from kd.synthetic.sngan import GAN_PRESETS, build_gan, d_hinge_loss, g_hinge_loss, sample, to_uint8
-from tests.conftest import TINY, run_script
+from tests.conftest import TINY, run_main, run_script
 from tests.test_synthetic import no_inception_download
 
 
@@ -503,9 +503,9 @@ GAN_WEIGHTS = "gen/generator/generator.safetensors"
 
 @pytest.fixture(scope="module")
 def trained_gan(tmp_path_factory) -> Path:
-    """The digits SN-GAN trained 40 steps uninterrupted (a subprocess, as a user runs it); its folder."""
+    """The digits SN-GAN trained 40 steps uninterrupted (its command line, in-process); its folder."""
     folder = tmp_path_factory.mktemp("sngan")
-    run_script("-m kd.synthetic", *GAN_TRAIN, cwd=folder, env={"WANDB_MODE": "disabled"})
+    assert run_main("-m kd.synthetic", *GAN_TRAIN, cwd=folder, env={"WANDB_MODE": "disabled"}) == 0
     return folder
 
 
@@ -546,9 +546,9 @@ def gan_with_snapshots(tmp_path_factory) -> Path:
     """The digits SN-GAN trained to step 20 (its export kept as at-20.safetensors), then on to 30, snapshots at
     10 and 20; its folder."""
     folder = tmp_path_factory.mktemp("sngan-snapshots")
-    run_script("-m kd.synthetic", *SNAP_TRAIN, "--max_steps=20", cwd=folder, env={"WANDB_MODE": "disabled"})
+    assert run_main("-m kd.synthetic", *SNAP_TRAIN, "--max_steps=20", cwd=folder, env={"WANDB_MODE": "disabled"}) == 0
     shutil.copy(folder / GAN_WEIGHTS, folder / "at-20.safetensors")
-    run_script("-m kd.synthetic", *SNAP_TRAIN, "--max_steps=30", cwd=folder, env={"WANDB_MODE": "disabled"})
+    assert run_main("-m kd.synthetic", *SNAP_TRAIN, "--max_steps=30", cwd=folder, env={"WANDB_MODE": "disabled"}) == 0
     return folder
 
 
