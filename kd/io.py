@@ -133,7 +133,8 @@ DONE = Shape("a finished run's marker (run_id, summary)", {"run_id": str},
 POOL = Shape("pool metadata (sha256, count, dataset)", {"sha256": str},
              {"count": int, "dataset": str, "num_classes": int, "model": str, "fid": (float, int, _NONE)},
              fix="generate the pool again with `python -m kd.synthetic generate`")
-GENERATOR = Shape("generator metadata (kind, ...)", {}, {"kind": str, "sha256": str, "file": str},
+GENERATOR = Shape("generator metadata (kind, preset, file, sha256)", {},
+                  {"kind": str, "preset": dict, "sha256": str, "file": str},
                   fix="train or publish the generator again")
 REPORT_CACHE = Shape("the report's cache (version, entries or runs)", {},
                      {"version": int, "entries": dict, "runs": list, "fingerprint": list},

@@ -400,3 +400,16 @@ def test_only_runs_of_the_studys_grid_are_counted(tmp_path, monkeypatch):
     assert all(r.value("test/acc") != 0.10 for g in res.groups for r in g.runs)  # never averaged
     (line,) = [w for w in res.warnings if "not in the study's grid" in w]
     assert line.startswith("5 run(s) of study grid not in the study's grid") and "student-lr (lr)" in line
+
+
+@pytest.mark.parametrize("data,needle", [(b"[1]", "holds a list, not a JSON object"),
+                                         (b'{"kind": 7}', "'kind' is an integer, not a string"),
+                                         (None, "is a folder, not a file")])
+def test_generator_json_of_the_wrong_shape_is_refused(data, needle, workdir, capsys):
+    from kd import synthetic as syn
+
+    (workdir / "gen").mkdir()
+    plant(workdir / "gen" / "generator.json", data)
+    line = refused(capsys, workdir, syn.main, ["generate", "--dataset=digits", f"--model={workdir / 'gen'}"],
+                   needle)
+    assert "generator.json" in line and "it should hold generator metadata" in line

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch.nn.utils.parametrizations import spectral_norm
 
 from kd.errors import KDError
-from kd.io import load_tensors, read_json, save_tensors, write_json
+from kd.io import GENERATOR, load_tensors, plain_file_name, read_json, save_tensors, write_json
 from kd.synthetic.presets import GAN_PRESETS, GanPreset
 
 _RES_GAIN = math.sqrt(2.0)
@@ -232,17 +232,18 @@ def save_generator(folder: Path, g: Generator, preset: GanPreset, meta: dict) ->
 def is_generator_folder(folder: Path) -> bool:
     """A folder :func:`save_generator` wrote (its generator.json names the kind "sngan")."""
     path = Path(folder) / GENERATOR_JSON
-    return path.is_file() and read_json(path).get("kind") == "sngan"
+    return path.exists() and read_json(path, GENERATOR).get("kind") == "sngan"
 
 
 def load_generator(folder: Path, device: str = "cpu") -> tuple[Generator, dict]:
     """The generator of a :func:`save_generator` folder (sha256-verified), in eval mode, and its JSON."""
-    info = read_json(Path(folder) / GENERATOR_JSON)
+    info = read_json(Path(folder) / GENERATOR_JSON, GENERATOR)
     try:
         p = dict(info["preset"])
         preset = GanPreset(**{**p, "betas": tuple(p.get("betas", (0.0, 0.9)))})
         g = Generator(preset.z_dim, preset.g_ch, preset.image_size, preset.channels, preset.bottom)
-        g.load_state_dict(load_tensors(Path(folder) / info["file"], info["sha256"]))
+        weights = plain_file_name(info["file"], Path(folder) / GENERATOR_JSON)  # beside it, never a path out
+        g.load_state_dict(load_tensors(Path(folder) / weights, info["sha256"]))
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         why = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
         raise KDError(f"{folder} is not a loadable SN-GAN generator folder ({why}): train one with "
