@@ -150,6 +150,8 @@ class RunFolder:
             self.claim(wait=self.resume == "False")
         ckpt = self._open()
         self._seen = self._state()
+        if self._seen[0] and self.resume == "auto":
+            self.release()  # finished: nothing will be written, and no other process need wait for it
         return ckpt
 
     def _open(self) -> dict | None:
@@ -191,8 +193,27 @@ class RunFolder:
     def run_id(self) -> str:
         """The checkpoint's W&B run id, else the one this folder already started W&B with, else $WANDB_RUN_ID (as
         an agent sets it) or a new one; recorded in ``run.json`` before W&B sees it."""
+        if not self.ckpt:
+            self._check_exported_run_id()
         self.claim()  # the first write to the folder: from here on no other process trains in it
         return self.ckpt["run_id"] if self.ckpt else recorded_run_id(self.path, self.main)
+
+    def _check_exported_run_id(self) -> None:
+        """An exported $WANDB_RUN_ID that another run folder beside this one already records is refused before
+        anything is written: a run id names one run (otherwise this run would merge into that one's W&B run)."""
+        exported = os.environ.get("WANDB_RUN_ID")
+        if not exported or (self.path / RUN_ID_FILE).exists():
+            return
+        for other in sorted(self.path.parent.glob(f"*/{RUN_ID_FILE}")):
+            if other.parent == self.path:
+                continue
+            try:
+                theirs = read_json(other, RUN_ID)["run_id"]
+            except KDError:
+                continue  # that folder's own problem, reported when it runs
+            if theirs == exported:
+                raise KDError(f"WANDB_RUN_ID={exported} is the W&B run of another run folder, {other.parent}: a run "
+                              "id names one run; unset WANDB_RUN_ID to start this run under its own id")
 
     # ----------------------------------------------------------------------------------------- writes
     def save(self, tensors: dict, info: dict, run_id: str, name: str | None = None) -> dict:

@@ -413,3 +413,45 @@ def test_generator_json_of_the_wrong_shape_is_refused(data, needle, workdir, cap
     line = refused(capsys, workdir, syn.main, ["generate", "--dataset=digits", f"--model={workdir / 'gen'}"],
                    needle)
     assert "generator.json" in line and "it should hold generator metadata" in line
+
+
+def test_an_exported_run_id_of_another_run_folder_is_refused(workdir, capsys, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    other = workdir / "runs" / "teacher-digits-preresnet8-s0-0123456789"
+    other.mkdir(parents=True)
+    (other / "run.json").write_text('{"run_id": "studyrun1"}')
+    monkeypatch.setenv("WANDB_RUN_ID", "studyrun1")
+    refused(capsys, workdir, train.main, RUN, "WANDB_RUN_ID=studyrun1 is the W&B run of another run folder")
+
+
+@pytest.mark.slow  # three trainers at once on a 2-core machine: make chaos runs it
+def test_two_packs_and_a_sweep_runner_on_one_spec_train_each_run_once(tmp_path, teachers_dir):
+    import yaml
+
+    from tests.test_packing import GRID, config_of, folder_with_teachers, wandb_by_run
+
+    folder = folder_with_teachers(tmp_path / "together", teachers_dir)
+    spec = yaml.safe_load((folder / "grid.yaml").read_text())  # the runner runs the repository's own program
+    spec.update(program=str(ROOT / "distill.py"), command=["${env}", "${interpreter}", "-m", "kd.sweep.launch",
+                                                           "${program}", "${args}"])
+    (folder / "grid.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    env = {**os.environ, **offline_env(folder), "PYTHONPATH": str(ROOT)}
+    for key in ("WANDB_RUN_ID", "WANDB_SERVICE"):
+        env.pop(key, None)
+    commands = [[sys.executable, "-m", "kd.sweep.pack", "grid.yaml", "--pack=2", "--stacked=False"]] * 2
+    commands.append([sys.executable, "-m", "kd.sweep", "grid.yaml"])
+    procs = [subprocess.Popen(c, cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for c in commands]
+    outs = [p.communicate(timeout=900) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], [err[-2000:] for _, err in outs]
+    runs = [dict(zip(GRID, values)) for values in [(t, tau) for t in GRID["trial"] for tau in GRID["temperature"]]]
+    skipped = sum(out.count("skipped: another process is training") + out.count("already finished")
+                  for out, _ in outs[:2])
+    assert skipped >= len(runs), outs  # each pack leaves to the other trainers what they hold or finished
+    for run in runs:
+        cfg = config_of(run)
+        assert (folder / "runs" / f"{cfg.run_name()}-{cfg.fingerprint()}" / "done.json").is_file()
+        assert sorted(p.name for p in (folder / "artifacts" / cfg.run_name()).glob("v*")) == ["v0"]
+    wandb_runs = wandb_by_run(folder)
+    assert len(wandb_runs) == len(runs)  # one W&B run per run, and each step logged once
+    assert all(sorted(wb["steps"]) == [1, 2] for wb in wandb_runs.values()), wandb_runs
