@@ -12,14 +12,28 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
 
 from kd import faults
 from kd.errors import KDError, check_name
-from kd.io import owner_tag, read_json, remove_stale_temps, sha256_file, umask, write_json
+from kd.io import (
+    MANIFEST,
+    POINTER,
+    WEIGHTS_META,
+    owner_tag,
+    plain_file_name,
+    read_json,
+    remove_stale_temps,
+    sha256_file,
+    umask,
+    write_json,
+)
 from kd.wandb_runs import wandb_mode
+
+VERSION_RE = re.compile(r"v(?:0|[1-9][0-9]{0,8})")  # fullmatch: v0, v1, ... (no path, no sign, no padding)
 
 
 def store_root(store: str | Path | None = None) -> Path:
@@ -32,6 +46,9 @@ def _artifact_dir(name: str, store) -> Path:
     folder = (root / name).resolve()
     if root not in folder.parents:
         raise KDError(f"artifact name {name!r} would leave the store {root}")
+    if folder != root / name:  # a link to another artifact of the store
+        raise KDError(f"artifact folder {root / name} is a link to {folder}: an artifact is a folder of its own; "
+                      "remove the link and publish the artifact again")
     return folder
 
 
@@ -117,9 +134,13 @@ def local_versions(name: str, store=None, alias: str = "latest") -> Path | None:
     """The version folder ``name:alias`` points at in the local store, None if there is none."""
     folder = _artifact_dir(name, store)
     pointer = folder / "latest.json" if alias == "latest" else _alias_file(folder, alias)
-    if not pointer.exists():
+    if not pointer.exists() and not pointer.is_symlink():
         return None
-    return folder / read_json(pointer)["version"]
+    version = read_json(pointer, POINTER)["version"]
+    if not VERSION_RE.fullmatch(version):
+        raise KDError(f"{pointer} points at {version!r}, which is not a version of {name} (v<number> inside "
+                      f"{folder}): publish the artifact again, or delete the file")
+    return folder / version
 
 
 def aliases_of(name: str, store=None) -> list[str]:
@@ -135,20 +156,56 @@ def list_artifacts(prefix: str = "", store=None) -> list[str]:
     return sorted(p.name for p in root.iterdir() if p.name.startswith(prefix) and (p / "latest.json").exists())
 
 
-def verify_folder(folder: Path) -> dict:
-    manifest = read_json(folder / "manifest.json")
-    for fname, digest in manifest["files"].items():
+def verify_folder(folder: Path, needs: tuple[str, ...] = ()) -> dict:
+    """The manifest of a version folder, everything in it checked: the folder is a real folder (no link) of its
+    artifact, the manifest describes this artifact and version, lists every file the folder holds and every
+    file in ``needs`` (the files the caller reads), and each file is a plain file with the recorded sha256."""
+    folder = Path(folder)
+    fix = f"delete {folder} and publish it again"
+    if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+        raise KDError(f"artifact version {folder} is a link or a file, not a version folder of "
+                      f"{folder.parent.name}: {fix}")
+    if not (folder / "manifest.json").exists():
+        raise KDError(f"missing file {folder / 'manifest.json'}: version {folder.name} of {folder.parent.name} is "
+                      f"not (wholly) in the store; publish the artifact again")
+    manifest = read_json(folder / "manifest.json", MANIFEST)
+    if (manifest["name"], manifest["version"]) != (folder.parent.name, folder.name):
+        raise KDError(f"{folder / 'manifest.json'} describes {manifest['name']}:{manifest['version']}, not "
+                      f"{folder.parent.name}:{folder.name} (copied from another artifact?): {fix}")
+    files = manifest["files"]
+    for fname, digest in files.items():
+        plain_file_name(fname, folder / "manifest.json")
         path = folder / fname
+        if fname == "manifest.json" or not isinstance(digest, str) or path.is_symlink():
+            raise KDError(f"artifact file {path} is not a plain file its manifest can vouch for: {fix}")
         if not path.exists():
-            raise KDError(f"artifact file {path} is missing: delete {folder} and publish it again")
-        if sha256_file(path) != digest:
-            raise KDError(f"artifact file {path} is corrupt (sha256 mismatch): delete {folder} and publish it again")
+            raise KDError(f"artifact file {path} is missing: {fix}")
+        if not path.is_file() or sha256_file(path) != digest:
+            raise KDError(f"artifact file {path} is corrupt (sha256 mismatch): {fix}")
+    unlisted = sorted(p.name for p in folder.iterdir() if p.name != "manifest.json" and p.name not in files)
+    if unlisted:
+        raise KDError(f"artifact version {folder} holds {', '.join(unlisted)}, which its manifest does not list: "
+                      f"{fix}")
+    unread = [n for n in needs if n not in files]
+    if unread:
+        raise KDError(f"the manifest of {folder} does not list {', '.join(unread)}, which is read from it: {fix}")
     return manifest
 
 
-def resolve(name: str, run=None, store=None, kind: str = "artifact", hint: str = "", alias: str = "latest") -> Path:
+def weights_listed(folder: Path, manifest: dict) -> None:
+    """``meta.json``'s ``file`` (the weights a loader reads) is one of the files the manifest vouches for."""
+    meta = read_json(folder / "meta.json", WEIGHTS_META)
+    weights = meta.get("file", "model.safetensors")
+    if weights not in manifest["files"]:
+        raise KDError(f"{folder / 'meta.json'} names the weights {weights!r}, which its manifest does not list: "
+                      f"delete {folder} and publish it again")
+
+
+def resolve(name: str, run=None, store=None, kind: str = "artifact", hint: str = "", alias: str = "latest",
+            needs: tuple[str, ...] = ()) -> Path:
     """A verified local folder holding artifact ``name:alias`` (online: downloaded through the run, so W&B
-    records the lineage; any W&B failure is one KDError naming the fix)."""
+    records the lineage; any W&B failure is one KDError naming the fix). ``needs``: the files the caller reads,
+    which the manifest must list (with ``meta.json``, the weights it names too)."""
     if run is not None and wandb_mode() == "online":
         return _download(name, alias, run, store, kind)
     folder = local_versions(name, store, alias)
@@ -156,7 +213,9 @@ def resolve(name: str, run=None, store=None, kind: str = "artifact", hint: str =
         which = "" if alias == "latest" else f" with alias {alias!r}"
         raise KDError(f"no {kind} {name!r}{which} in the local store {store_root(store)} "
                       f"({_holdings(name, store)}){hint}")
-    verify_folder(folder)
+    manifest = verify_folder(folder, needs)
+    if "meta.json" in needs:
+        weights_listed(folder, manifest)
     return folder
 
 

@@ -15,11 +15,15 @@ import re
 import signal
 import sys
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}\Z")  # match at the start, \Z: no trailing newline
 
 
 class KDError(Exception):
     """An error a user can fix: printed as one line, exit code 2."""
+
+
+class AlreadyDone(Exception):
+    """Another process finished this run while this one waited for it: one line, exit code 0."""
 
 
 class Interrupted(Exception):
@@ -87,6 +91,9 @@ def cli():
     except KDError as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         raise SystemExit(2) from None
+    except AlreadyDone as e:
+        print(one_line(e), flush=True)
+        raise SystemExit(0) from None
     except Interrupted as e:
         if e.saved:
             print(f"interrupted by {e}: checkpoint saved; run the same command again to resume", file=sys.stderr)

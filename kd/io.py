@@ -15,6 +15,7 @@ import re
 import shutil
 import socket
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -103,14 +104,94 @@ def write_json(path: str | Path, obj) -> None:
         fh.write("\n")
 
 
-def read_json(path: str | Path) -> dict:
+@dataclass(frozen=True)
+class Shape:
+    """What a metadata file must hold: a JSON object with ``required`` keys (and ``optional`` ones when present) of
+    the given types; ``what`` names it in the one-line refusal, ``fix`` says what to do about a wrong one."""
+
+    what: str
+    required: dict = field(default_factory=dict)
+    optional: dict = field(default_factory=dict)
+    fix: str = "delete it and rerun"
+
+
+_NONE = type(None)
+OBJECT = Shape("a JSON object")
+POINTER = Shape('a store pointer {"version": "vN"}', {"version": str},
+                fix="publish the artifact again, or delete the file")
+MANIFEST = Shape("an artifact manifest (name, type, version, files)",
+                 {"name": str, "type": str, "version": str, "files": dict},
+                 {"metadata": dict, "aliases": list, "run_id": (str, _NONE)},
+                 fix="delete its version folder and publish it again")
+WEIGHTS_META = Shape("weights metadata (sha256, file, arch, dataset, num_classes)", {"sha256": str},
+                     {"file": str, "arch": str, "dataset": str, "num_classes": int},
+                     fix="publish the weights again")
+RUN_ID = Shape('a run id {"run_id": "..."}', {"run_id": str}, fix="delete it (or pass --resume=False)")
+DONE = Shape("a finished run's marker (run_id, summary)", {"run_id": str},
+             {"summary": dict, "artifact": str, "store_path": str, "wandb": str},
+             fix="delete it to train the run (or pass --resume=False)")
+POOL = Shape("pool metadata (sha256, count, dataset)", {"sha256": str},
+             {"count": int, "dataset": str, "num_classes": int, "model": str, "fid": (float, int, _NONE)},
+             fix="generate the pool again with `python -m kd.synthetic generate`")
+GENERATOR = Shape("generator metadata (kind, preset, file, sha256)", {},
+                  {"kind": str, "preset": dict, "sha256": str, "file": str},
+                  fix="train or publish the generator again")
+REPORT_CACHE = Shape("the report's cache (version, entries or runs)", {},
+                     {"version": int, "entries": dict, "runs": list, "fingerprint": list},
+                     fix="delete it (the report then reads every run again)")
+
+_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false", dict: "an object",
+               list: "a list", _NONE: "null"}
+
+
+def _json_kind(value) -> str:
+    for t in (bool, int, float, str, list, dict, _NONE):
+        if isinstance(value, t):
+            return _TYPE_NAMES[t]
+    return type(value).__name__
+
+
+def _fits(value, types) -> bool:
+    types = types if isinstance(types, tuple) else (types,)
+    if isinstance(value, bool) and bool not in types:  # JSON true is not a count
+        return False
+    if isinstance(value, int) and float in types:
+        return True
+    return isinstance(value, types)
+
+
+def read_json(path: str | Path, shape: Shape = OBJECT) -> dict:
+    """The JSON object in ``path``, checked against ``shape``; anything else (missing, a folder, binary bytes,
+    cut-off JSON, a list or number, a key of the wrong type) is one KDError naming the file and what it should
+    hold."""
     path = Path(path)
+    should = f"it should hold {shape.what}: {shape.fix}"
     try:
-        return json.loads(path.read_text())
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise KDError(f"missing file {path}") from None
+    except IsADirectoryError:
+        raise KDError(f"{path} is a folder, not a file: {should}") from None
+    except OSError as e:
+        raise KDError(f"cannot read {path} ({e.strerror or type(e).__name__}): {should}") from None
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise KDError(f"{path} is not JSON text (binary bytes): {should}") from None
     except json.JSONDecodeError as e:
-        raise KDError(f"corrupt JSON in {path} ({e.msg} at line {e.lineno}): delete it and rerun") from None
+        raise KDError(f"corrupt JSON in {path} ({e.msg} at line {e.lineno}): {should}") from None
+    if not isinstance(data, dict):
+        raise KDError(f"{path} holds {_json_kind(data)}, not a JSON object: {should}")
+    for key, types in (*shape.required.items(), *shape.optional.items()):
+        if key not in data:
+            if key in shape.required:
+                raise KDError(f"{path} has no {key!r}: {should}")
+            continue
+        if not _fits(data[key], types):
+            want = " or ".join(_TYPE_NAMES.get(t, t.__name__) for t in (types if isinstance(types, tuple) else
+                                                                          (types,)))
+            raise KDError(f"{path}: {key!r} is {_json_kind(data[key])}, not {want}: {should}")
+    return data
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -160,10 +241,35 @@ def save_weights(folder: str | Path, state: dict[str, torch.Tensor], meta: dict)
 
 def load_weights(folder: str | Path, device: str = "cpu") -> tuple[dict[str, torch.Tensor], dict]:
     folder = Path(folder)
-    meta = read_json(folder / "meta.json")
-    if "sha256" not in meta:
-        raise KDError(f"{folder / 'meta.json'} records no sha256: the weights cannot be verified")
-    return load_tensors(folder / meta.get("file", "model.safetensors"), meta["sha256"], device), meta
+    meta = read_json(folder / "meta.json", WEIGHTS_META)
+    return load_tensors(folder / plain_file_name(meta.get("file", "model.safetensors"), folder / "meta.json"),
+                        meta["sha256"], device), meta
+
+
+def plain_file_name(name: str, where: Path) -> str:
+    """A file name that ``where`` records for a file beside it: one plain name, never a path out of its folder."""
+    if not name or name in (".", "..") or "/" in name or "\\" in name or "\x00" in name:
+        raise KDError(f"{where} names the file {name!r}, which is not a plain file name beside it: "
+                      "publish it again")
+    return name
+
+
+def check_name_lengths(path: str | Path, what: str, near: Path | None = None) -> None:
+    """No component of ``path`` is longer than the file system (that of ``near``, its nearest existing folder)
+    allows: refused before anything is made, instead of failing halfway."""
+    path = Path(path).absolute()
+    if near is None:
+        near = path
+        while not os.path.exists(near):  # (os.path.exists: False, not an error, for a name over the limit)
+            near = near.parent
+    try:
+        limit = os.pathconf(near, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255
+    for part in path.parts:
+        if len(os.fsencode(part)) > limit:
+            raise KDError(f"{what} {str(path)[:80]}...: the name {part[:24]}... is {len(os.fsencode(part))} bytes, "
+                          f"over the file system's limit of {limit}: pass a shorter path")
 
 
 def check_folder(path: str | Path, what: str, need_bytes: int = 0) -> None:
@@ -175,6 +281,7 @@ def check_folder(path: str | Path, what: str, need_bytes: int = 0) -> None:
         near = near.parent
     if not near.is_dir():
         raise KDError(f"{what} {path} cannot be a folder: {near} is a file; pass another folder or remove it")
+    check_name_lengths(path, what, near)
     if not os.access(near, os.W_OK | os.X_OK):
         raise KDError(f"{what} {path} is not writable ({near} is read-only for this user): pass another folder")
     if need_bytes:

@@ -15,7 +15,7 @@ import torch
 
 from kd.artifacts import resolve
 from kd.errors import NAME_RE, KDError
-from kd.io import load_tensors, read_json
+from kd.io import POOL, load_tensors, read_json
 
 POOL_FILE = "pool.safetensors"
 MAKE_ONE = "`python -m kd.synthetic generate --dataset=... --model=...`"
@@ -35,7 +35,8 @@ def pool_file(ref: str, store=None, run=None) -> Path:
         return path
     if is_artifact_name(ref):
         hint = f": create it with {MAKE_ONE}, or pass a pool file or folder"
-        return resolve(ref, run=run, store=store, kind="synthetic pool", hint=hint) / POOL_FILE
+        return resolve(ref, run=run, store=store, kind="synthetic pool", hint=hint,
+                       needs=(POOL_FILE, "pool.json")) / POOL_FILE
     raise KDError(f"synthetic pool {ref!r} not found: pass a pool file, its folder or a synthetic-* "
                   "artifact name (python -m kd.synthetic generate makes one)")
 
@@ -48,8 +49,8 @@ def load_pool(ref: str, store=None, run=None) -> tuple[torch.Tensor, dict]:
     file = pool_file(ref, store, run)
     if not file.exists():
         raise KDError(f"pool file {file} is missing: generate it with `python -m kd.synthetic generate ...`")
-    meta = read_json(file.with_suffix(".json"))
-    if not meta.get("sha256"):
+    meta = read_json(file.with_suffix(".json"), POOL)
+    if not meta["sha256"]:
         raise KDError(f"{file.with_suffix('.json')} records no sha256: the pool cannot be verified")
     images = load_tensors(file, meta["sha256"]).get("images")
     if images is None or images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:

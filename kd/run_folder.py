@@ -9,25 +9,33 @@ It holds, and this module alone decides:
 * the checkpoints, in the one format of :mod:`kd.checkpoint`;
 * ``run.json``: the W&B run id, recorded before W&B first sees it, so a run killed before its first checkpoint
   continues the same W&B run;
-* ``done.json``: the marker of a finished run (written after its W&B run ended).
+* ``done.json``: the marker of a finished run (written after its W&B run ended); it counts only while its run id
+  is the one ``run.json`` records (and the one its artifact's manifest records);
+* ``.lock``: held (``fcntl.flock``) by the one process that trains in the folder, from its first write until
+  ``done.json``: a second process on the same folder waits for it (a packed grid skips the run instead) and then
+  finds the run finished, or resumes its checkpoint; it never trains it too.
 
 Only the main process writes here; every process reads the checkpoint it resumes from.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import sys
 from pathlib import Path
 
 from kd.checkpoint import Checkpoints
 from kd.config import fingerprint
-from kd.errors import KDError
-from kd.io import read_json, write_json
+from kd.errors import AlreadyDone, KDError
+from kd.io import DONE, MANIFEST, RUN_ID, check_name_lengths, read_json, write_json
 from kd.wandb_runs import new_run_id
 
 RUN_ID_FILE = "run.json"
 DONE_FILE = "done.json"
+LOCK_FILE = ".lock"
+_HELD: dict[str, RunFolder] = {}  # the folders this process holds the lock of, by resolved path
 CKPT_KEYS = ("file", "sha256", "fingerprint", "run_id", "history")
 
 
@@ -35,8 +43,8 @@ def recorded_run_id(folder: Path, main: bool = True) -> str:
     """The W&B run id recorded in ``folder/run.json``, else $WANDB_RUN_ID (as an agent sets it) or a new one,
     recorded there (by the main process) before W&B sees it."""
     file = Path(folder) / RUN_ID_FILE
-    if file.exists():
-        return read_json(file)["run_id"]
+    if file.exists() or file.is_symlink():
+        return read_json(file, RUN_ID)["run_id"]
     run_id = os.environ.get("WANDB_RUN_ID") or new_run_id()
     if main:
         file.parent.mkdir(parents=True, exist_ok=True)
@@ -57,17 +65,96 @@ class RunFolder:
                                        required=CKPT_KEYS + tuple(required))
         self.ckpt: dict | None = None
         self.inputs: dict = {}
+        self._lock: int | None = None  # the descriptor of the held .lock
+        self._seen: tuple | None = None  # what open() decided on: (finished, checkpoint pointer bytes)
 
     # ----------------------------------------------------------------------------------------- resume
     @property
     def finished(self) -> bool:
-        return (self.path / DONE_FILE).exists()
+        done = self.path / DONE_FILE
+        if not (done.exists() or done.is_symlink()):
+            return False
+        self.done_info()  # a marker of another run (or of no run) is refused, never taken as "finished"
+        return True
 
     def done_info(self) -> dict:
-        return read_json(self.path / DONE_FILE)
+        """``done.json``, refused unless it is this run's: its run id is the one ``run.json`` records, and the one
+        the manifest of the artifact it names records (where that artifact is still in the store)."""
+        done = self.path / DONE_FILE
+        info = read_json(done, DONE)
+        fix = "delete it to train the run again (or pass --resume=False)"
+        ids = self.path / RUN_ID_FILE
+        recorded = read_json(ids, RUN_ID)["run_id"] if ids.exists() or ids.is_symlink() else None
+        if info["run_id"] != recorded:
+            raise KDError(f"{done} names run {info['run_id']!r} but the run folder records "
+                          f"{recorded if recorded else 'no run'} in {RUN_ID_FILE}: it is not this run's marker; {fix}")
+        manifest = Path(info["store_path"]) / "manifest.json" if info.get("store_path") else None
+        if manifest is not None and manifest.is_file():
+            published = read_json(manifest, MANIFEST).get("run_id")
+            if published is not None and published != recorded:
+                raise KDError(f"{done} names the artifact {manifest.parent}, which run {published!r} published, not "
+                              f"this run ({recorded}): it is not this run's marker; {fix}")
+        return info
+
+    # ----------------------------------------------------------------------------------------- the lock
+    def claim(self, wait: bool = True) -> bool:
+        """Hold the folder's lock (main process; made on the folder's first write). Another process holding it:
+        ``wait`` waits for it (one line says so), else returns False. Once held, the folder must be as
+        :meth:`open` found it: finished meanwhile raises :class:`AlreadyDone`, a checkpoint changed meanwhile is
+        refused (run the command again to resume it)."""
+        if not self.main or self._lock is not None:
+            return True
+        self.path.mkdir(parents=True, exist_ok=True)
+        key = str(self.path.resolve())
+        holder = _HELD.get(key)
+        if holder is not None:  # an earlier object of this same process (one it gave up on): the lock passes on
+            fd, holder._lock = holder._lock, None
+        else:
+            fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if not wait:
+                    os.close(fd)
+                    return False
+                print(f"waiting: another process is training {self.path}", file=sys.stderr, flush=True)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+        self._lock, _HELD[key] = fd, self
+        if self._seen is not None and self._state() != self._seen:
+            self.release()
+            if self.finished:
+                raise AlreadyDone(f"already finished (by another process meanwhile): {self.path}")
+            raise KDError(f"another process trained in {self.path} while this one prepared: run the same command "
+                          "again to resume its checkpoint")
+        return True
+
+    def release(self) -> None:
+        if self._lock is not None:
+            os.close(self._lock)  # closing the descriptor drops the flock
+            self._lock = None
+            _HELD.pop(str(self.path.resolve()), None)
+
+    def _state(self) -> tuple:
+        done = self.path / DONE_FILE
+        pointer = self.checkpoints.pointer
+        return done.exists(), pointer.read_bytes() if pointer.is_file() else None
 
     def open(self) -> dict | None:
-        """Apply the resume rules; returns the checkpoint to continue from (verified), or None."""
+        """Apply the resume rules; returns the checkpoint to continue from (verified), or None.
+
+        A folder whose lock exists is locked first when the lock is free (waited for with --resume=False, which
+        clears the folder); otherwise the folder is read as it stands and locked at the first write
+        (:meth:`run_id`), where a change since is noticed. Reading writes nothing."""
+        check_name_lengths(self.path, "the run folder")
+        if self.main and (self.path / LOCK_FILE).is_file():
+            self.claim(wait=self.resume == "False")
+        ckpt = self._open()
+        self._seen = self._state()
+        if self._seen[0] and self.resume == "auto":
+            self.release()  # finished: nothing will be written, and no other process need wait for it
+        return ckpt
+
+    def _open(self) -> dict | None:
         if self.main:
             self.checkpoints.clean()  # temps of writes that were killed: never read, only space
         if self.resume == "False":
@@ -106,7 +193,27 @@ class RunFolder:
     def run_id(self) -> str:
         """The checkpoint's W&B run id, else the one this folder already started W&B with, else $WANDB_RUN_ID (as
         an agent sets it) or a new one; recorded in ``run.json`` before W&B sees it."""
+        if not self.ckpt:
+            self._check_exported_run_id()
+        self.claim()  # the first write to the folder: from here on no other process trains in it
         return self.ckpt["run_id"] if self.ckpt else recorded_run_id(self.path, self.main)
+
+    def _check_exported_run_id(self) -> None:
+        """An exported $WANDB_RUN_ID that another run folder beside this one already records is refused before
+        anything is written: a run id names one run (otherwise this run would merge into that one's W&B run)."""
+        exported = os.environ.get("WANDB_RUN_ID")
+        if not exported or (self.path / RUN_ID_FILE).exists():
+            return
+        for other in sorted(self.path.parent.glob(f"*/{RUN_ID_FILE}")):
+            if other.parent == self.path:
+                continue
+            try:
+                theirs = read_json(other, RUN_ID)["run_id"]
+            except KDError:
+                continue  # that folder's own problem, reported when it runs
+            if theirs == exported:
+                raise KDError(f"WANDB_RUN_ID={exported} is the W&B run of another run folder, {other.parent}: a run "
+                              "id names one run; unset WANDB_RUN_ID to start this run under its own id")
 
     # ----------------------------------------------------------------------------------------- writes
     def save(self, tensors: dict, info: dict, run_id: str, name: str | None = None) -> dict:
@@ -122,3 +229,4 @@ class RunFolder:
     def mark_done(self, info: dict) -> None:
         if self.main:
             write_json(self.path / DONE_FILE, info)
+            self.release()

@@ -25,6 +25,11 @@ def synthetic_images(cfg, data, session):
         return None, {}
     file = session.main_first(lambda: str(pool_file(cfg.synthetic_pool, cfg.store, session.run)))
     images, meta = load_pool(file, store=cfg.store)
+    classes = meta.get("num_classes", data.spec.num_classes)
+    if meta.get("dataset") != cfg.dataset or classes != data.spec.num_classes:
+        made = f"{meta['dataset']} ({classes} classes)" if meta.get("dataset") else "no recorded dataset"
+        raise KDError(f"pool {cfg.synthetic_pool} was generated for {made}, not {cfg.dataset} "
+                      f"({data.spec.num_classes} classes): generate a pool with --dataset={cfg.dataset}")
     want = (3, data.spec.image_size, data.spec.image_size)
     if images.dtype != torch.uint8 or tuple(images.shape[1:]) != want:
         raise KDError(f"pool {cfg.synthetic_pool} holds {images.dtype} images of shape {tuple(images.shape[1:])}, "

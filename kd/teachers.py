@@ -79,8 +79,8 @@ def choose_teachers(cfg, run=None) -> list[str]:
 def resolve_teachers(teacher_names: list[str], alias: str, run=None, store=None) -> list[str]:
     """Verified local folders of ``name:alias`` (online: downloaded through the run, recording lineage)."""
     hint = "; train it with train.py (with this --study) or pass other --teachers"
-    return [str(artifacts.resolve(n, run=run, store=store, kind="teacher", hint=hint, alias=alias))
-            for n in teacher_names]
+    return [str(artifacts.resolve(n, run=run, store=store, kind="teacher", hint=hint, alias=alias,
+                                  needs=("meta.json",))) for n in teacher_names]
 
 
 def load_teachers(teacher_names: list[str], folders: list[str], data: Data, device="cpu"):

@@ -44,6 +44,8 @@ def setup(args) -> tuple:
     threads = (1 if args.device == "cpu" else 0) if args.threads is None else args.threads
     if threads < 0 or args.rounds < 0 or (args.budget or 0) < 0:
         raise KDError("--threads, --rounds and --budget must be >= 0")
+    if threads > 1024:
+        raise KDError(f"--threads must be <= 1024, got {threads}: 0 takes torch's default")
     skip = set(filter(None, args.skip.split(",")))
     if skip - set(SECTIONS):
         raise KDError(f"--skip: unknown sections {sorted(skip - set(SECTIONS))}; choose from {','.join(SECTIONS)}")

@@ -14,11 +14,11 @@ from pathlib import Path
 
 from kd import names
 from kd.errors import ArgumentParser, KDError, check_name, cli
-from kd.io import atomic_write
+from kd.io import atomic_write, check_folder
 from kd.report.aggregate import ARCH, DATASET, Group, dedupe, group_students, only, sources
 from kd.report.effect import figure_effect
 from kd.report.figures import fig1_names, figure1, figure2, save_figure
-from kd.report.grid import check_grid, spec_files
+from kd.report.grid import check_grid, spec_files, split_by_grid
 from kd.report.online import OnlineCache, api_errors, default_entity, read_online
 from kd.report.runs import InspectCache, Run, read_offline, unreadable_note, warn
 from kd.report.tables import results_csv, table
@@ -159,6 +159,8 @@ def run_report(args: argparse.Namespace) -> Result:
                       "nothing was written")
     if args.expect:
         spec_files(Path(args.expect))
+    check_folder(args.out, "--out")  # every folder the report writes, before it reads or writes anything
+    check_folder(args.cache_dir, "--cache_dir")
     warnings: list[str] = []
     got = _load(args, study, mode, warnings)
     unfinished = [r for r in got.runs if not r.finished and r.job in (names.TEACHER, names.STUDENT)]
@@ -171,6 +173,14 @@ def run_report(args: argparse.Namespace) -> Result:
     if unfinished:
         warn(warnings, f"{len(unfinished)} run(s) of study {study} not finished (no summary final=True; "
              f"cut off and not yet resumed?), ignored: " + ", ".join(r.label for r in unfinished))
+    if args.expect:
+        finished, outside = split_by_grid(finished, args.expect, study)
+        if outside:
+            warn(warnings, f"{len(outside)} run(s) of study {study} not in the study's grid (their config is no "
+                 f"point of the sweeps in {args.expect}), not counted: " + ", ".join(r.label for r in outside))
+        if not finished:
+            raise KDError(f"no finished run of study {study} is a point of the sweeps in {args.expect}: run the "
+                          "sweeps, or drop --expect")
     dataset = only({str(r.config.get(DATASET, "?")) for r in finished}, DATASET, study)
     arch = only({str(r.config.get(ARCH, "?")) for r in finished}, ARCH, study)
     students, dropped = dedupe(finished, warnings)

@@ -6,14 +6,22 @@
 * ``--expect=SWEEP_DIR``: every (ensemble_size, synthetic_ratio, temperature, trial) point of the student
   grid sweeps there; a parameter a spec leaves out takes DistillConfig's default. A point counts as present
   when any generator holds it (the specs name pools, not generators).
+* ``--expect=SWEEP_DIR`` also decides which runs belong to the study's grid (:func:`split_by_grid`): a run counts
+  only if its config holds, for every key one of those specs sets, one of that spec's values (the grid keys a
+  spec leaves out at DistillConfig's default; the pool of a real-only run is not compared: the run does not
+  depend on it). Any other run of the study (an ad-hoc ``distill.py --study=S --lr=0.01``, say) is named as not
+  in the study's grid and never averaged into a grid point.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import math
 from pathlib import Path
 
 from kd import names
+from kd.config import DistillConfig
 from kd.errors import KDError
 from kd.report.aggregate import (
     DEFAULTS,
@@ -109,6 +117,52 @@ def expected_from_specs(path: str | Path, study: str, warnings: list[str]) -> di
         for point in itertools.product(*grid):
             points.setdefault(point, f.name)
     return points
+
+
+_MISSING = object()
+_CONFIG_DEFAULTS = {f.name: f.default for f in dataclasses.fields(DistillConfig)}
+
+
+def _allowed(spec: dict) -> dict[str, list]:
+    """Key -> the values a grid spec lets it take (the grid keys it leaves out: DistillConfig's default)."""
+    allowed: dict[str, list] = {k: [DEFAULTS[k]] for k in GRID_KEYS}
+    for key, p in (spec.get("parameters") or {}).items():
+        if isinstance(p, dict) and isinstance(p.get("values"), list):
+            allowed[key] = p["values"]
+        elif isinstance(p, dict) and "value" in p:
+            allowed[key] = [p["value"]]
+    return allowed
+
+
+def _same(value, want) -> bool:
+    numeric = (int, float)
+    if isinstance(value, bool) or isinstance(want, bool):
+        return value is want or str(value).lower() == str(want).lower()
+    if isinstance(value, numeric) and isinstance(want, numeric):
+        return math.isclose(float(value), float(want), rel_tol=1e-9, abs_tol=1e-12)
+    return value == want
+
+
+def _holds(run: Run, allowed: dict[str, list]) -> bool:
+    real_only = _same(run.config.get("synthetic_ratio", DEFAULTS.get("synthetic_ratio", 0.0)), 0.0)
+    for key, values in allowed.items():
+        if key == "synthetic_pool" and real_only:  # a real-only run does not depend on the pool a spec names
+            continue
+        value = run.config.get(key, _CONFIG_DEFAULTS.get(key, _MISSING))
+        if value is _MISSING or not any(_same(value, v) for v in values):
+            return False
+    return True
+
+
+def split_by_grid(runs: list[Run], path: str | Path, study: str) -> tuple[list[Run], list[Run]]:
+    """(the runs whose config is a point of one of the study's student grid specs in ``path``, the others); with
+    no student grid spec of the study there, every run counts."""
+    specs = [spec for f in spec_files(Path(path)) if (spec := _student_grid(f, study, [])) is not None]
+    if not specs:
+        return runs, []
+    grids = [_allowed(spec) for spec in specs]
+    inside = [r for r in runs if any(_holds(r, g) for g in grids)]
+    return inside, [r for r in runs if not any(_holds(r, g) for g in grids)]
 
 
 def check_grid(students: list[Run], groups: list[Group], args, warnings: list[str]) -> list[str]:

@@ -17,13 +17,12 @@
 from __future__ import annotations
 
 import datetime
-import json
 from dataclasses import asdict
 from pathlib import Path
 
 from kd import names
 from kd.errors import KDError, one_line
-from kd.io import write_json
+from kd.io import REPORT_CACHE, read_json, write_json
 from kd.report.runs import Run, run_time
 from kd.wandb_runs import clean
 
@@ -108,14 +107,16 @@ class OnlineCache:
 
     def __init__(self, path: Path, refresh: bool):
         self.path, self.pending = Path(path), None
+        if self.path.is_dir():
+            read_json(self.path, REPORT_CACHE)  # a folder where the cache file goes: one line, before any work
         self.data = None if refresh else self._read(self.path)
 
     @staticmethod
     def _read(path: Path) -> dict | None:
         try:
-            data = json.loads(path.read_text())
+            data = read_json(path, REPORT_CACHE)
             runs = [Run(**r) for r in data["runs"]]
-        except (OSError, ValueError, TypeError, KeyError):  # absent, corrupt or of another version: pull
+        except (KDError, ValueError, TypeError, KeyError):  # absent, corrupt or of another version: pull
             return None
         if data.get("version") != CACHE_VERSION or not isinstance(data.get("fingerprint"), list):
             return None

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import datetime
-import json
 import os
 import sys
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ from pathlib import Path
 
 from kd import names
 from kd.errors import KDError, one_line
-from kd.io import write_json
+from kd.io import REPORT_CACHE, read_json, write_json
 from kd.wandb_runs import clean, inspect_history, inspect_summary, offline_folders, time_key, transaction_log, wandb_exe
 
 CACHE_VERSION = 1
@@ -101,16 +100,18 @@ class InspectCache:
 
     def __init__(self, path: Path | None, refresh: bool, warnings: list[str] | None):
         self.path, self.entries, self.dirty = path, {}, False
+        if path is not None and path.is_dir():
+            read_json(path, REPORT_CACHE)  # a folder where the cache file goes: one line, before any work
         if path is None or refresh or not path.exists():
             return
         try:
-            data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
+            data = read_json(path, REPORT_CACHE)
+        except KDError as e:  # a cache: rebuilt, not refused
             if warnings is not None:
-                warn(warnings, f"ignoring unreadable cache {path} ({e}); reading every run folder again")
+                warn(warnings, f"ignoring unreadable cache ({one_line(e)}); reading every run folder again")
             return
-        if isinstance(data, dict) and data.get("version") == CACHE_VERSION:
-            self.entries = data.get("entries", {})
+        if data.get("version") == CACHE_VERSION and isinstance(data.get("entries"), dict):
+            self.entries = {k: v for k, v in data["entries"].items() if isinstance(v, dict)}
 
     @staticmethod
     def _stamp(folder: Path) -> tuple[str, list[int]]:

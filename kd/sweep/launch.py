@@ -54,9 +54,9 @@ def num_processes(config: Path | None) -> int:
     """KD_NUM_PROCESSES, else the config file's num_processes, else 1."""
     raw = os.environ.get("KD_NUM_PROCESSES", "").strip()
     if raw:
-        if not raw.isdigit() or int(raw) < 1:
-            raise KDError(f"KD_NUM_PROCESSES={raw!r} must be a whole number >= 1 (processes per run; one GPU "
-                          "each): unset it for one process")
+        if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= 1024:
+            raise KDError(f"KD_NUM_PROCESSES={raw!r} must be a whole number >= 1 and <= 1024 (processes per run; "
+                          "one GPU each): unset it for one process")
         return int(raw)
     if config is None:
         return 1

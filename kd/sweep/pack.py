@@ -32,7 +32,7 @@ import sys
 
 from kd import names, student
 from kd.config import DistillConfig, parse_flags
-from kd.errors import ArgumentParser, KDError, cli
+from kd.errors import AlreadyDone, ArgumentParser, KDError, cli
 from kd.sweep.spec import load_spec
 
 # what the members of a pack share: the shape of every step and its learning rate, the data and the device
@@ -57,12 +57,35 @@ def pack_key(cfg: DistillConfig) -> tuple:
     return tuple(getattr(cfg, k) if k != "synthetic_pool" or cfg.synthetic_ratio else "" for k in PACK_KEYS)
 
 
+def run_folder(cfg: DistillConfig) -> str:
+    """The run folder a config trains in (the one rule for "the same run" that distill.py follows: the configs
+    of a grid that differ only in what the run does not depend on, e.g. the pool of a real-only run, share it)."""
+    return f"{cfg.run_name()}-{cfg.fingerprint()}"
+
+
 def plan(configs: list[DistillConfig], size: int) -> list[list[DistillConfig]]:
-    """The packs: runs grouped by :func:`pack_key` in grid order, each group cut into packs of ``size``."""
+    """The packs: each run once (the first config of each run folder), grouped by :func:`pack_key` in grid
+    order, each group cut into packs of ``size``."""
     groups: dict[tuple, list] = {}
+    seen: set[str] = set()
     for cfg in configs:
+        if run_folder(cfg) in seen:
+            continue
+        seen.add(run_folder(cfg))
         groups.setdefault(pack_key(cfg), []).append(cfg)
     return [g[i:i + size] for g in groups.values() for i in range(0, len(g), size)]
+
+
+def claimed(session) -> bool:
+    """The member's run folder locked for this process; a run another process is training (or finished
+    meanwhile) is skipped with one line, never trained twice."""
+    try:
+        if session.folder.claim(wait=False):
+            return True
+        print(f"skipped: another process is training {session.run_dir}", flush=True)
+    except AlreadyDone as e:
+        print(e, flush=True)
+    return False
 
 
 def open_member(cfg, session, data, exits: contextlib.ExitStack):
@@ -94,7 +117,7 @@ def run_pack(cfgs: list[DistillConfig], stacked: str) -> None:
     from kd.session import Session
 
     sessions = [(cfg, session) for cfg in cfgs
-                if not (session := Session(cfg, job=names.STUDENT)).already_finished("student")]
+                if not (session := Session(cfg, job=names.STUDENT)).already_finished("student") and claimed(session)]
     if not sessions:
         return
     acc = sessions[0][1].accelerator
@@ -135,12 +158,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.pack < 1:
             raise KDError(f"--pack must be >= 1, got {args.pack}")
         spec = load_spec(args.spec)
-        packs = plan(grid_configs(spec), args.pack)
+        configs = grid_configs(spec)
+        packs = plan(configs, args.pack)
         if args.dry_run:
             for i, cfgs in enumerate(packs):
                 print(f"pack {i + 1}/{len(packs)}: " + " ".join(cfg.run_name() for cfg in cfgs))
-            print(f"dry run: {sum(map(len, packs))} runs of {spec.program} in {len(packs)} packs; nothing was run",
-                  file=sys.stderr)
+            same = len(configs) - sum(map(len, packs))
+            also = f" ({same} configs of the grid are the same run as another: trained once)" if same else ""
+            print(f"dry run: {sum(map(len, packs))} runs of {spec.program} in {len(packs)} packs{also}; nothing was "
+                  "run", file=sys.stderr)
             return 0
         for key in ("entity", "project"):  # as python -m kd.sweep exports them to its runs
             if spec.config.get(key):

@@ -44,7 +44,8 @@ class GenerateConfig:
     source: str = setting("", "names the pool; empty: a sanitised model name", name=True)
     project: str = setting(names.PROJECT, "W&B project", name=True)
     device: str = setting("auto", "auto (cuda if present) | cpu | cuda | cuda:N")
-    threads: int = setting(0, "CPU threads for torch; 0: torch's default (1 is faster on a busy machine)", lo=0)
+    threads: int = setting(0, "CPU threads for torch; 0: torch's default (1 is faster on a busy machine)", lo=0,
+                          hi=1024)
 
     kind = "synthetic-data"
 
@@ -115,7 +116,8 @@ class GeneratorTrainConfig:
     project: str = setting(names.PROJECT, "W&B project", name=True)
     resume: str = setting("auto", "auto: continue a matching checkpoint | True: one must exist | False: restart",
                           choices=("auto", "True", "False"))
-    threads: int = setting(0, "CPU threads for torch; 0: torch's default (1 is faster on a busy machine)", lo=0)
+    threads: int = setting(0, "CPU threads for torch; 0: torch's default (1 is faster on a busy machine)", lo=0,
+                          hi=1024)
 
     kind = "generator"
 

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch.nn.utils.parametrizations import spectral_norm
 
 from kd.errors import KDError
-from kd.io import load_tensors, read_json, save_tensors, write_json
+from kd.io import GENERATOR, load_tensors, plain_file_name, read_json, save_tensors, write_json
 from kd.synthetic.presets import ARCHS, GAN_PRESETS, GanPreset
 
 _RES_GAIN = math.sqrt(2.0)
@@ -305,7 +305,7 @@ def save_generator(folder: Path, g: Generator, preset: GanPreset, meta: dict, st
 def is_generator_folder(folder: Path) -> bool:
     """A folder :func:`save_generator` wrote (its generator.json names the kind "sngan")."""
     path = Path(folder) / GENERATOR_JSON
-    return path.is_file() and read_json(path).get("kind") == "sngan"
+    return path.exists() and read_json(path, GENERATOR).get("kind") == "sngan"
 
 
 def snapshot_steps(folder: Path) -> list[int]:
@@ -322,7 +322,7 @@ def generator_json(folder: Path, step: int = 0) -> Path:
     snap = folder / f"{snapshot_stem(step)}.json"
     if snap.is_file():
         return snap
-    last = read_json(final).get("step") if final.is_file() else None
+    last = read_json(final, GENERATOR).get("step") if final.is_file() else None
     if last == step:
         return final
     have = ", ".join(map(str, snapshot_steps(folder))) or "none"
@@ -335,13 +335,14 @@ def load_generator(folder: Path, device: str = "cpu", step: int = 0) -> tuple[Ge
     """G of a :func:`save_generator` folder at ``step`` (0: the final G; see :func:`generator_json`),
     sha256-verified, in eval mode, and its JSON."""
     path = generator_json(folder, step)
-    info = read_json(path)
+    info = read_json(path, GENERATOR)
     try:
         p = dict(info["preset"])
         preset = GanPreset(**{**p, "betas": tuple(p.get("betas", (0.0, 0.9))),
                               "snapshots": tuple(p.get("snapshots", ()))})
         g = generator_of(preset)
-        g.load_state_dict(load_tensors(Path(folder) / info["file"], info["sha256"]))
+        weights = plain_file_name(info["file"], path)  # beside its JSON, never a path out
+        g.load_state_dict(load_tensors(Path(folder) / weights, info["sha256"]))
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         why = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
         raise KDError(f"{path} is not a loadable SN-GAN generator ({why}): train one with "
