@@ -27,7 +27,7 @@ from kd.checkpoint import load_state_tensors, state_tensors
 from kd.config import to_dict
 from kd.engine import Member, fit
 from kd.errors import Interrupted, KDError
-from kd.io import check_folder, remove_stale_temps, save_weights, write_json
+from kd.io import check_folder, check_name_lengths, remove_stale_temps, save_weights, write_json
 from kd.run_folder import RunFolder
 from kd.tracker import Tracker
 
@@ -205,6 +205,7 @@ class Session:
     def _fetch_checkpoint(self) -> None:
         """A run folder with no checkpoint (a run requeued onto another machine) takes the mirrored one."""
         folder = self.folder
+        check_name_lengths(self.run_dir, "the run folder")
         if str(self.cfg.resume) == "False" or folder.finished or folder.checkpoints.pointer.exists():
             return
         source = mirror.fetch(self.run_dir, folder.checkpoints.pointer.name, self.mode, self.cfg.project,

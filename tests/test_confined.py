@@ -256,7 +256,7 @@ def test_the_repositorys_figure_1_specs_pack_each_run_once():
     from kd.sweep.pack import grid_configs, plan, run_folder
     from kd.sweep.spec import load_spec
 
-    for spec, runs in (("sweeps/cifar10/self_distill.yaml", 27), ("sweeps/cifar100/ensemble_distill.yaml", 27),
+    for spec, runs in (("sweeps/cifar10/self_distill.yaml", 27), ("sweeps/cifar10/ensemble_distill.yaml", 27),
                        ("sweeps/demo-generators/self_distill.yaml", None)):
         configs = grid_configs(load_spec(str(ROOT / spec)))
         packed = [run_folder(cfg) for pack in plan(configs, 4) for cfg in pack]
