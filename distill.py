@@ -26,11 +26,11 @@ def main(argv=None) -> None:
             return
         with session.tracked():
             from kd.data import load_dataset
-            from kd.models import build_model, count_params
+            from kd.models import build_model
 
             data = load_dataset(cfg.dataset, cfg.data_dir, session.device)
             model = build_model(cfg.arch, data.spec.num_classes)
-            session.check_outputs(need_bytes=3 * 4 * count_params(model))
+            session.check_outputs_for(model, data)
             objective, extra = student.prepare(cfg, session, data, model)
             history = session.fit(model, objective)
             final, path = student.publish(cfg, session, session.model, objective, history, extra)

@@ -27,7 +27,7 @@ def main(argv=None) -> None:
 
             data = load_dataset(cfg.dataset, cfg.data_dir, session.device)
             model = build_model(cfg.arch, data.spec.num_classes)
-            session.check_outputs(need_bytes=3 * 4 * count_params(model))  # weights + momentum + final weights
+            session.check_outputs_for(model)
             acc = session.accelerator
             objective = Supervised(data, cfg.batch_size, cfg.seed, acc.process_index, acc.num_processes)
             session.start_tracking({"n_params": count_params(model), "n_train": data.n_train})

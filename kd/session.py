@@ -89,6 +89,20 @@ class Session:
     def check_inputs(self, inputs: dict) -> None:
         self.folder.check_inputs(inputs)
 
+    def check_outputs_for(self, model, data=None) -> None:
+        """:meth:`check_outputs` with the room the run needs at its largest moment: two checkpoints side by side
+        (weights and momentum each: the new one is written before the old one goes), the mirrored copy of one in
+        the store, the final weights (run folder and store) and, for a student, the teacher cache it builds in
+        the store (one file per member, float32 at most)."""
+        from kd.models import count_params
+
+        weights = 4 * count_params(model)
+        need = 2 * 2 * weights + 2 * weights + 2 * weights
+        if data is not None and getattr(self.cfg, "teacher_cache", False):
+            members = len(self.cfg.teacher_names()) or self.cfg.ensemble_size
+            need += members * data.n_train * data.num_views * data.spec.num_classes * 4
+        self.check_outputs(need)
+
     def check_outputs(self, need_bytes: int = 0) -> None:
         """Every folder this run will write is a writable folder with room, checked before any work or W&B run."""
         check_folder(self.cfg.out_dir, "--out_dir", need_bytes)

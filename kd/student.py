@@ -103,6 +103,13 @@ def prepare(cfg, session, data, model):
     from kd.objectives import Distill
 
     if session.mode == "online":
+        from kd.teachers import check_online, study_alias
+
+        if cfg.teacher_names() or cfg.teacher_pool:  # known without listing: checked before anything is written
+            from kd.teachers import choose_teachers
+
+            named = choose_teachers(cfg)
+            session.main_first(lambda: check_online(named, study_alias(cfg), cfg.project))
         session.start_tracking()
     members, synthetic, extra = inputs(cfg, session, data)
     extra["n_params"] = count_params(model)

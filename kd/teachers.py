@@ -76,6 +76,28 @@ def choose_teachers(cfg, run=None) -> list[str]:
     return select_block(have, cfg.ensemble_size, cfg.trial)
 
 
+def check_online(teacher_names: list[str], alias: str, project: str) -> None:
+    """Online, before the student's W&B run starts: each named teacher exists in the W&B project the run will
+    log to ($WANDB_ENTITY/$WANDB_PROJECT as an agent sets them, else your entity and ``project``), so a missing
+    one is refused with nothing written, neither a run folder nor a failed W&B run. (The run then fetches them
+    through ``run.use_artifact``, which records the lineage.)"""
+    import os
+
+    import wandb
+
+    try:
+        api = wandb.Api()
+        where = f"{os.environ.get('WANDB_ENTITY') or api.default_entity}/{os.environ.get('WANDB_PROJECT') or project}"
+        missing = [n for n in teacher_names if not api.artifact_exists(f"{where}/{n}:{alias}", type="model")]
+    except (wandb.errors.Error, ValueError, OSError) as e:
+        why = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        raise KDError(f"cannot look up the teachers in W&B ({why}): check `wandb login` and the network, or run "
+                      "offline with WANDB_MODE=offline") from None
+    if missing:
+        raise KDError(f"no teacher {missing[0]!r} with alias {alias!r} in the W&B project {where}: train it "
+                      f"(python train.py ... --study=...), or upload an offline one with `wandb sync`")
+
+
 def resolve_teachers(teacher_names: list[str], alias: str, run=None, store=None) -> list[str]:
     """Verified local folders of ``name:alias`` (online: downloaded through the run, recording lineage)."""
     hint = "; train it with train.py (with this --study) or pass other --teachers"

@@ -444,7 +444,7 @@ def test_two_packs_and_a_sweep_runner_on_one_spec_train_each_run_once(tmp_path, 
              for c in commands]
     outs = [p.communicate(timeout=900) for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0], [err[-2000:] for _, err in outs]
-    runs = [dict(zip(GRID, values)) for values in [(t, tau) for t in GRID["trial"] for tau in GRID["temperature"]]]
+    runs = [dict(zip(GRID, values)) for values in [(t, m) for t in GRID["trial"] for m in GRID["ensemble_size"]]]
     skipped = sum(out.count("skipped: another process is training") + out.count("already finished")
                   for out, _ in outs[:2])
     assert skipped >= len(runs), outs  # each pack leaves to the other trainers what they hold or finished

@@ -95,3 +95,40 @@ def test_sweep_locked_keys_are_not_passed_to_wandb_init(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_SWEEP_ID", "abc")
     monkeypatch.setenv("WANDB_SWEEP_PARAM_PATH", str(params))
     assert unlocked(config) == {"epochs": 300, "job": "student"}
+
+
+def test_a_teacher_missing_from_the_declared_pool_is_refused_before_anything_is_written(online, monkeypatch,
+                                                                                        tmp_path, capsys):
+    """Online, the named teachers are looked up before the student's W&B run starts: a missing one is one line,
+    exit 2, and neither a run folder nor a W&B run is made. Replaced: the public API's answers."""
+    import sys
+
+    from tests.conftest import ROOT, TINY
+
+    asked = []
+
+    class Api:
+        default_entity = "team"
+
+        def artifact_exists(self, name, type=None):
+            asked.append((name, type))
+            return not name.startswith("team/kd-fidelity/teacher-digits-preresnet8-s1:")
+
+        def artifact(self, name, type=None):  # the mirrored checkpoint of a fresh run: none
+            raise wandb.errors.CommError(f"artifact {name} not found")
+
+    monkeypatch.setattr(wandb, "Api", Api)
+    monkeypatch.delenv("WANDB_ENTITY", raising=False)
+    monkeypatch.delenv("WANDB_PROJECT", raising=False)
+    monkeypatch.setenv("KD_STORE", str(online))
+    monkeypatch.chdir(tmp_path)
+    sys.path.insert(0, str(ROOT))
+    import distill
+
+    with pytest.raises(SystemExit) as e:
+        distill.main([*TINY, "--study=demo", "--teacher_pool=2", "--ensemble_size=2"])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert e.value.code == 2 and len(err) == 1
+    assert "no teacher 'teacher-digits-preresnet8-s1' with alias 'demo' in the W&B project team/kd-fidelity" in err[0]
+    assert ("team/kd-fidelity/teacher-digits-preresnet8-s0:demo", "model") in asked
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "wandb").exists()

@@ -82,6 +82,16 @@ def test_stored_config_round_trips_as_flags(two_process_runs):
         assert (folder / "runs" / f"{parsed.run_name()}-{parsed.fingerprint()}" / "done.json").exists()  # the same run
 
 
+def test_an_error_on_the_main_process_during_set_up_reaches_every_process(two_process_runs):
+    """The teachers are resolved on the main process; a missing one is the same one-line error on both, no hang."""
+    folder, _, _ = two_process_runs
+    cmd = [*ELASTIC, str(ROOT / "distill.py"), *TINY, "--epochs=1", "--teachers=teacher-digits-preresnet8-s9"]
+    out = subprocess.run(cmd, cwd=folder, env=env_for(folder), capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0
+    errors = [ln for ln in out.stderr.splitlines() if ln.startswith("error: ")]
+    assert len(errors) == 2 and len(set(errors)) == 1 and "no teacher 'teacher-digits-preresnet8-s9'" in errors[0]
+
+
 def workers_of(folder: Path) -> list[int]:
     """Live processes whose command line runs train.py into ``folder``."""
     pids = []

@@ -87,6 +87,26 @@ def test_resume_refuses_a_teacher_republished_between_stop_and_rerun(demo_teache
     assert "--resume=False" in lines[0]
 
 
+def test_a_sigterm_during_set_up_is_a_preemption(demo_teachers, tmp_path):
+    """Stopped while the teacher cache is built (before training): nothing to checkpoint, one line, exit 143, the
+    W&B run marked preempting (so an agent reruns it); the same command then finishes."""
+    folder, _ = demo_teachers
+    env = {"KD_STORE": str(tmp_path / "store")}
+    import shutil
+
+    shutil.copytree(folder / "artifacts", tmp_path / "store")
+    args = [*DEMO, "--epochs=1", "--teacher_pool=2"]
+    out = run_script("distill.py", *args, cwd=tmp_path, env={**env, "KD_FAULT": "cache-build@2:TERM"}, check=False)
+    assert out.returncode == 143, out.stderr[-2000:]
+    lines = [ln for ln in out.stderr.splitlines() if ln.strip() and "%|" not in ln]
+    assert lines == ["interrupted by SIGTERM outside training (nothing to checkpoint); run the same command again"]
+    records = leet_records(next((tmp_path / "wandb").glob("offline-run-*")))
+    assert any(r.get("type") == "preempting" or "preempting" in r for r in records)
+    assert not list(tmp_path.glob("runs/*/checkpoint.json"))
+    again = run_script("distill.py", *args, cwd=tmp_path, env=env)
+    assert "student artifact" in again.stdout
+
+
 def test_sigint_checkpoints_one_line_exit_130_and_resumes(tmp_path):
     args = [*TINY, "--batch_size=64", "--epochs=2", "--seed=3"]
     out = run_script("train.py", *args, cwd=tmp_path, env={"KD_FAULT": "train-step@30:INT"}, check=False)
@@ -146,6 +166,28 @@ def test_no_space_left_is_refused_before_any_work(workdir, capsys, monkeypatch):
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
     refused(capsys, workdir, TINY, "MiB free but the run needs at least")
+
+
+def test_the_free_space_check_counts_the_largest_moment(workdir, capsys, monkeypatch, demo_teachers):
+    """Room for weights, momentum and final weights is not enough: two checkpoints coexist for a moment, one is
+    mirrored in the store, the final weights go to the run folder and the store, and a student's teacher cache
+    is written to the store too."""
+    import shutil
+    from collections import namedtuple
+
+    from kd.models import build_model, count_params
+
+    weights = 4 * count_params(build_model("preresnet8", 10))
+    usage = namedtuple("usage", "total used free")
+    free = {"bytes": 5 * weights}  # more than weights + momentum + final weights (3x), less than the 8x needed
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**12, 10**12 - free["bytes"], free["bytes"]))
+    refused(capsys, workdir, TINY, "MiB free but the run needs at least")
+    folder, _ = demo_teachers
+    monkeypatch.setenv("KD_STORE", str(folder / "artifacts"))  # read only: the check comes first
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    free["bytes"] = 9 * weights  # room for the checkpoints and weights, not for the teacher cache (1437 x 9 x 10)
+    refused(capsys, workdir, [*TINY, "--study=demo", "--teacher_pool=2"], "MiB free but the run needs at least",
+            name="distill")
 
 
 def test_unknown_wandb_mode_is_one_line(workdir, capsys, monkeypatch):

@@ -93,11 +93,11 @@ def open_member(cfg, session, data, exits: contextlib.ExitStack):
     from its checkpoint if it has one."""
     from accelerate.utils import set_seed
 
-    from kd.models import build_model, count_params
+    from kd.models import build_model
 
     set_seed(cfg.student_seed, device_specific=False)  # the weights distill.py would draw
     model = build_model(cfg.arch, data.spec.num_classes)
-    session.check_outputs(need_bytes=3 * 4 * count_params(model))
+    session.check_outputs_for(model, data)
     exits.enter_context(session.tracked())
     objective, extra = student.prepare(cfg, session, data, model)
     return session.member(model, objective, compile=False), extra
