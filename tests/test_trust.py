@@ -94,12 +94,13 @@ def test_a_sigterm_during_set_up_is_a_preemption(demo_teachers, tmp_path):
     env = {"KD_STORE": str(tmp_path / "store")}
     import shutil
 
-    shutil.copytree(folder / "artifacts", tmp_path / "store")
+    for teacher in (folder / "artifacts").glob("teacher-*"):  # the teachers only: no cache, no mirrored run
+        shutil.copytree(teacher, tmp_path / "store" / teacher.name)
     args = [*DEMO, "--epochs=1", "--teacher_pool=2"]
     out = run_script("distill.py", *args, cwd=tmp_path, env={**env, "KD_FAULT": "cache-build@2:TERM"}, check=False)
     assert out.returncode == 143, out.stderr[-2000:]
-    lines = [ln for ln in out.stderr.splitlines() if ln.strip() and "%|" not in ln]
-    assert lines == ["interrupted by SIGTERM outside training (nothing to checkpoint); run the same command again"]
+    message = "interrupted by SIGTERM outside training (nothing to checkpoint); run the same command again"
+    assert out.stderr.count(message) == 1 and "Traceback" not in out.stderr and "error" not in out.stderr.lower()
     records = leet_records(next((tmp_path / "wandb").glob("offline-run-*")))
     assert any(r.get("type") == "preempting" or "preempting" in r for r in records)
     assert not list(tmp_path.glob("runs/*/checkpoint.json"))
