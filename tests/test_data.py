@@ -216,3 +216,17 @@ def test_a_failed_download_never_removes_a_folder_another_loader_fills(tmp_path,
     assert downloads.count == 2 and downloads.most == 1  # one after the other, under the lock
     assert loaded[0].train_x.shape == (30, 3, 32, 32)
     assert load_dataset("cifar10", root).test_x.shape == (6, 3, 32, 32) and downloads.count == 2  # stays there
+
+
+def test_digits_hard_is_a_fixed_harder_digits_with_its_family_recipes():
+    from kd.data import load_dataset
+    from kd.synthetic.config import GenerateConfig, GeneratorTrainConfig
+
+    hard, easy = load_dataset("digits-hard"), load_dataset("digits")
+    assert hard.n_train == 360 and hard.test_x.shape == easy.test_x.shape and hard.spec.num_classes == 10
+    assert torch.equal(hard.test_y, easy.test_y) and not torch.equal(hard.test_x, easy.test_x)  # corrupted
+    assert torch.equal(load_dataset("digits-hard").train_x, hard.train_x)  # the same for every run
+    assert (hard.test_x.float().std() > 0) and torch.equal(hard.test_x[:, 0], hard.test_x[:, 2])  # grey
+    cfg = GeneratorTrainConfig(dataset="digits-hard")
+    assert cfg.preset_name() == "digits" and cfg.artifact_name() == "generator-digits-hard"
+    assert GenerateConfig(dataset="digits-hard").model_ref() == "generator-digits-hard"

@@ -135,7 +135,11 @@ class GeneratorTrainConfig:
             self.snapshot_steps()
 
     def preset_name(self) -> str:
-        return self.preset or default_preset(self.generator, names.DATASET_FAMILY.get(self.dataset, self.dataset))
+        return self.preset or self.default_preset()
+
+    def default_preset(self) -> str:
+        """The recipe of an empty ``--preset`` (a dataset variant such as digits-hard takes its family's)."""
+        return default_preset(self.generator, names.DATASET_FAMILY.get(self.dataset, self.dataset))
 
     def snapshot_steps(self) -> tuple[int, ...]:
         """The G steps at which the SN-GAN trainer exports snapshots: ``--snapshots``, else the preset's."""
@@ -168,7 +172,7 @@ class GeneratorTrainConfig:
         ``-{preset}`` appended for any other preset (e.g. ``generator-cifar100-sngan-miyato``)."""
         name = names.generator_artifact(self.dataset, self.generator)
         preset = self.preset_name()
-        return name if preset == default_preset(self.generator, self.dataset) else f"{name}-{preset}"
+        return name if preset == self.default_preset() else f"{name}-{preset}"
 
     def out_dir(self) -> Path:
         return Path(self.out or f"runs/{self.artifact_name()}")
