@@ -80,9 +80,10 @@ class Member:
     def position(self) -> tuple[int, int]:
         return self.epoch, self.step
 
-    def checkpoint(self) -> None:
+    def checkpoint(self, last: bool = False) -> None:
+        """``last``: the run stops here (a stop signal, or its final epoch), so the checkpoint is mirrored too."""
         self.session.save_checkpoint(self.model, self.optimizer, self.epoch, self.step, floats(self.sums),
-                                     self.history)
+                                     self.history, last=last)
 
 
 def looped(group: list[Member]) -> Stepper:
@@ -141,7 +142,7 @@ def train_segment(group: list[Member], epoch: int, start: int, stop: int, steppe
         if stops:
             stepper.close()
             for m in group:
-                m.checkpoint()
+                m.checkpoint(last=True)
             raise Interrupted(stops[0])
     stepper.close()
     if stop == group[0].objective.steps(epoch):
@@ -159,7 +160,7 @@ def end_epoch(m: Member, epoch: int, lr: float, img_per_s: float, bar) -> None:
         row.update(m.objective.evaluate(m.model))
     m.history.append(row)
     m.epoch, m.step, m.sums = epoch + 1, 0, {}
-    m.checkpoint()
+    m.checkpoint(last=m.epoch == cfg.epochs)
     faults.point("epoch-saved")
     m.session.log(row, step=epoch + 1)
     faults.point("epoch-logged")

@@ -1,7 +1,8 @@
 """Checkpoints that outlive their machine: a run folder's newest checkpoint mirrored as an artifact.
 
-A preempted run that W&B requeues may restart on another machine, whose run folder is empty. So every
-checkpoint a teacher or student writes is also published as the artifact ``checkpoint-{run folder name}``
+A preempted run that W&B requeues may restart on another machine, whose run folder is empty. So a teacher's or
+student's checkpoint is also published as the artifact ``checkpoint-{run folder name}`` (at a stop, at the last
+epoch, and otherwise at most every 5 minutes: :meth:`kd.session.Session.save_checkpoint`)
 (type ``checkpoint``: the tensors file and its pointer JSON): into the local store, which keeps only the
 newest version (a store shared between machines, e.g. ``KD_STORE`` on a network file system, is enough
 offline), and, online, into the run's W&B project, where the ``latest`` alias moves to it. A run whose folder

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import time
 from pathlib import Path
 
 import torch
@@ -32,6 +33,7 @@ from kd.run_folder import RunFolder
 from kd.tracker import Tracker
 
 CKPT_KEYS = ("epoch", "step", "param_groups")
+MIRROR_EVERY_S = 300.0  # between mirrored checkpoints (a stop and the last epoch are always mirrored)
 
 
 class Session:
@@ -49,6 +51,7 @@ class Session:
         self.extra_config: dict = {}
         self.extra_state: dict = {}
         self._published: dict = {}
+        self._mirrored = time.monotonic()
         self.model = None
         if torch.cuda.is_available():
             torch.backends.cudnn.benchmark = True
@@ -204,17 +207,21 @@ class Session:
         self.end()
 
     # ----------------------------------------------------------------------------------------- training
-    def save_checkpoint(self, model, optimizer, epoch: int, step: int, sums: dict, history: list) -> None:
+    def save_checkpoint(self, model, optimizer, epoch: int, step: int, sums: dict, history: list,
+                        last: bool = False) -> None:
         """Model + optimizer as safetensors; position, stats and history in the pointer JSON (atomic); mirrored
-        to the store (online also to W&B) so that the run resumes on another machine (:mod:`kd.mirror`)."""
+        to the store (online also to W&B) so that the run resumes on another machine (:mod:`kd.mirror`): at a
+        stop, at the last epoch, and otherwise at most every ``MIRROR_EVERY_S`` seconds."""
         if not self.main:
             return
         tensors, info = state_tensors(self.accelerator.unwrap_model(model), optimizer)
         self.ckpt = self.folder.save(tensors, {**info, "epoch": epoch, "step": step, "sums": sums,
                                                "history": history, "extra": self.extra_state}, self.run_id)
-        checkpoints = self.folder.checkpoints
-        mirror.publish(self.run_dir, checkpoints.folder / self.ckpt["file"], checkpoints.pointer, self.ckpt,
-                       run=self.run if self.mode == "online" else None, store=self.cfg.store)
+        if last or time.monotonic() - self._mirrored >= MIRROR_EVERY_S:
+            checkpoints = self.folder.checkpoints
+            mirror.publish(self.run_dir, checkpoints.folder / self.ckpt["file"], checkpoints.pointer, self.ckpt,
+                           run=self.run if self.mode == "online" else None, store=self.cfg.store)
+            self._mirrored = time.monotonic()
 
     def _fetch_checkpoint(self) -> None:
         """A run folder with no checkpoint (a run requeued onto another machine) takes the mirrored one."""
