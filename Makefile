@@ -43,7 +43,7 @@ demo: setup
 	$(call step,3/7,a pool of 360 synthetic images,$(PY) -m kd.synthetic generate --model=generator-digits-hard --dataset=digits-hard --num=360 --scheduler=dpm --steps=25 --threads=1)
 	$(call step,4/7,Figure 1a students (10),$(PY) -m kd.sweep sweeps/demo/self_distill.yaml)
 	$(call step,5/7,Figure 1b students (10),$(PY) -m kd.sweep sweeps/demo/ensemble_distill.yaml)
-	$(call step,6/7,ensemble-size students (12 more),$(PY) -m kd.sweep sweeps/demo/ensemble_size.yaml)
+	$(call step,6/7,ensemble-size students (4 more),$(PY) -m kd.sweep sweeps/demo/ensemble_size.yaml)
 	$(call step,7/7,figures,$(PY) -m kd.report --study=demo --expect=sweeps/demo)
 
 # 50k CIFAR-10 images from the pretrained DDPM (covers every Figure 1 point: smaller pools are prefixes)
