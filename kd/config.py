@@ -283,11 +283,11 @@ def _split(argv: list[str], known: dict) -> tuple[list[tuple[str, str | None]], 
     return pairs, ignored
 
 
-def parse_flags(cls, argv: list[str] | None = None):
+def parse_flags(cls, argv: list[str] | None = None, notes: bool = True):
     """``--key=value`` / ``--key value`` / ``--flag`` (True) into a validated ``cls`` instance.
 
     Keys a W&B resume or agent hands back that the program records itself (``job``, ``teacher_names``, ...)
-    are ignored with one line naming them; any other unknown flag is refused.
+    are ignored with one line naming them (``notes``); any other unknown flag is refused.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     if "-h" in argv or "--help" in argv:
@@ -295,7 +295,7 @@ def parse_flags(cls, argv: list[str] | None = None):
         raise SystemExit(0)
     known = {f.name: f for f in fields(cls)}
     pairs, ignored = _split(argv, known)
-    if ignored:
+    if ignored and notes:
         print(f"note: ignoring keys W&B passed back that the program records itself: "
               f"{', '.join(sorted(set(ignored)))}", file=sys.stderr)
     cfg = cls(**{k: _convert(known[k], raw, k) for k, raw in pairs})

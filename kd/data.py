@@ -116,22 +116,34 @@ def data_lock(root: Path):
     """An exclusive ``fcntl.flock`` on ``<root>.lock``, the file beside the data folder, held while a dataset is
     checked, downloaded and read there: several processes on one machine (one sweep agent per GPU) download it
     once, and none reads a folder another is filling. The kernel releases it when its holder dies, even by
-    SIGKILL. The lock file stays (removing it would let two processes lock two different files)."""
+    SIGKILL. The holder removes the file as it lets go (nothing is left beside the data), so a process that
+    locked a file that has been removed meanwhile (its inode is no longer the path's) locks the new one instead."""
     import fcntl
+    import os
 
     root = Path(root).resolve()
     root.parent.mkdir(parents=True, exist_ok=True)
     lock = root.parent / f"{root.name}.lock"
-    with open(lock, "a") as fh:
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
         try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             print(f"waiting for another process's download into {root} (lock {lock})", flush=True)
-            fcntl.flock(fh, fcntl.LOCK_EX)
+            fcntl.flock(fd, fcntl.LOCK_EX)
         try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+            held = os.stat(lock)
+            mine = os.fstat(fd)
+            if (held.st_dev, held.st_ino) == (mine.st_dev, mine.st_ino):
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # the file was removed (or replaced) while this process waited for it
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)  # while held: whoever waits on this file notices and locks a new one
+        os.close(fd)
 
 
 def _remove(paths: list[Path]) -> None:

@@ -39,13 +39,23 @@ def _stop_now(signum, frame):
     raise Interrupted(signum, saved=False)
 
 
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``(default: X)`` after an option's help, unless the help already says its default or there is none."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text.lower() or action.default in (None, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return super()._get_help_string(action)
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse for the ``python -m kd.*`` commands: a usage error is one line and exit code 2, like KDError;
     ``--help`` shows every default; every option is spelled as the programs spell theirs (``--dry_run``), and
     the dashed spelling (``--dry-run``) is accepted too."""
 
     def __init__(self, *args, **kwargs):
-        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        kwargs.setdefault("formatter_class", _DefaultsFormatter)
         super().__init__(*args, **kwargs)
 
     def add_argument(self, *names, **kwargs):

@@ -254,6 +254,9 @@ def plain_file_name(name: str, where: Path) -> str:
     return name
 
 
+PATH_ROOM = 512  # bytes a run adds below a folder it is given (run folder, artifact and file names)
+
+
 def check_name_lengths(path: str | Path, what: str, near: Path | None = None) -> None:
     """No component of ``path`` is longer than the file system (that of ``near``, its nearest existing folder)
     allows: refused before anything is made, instead of failing halfway."""
@@ -270,18 +273,26 @@ def check_name_lengths(path: str | Path, what: str, near: Path | None = None) ->
         if len(os.fsencode(part)) > limit:
             raise KDError(f"{what} {str(path)[:80]}...: the name {part[:24]}... is {len(os.fsencode(part))} bytes, "
                           f"over the file system's limit of {limit}: pass a shorter path")
+    try:
+        total = os.pathconf(near, "PC_PATH_MAX")
+    except (OSError, ValueError):
+        total = 4096
+    if len(os.fsencode(str(path))) + PATH_ROOM > total:
+        raise KDError(f"{what} {str(path)[:80]}... is {len(os.fsencode(str(path)))} bytes long; with the names the "
+                      f"run writes inside it, that is over the file system's limit of {total} for a whole path: pass a "
+                      "shorter path")
 
 
 def check_folder(path: str | Path, what: str, need_bytes: int = 0) -> None:
     """``path`` is, or can be made as, a writable folder with ``need_bytes`` free: checked before any work, and
     without writing anything (the nearest existing ancestor is tested)."""
     path = Path(path).absolute()
+    check_name_lengths(path, what)
     near = path
-    while not near.exists():
+    while not os.path.exists(near):  # (False, not an error, for a name over the limit)
         near = near.parent
     if not near.is_dir():
         raise KDError(f"{what} {path} cannot be a folder: {near} is a file; pass another folder or remove it")
-    check_name_lengths(path, what, near)
     if not os.access(near, os.W_OK | os.X_OK):
         raise KDError(f"{what} {path} is not writable ({near} is read-only for this user): pass another folder")
     if need_bytes:

@@ -77,9 +77,10 @@ def _download(name: str, project: str, store) -> Path | None:
     except wandb.errors.CommError as e:
         if "not found" in str(e).lower() or "does not exist" in str(e).lower():
             return None
-        raise KDError(f"cannot look up the mirrored checkpoint {name} in W&B ({str(e).splitlines()[0][:200]}): "
-                      "check the network and `wandb login`, or pass --resume=False") from None
+        raise KDError(f"W&B did not answer whether this run has a mirrored checkpoint ({name}: "
+                      f"{str(e).splitlines()[0][:200]}): check the network and `wandb login`, or run offline with "
+                      "WANDB_MODE=offline") from None
     except (ValueError, OSError) as e:
-        raise KDError(f"cannot fetch the mirrored checkpoint {name} from W&B ({type(e).__name__}: "
-                      f"{str(e).splitlines()[0][:200] if str(e) else ''}): check the network, or pass "
-                      "--resume=False") from None
+        raise KDError(f"cannot download this run's mirrored checkpoint {name} from W&B ({type(e).__name__}: "
+                      f"{str(e).splitlines()[0][:200] if str(e) else ''}): check the network and the free space of "
+                      "the store, or run offline with WANDB_MODE=offline") from None

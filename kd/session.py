@@ -56,6 +56,9 @@ class Session:
         if torch.cuda.is_available():
             torch.backends.cudnn.benchmark = True
         set_seed(getattr(cfg, "student_seed", cfg.seed), device_specific=False)
+        self.check_outputs()  # before anything is fetched into them
+        if self.mode == "online" and self.main:
+            wandb_runs.check_reachable()
         self.main_first(self._fetch_checkpoint)
         self.ckpt = self.folder.open()
         if self.main:

@@ -23,14 +23,16 @@ import sys
 from pathlib import Path
 
 from kd.errors import Interrupted, KDError
+from kd import wandb_runs
 from kd.wandb_runs import announce_mode, last_logged_step, wandb_dir, wandb_mode
 
 
 def unlocked(config: dict) -> dict:
-    """The config without the keys a W&B sweep sets (they are locked: wandb warns once per key otherwise, and
-    the values are the same, parsed from the same command line)."""
+    """The config without the keys of ``$WANDB_SWEEP_PARAM_PATH`` (a sweep agent's parameters, or the offline
+    runner's): wandb.init locks them whenever that file is set, and warns once per key otherwise; the values are
+    the same, parsed from the same command line."""
     path = os.environ.get("WANDB_SWEEP_PARAM_PATH")
-    if not os.environ.get("WANDB_SWEEP_ID") or not path or not os.path.exists(path):
+    if not path or not os.path.exists(path):
         return config
     import yaml
 
@@ -64,6 +66,8 @@ class Tracker:
             return
         import wandb
 
+        if self.mode == "online":
+            wandb_runs.check_reachable()
         try:
             self.run = wandb.init(project=project, id=run_id, resume="allow", name=name, group=group,
                                   job_type=job_type, mode=self.mode, tags=tags, dir=wandb_dir(), reinit="create_new")

@@ -52,6 +52,35 @@ def _logged_in() -> bool:
                       "`wandb login --relogin`, or set WANDB_MODE=offline") from None
 
 
+REACH_TIMEOUT_S = 10.0
+_REACHED: set = set()  # (host, port) this process has connected to
+
+
+def check_reachable(timeout: float = REACH_TIMEOUT_S) -> None:
+    """Online: W&B's server (or the HTTPS proxy in the way) accepts a connection within ``timeout`` seconds, else a
+    one-line error at once (``wandb.init`` and the API would retry for minutes before saying so)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    from wandb.sdk import wandb_setup
+
+    base = os.environ.get("WANDB_BASE_URL") or wandb_setup.singleton().settings.base_url
+    proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")
+    url = urlsplit(proxy if proxy else base)
+    host, port = url.hostname or "", url.port or (443 if url.scheme == "https" else 80)
+    if (host, port) in _REACHED:
+        return
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            _REACHED.add((host, port))
+            return
+    except OSError as e:
+        via = f" through the proxy {host}:{port}" if proxy else ""
+        why = e.strerror or type(e).__name__
+        raise KDError(f"W&B at {base} is not reachable{via} ({why}): check the network, or run offline with "
+                      "WANDB_MODE=offline (upload the runs later with `wandb sync`)") from None
+
+
 def announce_mode(mode: str) -> str:
     if mode == "online":
         return "W&B: online (logged in); runs and artifacts go to your W&B project"

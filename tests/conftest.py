@@ -29,6 +29,45 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture(params=[1, 2], ids=["threads1", "threads2"])
+def threads(request):
+    """A numerical-equality test runs with one torch thread and with two: a result that depends on how a kernel
+    splits its sums between threads shows up here, not on a user's machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+def float_tol(dtype, terms: int, scale: float = 1.0, chained: int = 1) -> float:
+    """How far apart two float computations of one value may be when they add their rounded products in another
+    order (another kernel, batch split, fusion or thread count): the worst-case rounding bound of a chain of sums,
+    ``terms * eps(dtype)`` where ``terms`` adds up the lengths of the sums along the computation's chain (e.g.
+    a network's layers, forward and backward), times the magnitude of the values (``scale``), once per chained
+    computation that feeds the next (``chained``, e.g. SGD steps). It depends on the dtype and the size of the
+    computation only, never on one machine's kernels; a bug moves a value by orders of magnitude more, and in
+    float64 the bound is tight (about 1e-11 for a few steps of a small network)."""
+    import torch
+
+    return chained * terms * torch.finfo(dtype).eps * scale
+
+
+def assert_close_as(got, want, dtype, terms: int, chained: int = 1, msg: str = "") -> None:
+    """``got`` equals ``want`` within :func:`float_tol` of ``dtype``, the scale being the larger of 1 and the
+    largest magnitude in ``want``."""
+    import torch
+
+    want = torch.as_tensor(want)
+    got = torch.as_tensor(got)
+    scale = max(1.0, float(want.double().abs().max())) if want.numel() else 1.0
+    tol = float_tol(dtype, terms, scale, chained)
+    diff = float((got.double() - want.double()).abs().max()) if want.numel() else 0.0
+    assert diff <= tol, f"{msg}: max |difference| {diff:.3g} over the tolerance {tol:.3g} ({dtype}, {terms} terms, " \
+                        f"{chained} chained)"
+
+
 @pytest.fixture
 def workdir(tmp_path, monkeypatch):
     for k, v in offline_env(tmp_path).items():

@@ -116,7 +116,8 @@ def test_one_process_unless_asked_for_more(tmp_path, monkeypatch, capsys):
     assert launch.child_argv("train.py", []) == [sys.executable, "train.py"]  # a 1-process config: direct
     config.write_text(yaml.safe_dump({"distributed_type": "MULTI_GPU", "num_processes": 4, "gpu_ids": "0,1,2,3"}))
     capsys.readouterr()
-    elastic = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node"]
+    monkeypatch.setattr(launch.os, "cpu_count", lambda: 4)  # without GPUs, one process per core at most
+    elastic = [sys.executable, "-m", "kd.sweep.elastic", "--standalone", "--nproc_per_node"]
     assert launch.child_argv("train.py", ["--seed=1"]) == [*elastic, "4", "train.py", "--seed=1"]  # no gpu_ids
     (line,) = capsys.readouterr().err.splitlines()  # the config that asks for more is named, in one line
     assert f"4 processes (the Accelerate config {config}; KD_NUM_PROCESSES=1 for one)" in line
@@ -131,6 +132,31 @@ def test_one_process_unless_asked_for_more(tmp_path, monkeypatch, capsys):
         (line,) = capsys.readouterr().err.splitlines()
         assert line.startswith(f"error: KD_NUM_PROCESSES='{bad}' must be a whole number >= 1")
     assert launch.main(["--seed=1"]) == 2 and "the first argument must be the program" in capsys.readouterr().err
+
+
+def test_several_processes_are_checked_once_before_any_worker_starts(tmp_path, monkeypatch, capsys):
+    """A bad flag, a process count over the machine's cores (no GPUs here) or a config asking for 100000
+    processes: one line, exit 2, and no launcher or worker started."""
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    started = []
+    monkeypatch.setattr(launch.Launch, "run", lambda self: started.append(self.cmd) or 0)
+    monkeypatch.setattr(launch.os, "cpu_count", lambda: 2)
+    monkeypatch.setenv("KD_NUM_PROCESSES", "2")
+    assert launch.main(["train.py", "--dataset=bogus"]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("error: unknown dataset 'bogus'")
+    monkeypatch.setenv("KD_NUM_PROCESSES", "3")
+    assert launch.main(["train.py"]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert "asks for 3 processes per run on a machine without GPUs and 2 CPU cores" in line
+    monkeypatch.delenv("KD_NUM_PROCESSES")
+    config = tmp_path / "hf" / "accelerate" / "default_config.yaml"
+    config.parent.mkdir(parents=True)
+    config.write_text(yaml.safe_dump({"num_processes": 100000}))
+    assert launch.main(["train.py"]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert "asks for num_processes: 100000, over 1024" in line
+    assert started == []
 
 
 def test_wandb_passes_the_launcher_command_through():

@@ -15,6 +15,7 @@ import yaml
 
 from kd import report, sweep
 from kd.artifacts import publish
+from kd.config import TrainConfig, parse_flags
 from kd.io import save_weights
 from kd.models import build_model
 from tests.conftest import ROOT, TINY
@@ -93,6 +94,42 @@ def refused(capsys, folder, entry, argv: list[str], needle: str) -> str:
 ])
 def test_train_refuses(args, needle, workdir, capsys):
     refused(capsys, workdir, train.main, [*TINY, *args], needle)
+
+
+@pytest.mark.parametrize("where", ["out_dir", "store", "total"])
+def test_train_refuses_output_paths_before_anything_is_fetched_or_written(where, workdir, monkeypatch, capsys):
+    """A file in the way of --out_dir while the store holds a mirrored checkpoint of the run (which would be fetched
+    into it), a store path with a name over the file system's limit, an over-long whole path: one line each."""
+    (workdir / "notes.txt").write_text("a file, not a folder")
+    run_dir = "teacher-digits-preresnet8-s0-" + parse_flags(TrainConfig, TINY).fingerprint()
+    made = workdir / "made"
+    made.mkdir()
+    (made / "checkpoint.json").write_text("{}")
+    publish(f"checkpoint-{run_dir}", "checkpoint", [made / "checkpoint.json"], {}, store=workdir / "artifacts")
+    if where == "out_dir":
+        refused(capsys, workdir, train.main, [*TINY, "--out_dir=notes.txt"], "--out_dir")
+    elif where == "store":
+        monkeypatch.setenv("KD_STORE", str(workdir / ("s" * 300)))
+        refused(capsys, workdir, train.main, [*TINY, "--out_dir=fresh"], "over the file system's limit of")
+    else:
+        deep = "/".join(["d" * 200] * 21)
+        refused(capsys, workdir, train.main, [*TINY, f"--out_dir={deep}"], "for a whole path: pass a shorter path")
+
+
+def test_generator_training_checks_the_data_before_wandb(workdir, monkeypatch, capsys):
+    """No CIFAR and no network: one line naming where to put the archive, and no W&B run, folder or lock file."""
+    from torchvision.datasets import CIFAR10
+
+    from kd import synthetic as syn
+
+    def offline(self):
+        raise OSError("no network")
+
+    monkeypatch.setattr(CIFAR10, "download", offline)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    refused(capsys, workdir, syn.main, ["train", "--dataset=cifar10", "--generator=sngan"],
+            "place cifar-10-python.tar.gz")
+    assert not (workdir / "wandb").exists()
 
 
 # ------------------------------------------------------------------------------------------------ distill.py

@@ -201,7 +201,7 @@ def test_two_loaders_at_once_download_cifar_once(tmp_path, monkeypatch):
     assert downloads.count == 1 and downloads.most == 1
     assert isinstance(a, Data) and isinstance(b, Data), (a, b)
     assert torch.equal(a.train_x, b.train_x) and a.train_x.shape == (30, 3, 32, 32)
-    assert (tmp_path / "shared" / "data.lock").exists()  # the lock file beside the data folder
+    assert not (tmp_path / "shared" / "data.lock").exists()  # the lock file beside the data folder is gone again
 
 
 def test_a_failed_download_never_removes_a_folder_another_loader_fills(tmp_path, monkeypatch):
@@ -216,6 +216,19 @@ def test_a_failed_download_never_removes_a_folder_another_loader_fills(tmp_path,
     assert downloads.count == 2 and downloads.most == 1  # one after the other, under the lock
     assert loaded[0].train_x.shape == (30, 3, 32, 32)
     assert load_dataset("cifar10", root).test_x.shape == (6, 3, 32, 32) and downloads.count == 2  # stays there
+
+
+def test_a_failed_download_leaves_nothing_behind(tmp_path, monkeypatch):
+    """No network: one line naming where to put the archive; neither the data folder nor its lock file is left."""
+    def offline(root: Path):
+        raise OSError("no network")
+
+    _fake_cifar10(monkeypatch, tmp_path / "fake", offline)
+    work = tmp_path / "work"
+    work.mkdir()
+    with pytest.raises(KDError, match="place cifar-10-python.tar.gz"):
+        load_dataset("cifar10", work / "data")
+    assert list(work.iterdir()) == []
 
 
 def test_digits_hard_is_a_fixed_harder_digits_with_its_family_recipes():

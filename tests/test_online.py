@@ -13,7 +13,7 @@ import types
 import pytest
 import wandb
 
-from kd import artifacts, teachers
+from kd import artifacts, teachers, wandb_runs
 from kd.errors import KDError
 from kd.io import save_weights
 from kd.models import build_model
@@ -40,7 +40,30 @@ def publish_teacher(store, name):
 @pytest.fixture
 def online(monkeypatch, tmp_path):
     monkeypatch.setenv("WANDB_MODE", "online")
+    monkeypatch.setattr(wandb_runs, "check_reachable", lambda *a, **k: None)  # the server is the stand-in's
     return tmp_path / "store"
+
+
+def test_an_unreachable_server_is_one_line_at_once(monkeypatch):
+    """Online with no network: one line naming the server and the offline fix, within the connect timeout (not
+    after wandb.init's minutes of retries); a server that accepts connections passes."""
+    import socket
+    import time
+
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        port = listening.getsockname()[1]
+        monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{port}")
+        monkeypatch.delenv("HTTPS_PROXY", raising=False)
+        monkeypatch.delenv("https_proxy", raising=False)
+        wandb_runs.check_reachable(timeout=5)
+    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{port}")  # closed now: refused
+    wandb_runs._REACHED.clear()
+    t0 = time.monotonic()
+    with pytest.raises(KDError, match=f"W&B at http://127.0.0.1:{port} is not reachable .*WANDB_MODE=offline"):
+        wandb_runs.check_reachable(timeout=5)
+    assert time.monotonic() - t0 < 5
 
 
 def test_a_teacher_only_in_the_local_store_says_to_sync_it(online):
@@ -91,9 +114,11 @@ def test_sweep_locked_keys_are_not_passed_to_wandb_init(tmp_path, monkeypatch):
     params.write_text("lr:\n  value: 0.05\nseed:\n  value: 3\n")  # what the agent writes
     config = {"lr": 0.05, "seed": 3, "epochs": 300, "job": "student"}
     monkeypatch.delenv("WANDB_SWEEP_ID", raising=False)
+    monkeypatch.delenv("WANDB_SWEEP_PARAM_PATH", raising=False)
     assert unlocked(config) == config
-    monkeypatch.setenv("WANDB_SWEEP_ID", "abc")
-    monkeypatch.setenv("WANDB_SWEEP_PARAM_PATH", str(params))
+    monkeypatch.setenv("WANDB_SWEEP_PARAM_PATH", str(params))  # the offline runner: a parameter file, no sweep id
+    assert unlocked(config) == {"epochs": 300, "job": "student"}  # wandb.init locks the file's keys all the same
+    monkeypatch.setenv("WANDB_SWEEP_ID", "abc")  # W&B's agent
     assert unlocked(config) == {"epochs": 300, "job": "student"}
 
 

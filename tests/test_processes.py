@@ -25,7 +25,7 @@ from tests.conftest import ROOT, TINY, offline_env
 
 pytestmark = pytest.mark.slow  # several processes each: minutes on two cores (make chaos runs them)
 
-ELASTIC = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+ELASTIC = [sys.executable, "-m", "kd.sweep.elastic", "--standalone", "--nproc_per_node", "2"]
 
 
 def env_for(folder: Path, **extra: str) -> dict:

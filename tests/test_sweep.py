@@ -71,7 +71,8 @@ if first and args.get("x") == args.get("preempt_x"):  # as if SIGTERMed from out
 slow = first and args.get("x") == args.get("slow_x")  # the first attempt of slow_x hangs until killed
 time.sleep(float(args["first_sleep"] if slow else args.get("sleep", "0")))
 if args.get("x") == args.get("fail_on"):
-    print("boom: failing on purpose", file=sys.stderr)
+    print("error: boom: failing on purpose", file=sys.stderr)  # a program's one-line error,
+    print("wandb: Find logs at: ./wandb/...", file=sys.stderr)  # then the lines W&B prints as its run ends
     sys.exit(3)
 log("end")
 '''
@@ -259,7 +260,7 @@ def test_a_failed_run_stops_the_runner_with_its_log(tmp_path, monkeypatch, capsy
     rc, out, err = cli(tmp_path, monkeypatch, capsys, path)
     assert rc == 1
     (line,) = err.strip().splitlines()
-    assert "failed with exit code 3" in line and "prog.py --fail_on=2 --x=2" in line
+    assert "failed with exit code 3: boom: failing on purpose; command" in line and "prog.py --fail_on=2 --x=2" in line
     log = Path(line.rsplit("(log: ", 1)[1].rstrip(")"))
     assert log.name == "001-x2.log" and "boom: failing on purpose" in log.read_text()
     assert [c["x"] for c in calls(tmp_path) if c["event"] == "start"] == ["1", "2"]  # x=3 never started

@@ -67,12 +67,43 @@ def num_processes(config: Path | None) -> int:
     except (yaml.YAMLError, AttributeError, OSError) as e:
         raise KDError(f"cannot read the Accelerate config {config} ({type(e).__name__}): fix it with "
                       "`accelerate config`, or set KD_NUM_PROCESSES") from None
-    if not isinstance(value, int) or value < 1:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         return 1  # -1 and the like: Accelerate's "ask"; one process here
+    if value > MAX_PROCESSES:
+        raise KDError(f"the Accelerate config {config} asks for num_processes: {value}, over {MAX_PROCESSES}: fix it "
+                      "with `accelerate config`, or set KD_NUM_PROCESSES")
     return value
 
 
-ELASTIC = ["-m", "torch.distributed.run"]
+MAX_PROCESSES = 1024
+ELASTIC = ["-m", "kd.sweep.elastic"]  # torch's elastic launcher, exiting as its workers did (kd.sweep.elastic)
+
+
+def check_processes(n: int, why: str) -> None:
+    """N processes need N GPUs where there are GPUs (more would share one), and at most one per CPU core where
+    there are none (they join over gloo)."""
+    import torch
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if gpus and n > gpus:
+        raise KDError(f"{why} asks for {n} processes per run but {gpus} GPU(s) are visible (CUDA_VISIBLE_DEVICES="
+                      f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): one process per GPU, so at most {gpus}")
+    cores = os.cpu_count() or 1
+    if not gpus and n > cores:
+        raise KDError(f"{why} asks for {n} processes per run on a machine without GPUs and {cores} CPU cores: at "
+                      f"most {cores} (or KD_NUM_PROCESSES=1)")
+
+
+def check_flags(program: str, args: list[str]) -> None:
+    """The program's flags, parsed once here as the program would parse them: a bad flag is one line before any
+    worker starts, instead of one line per worker and a launcher's failure report."""
+    from kd.config import parse_flags
+    from kd.sweep.spec import ENTRY_POINTS
+
+    classes = {p.name: cls for p, cls in ENTRY_POINTS.items()}
+    cls = classes.get(Path(program).name)
+    if cls is not None and not {"-h", "--help"} & set(args):
+        parse_flags(cls, args, notes=False)
 
 
 def child_argv(program: str, args: list[str]) -> list[str]:
@@ -81,6 +112,8 @@ def child_argv(program: str, args: list[str]) -> list[str]:
     if n == 1:
         return [sys.executable, program, *args]
     why = "KD_NUM_PROCESSES" if os.environ.get("KD_NUM_PROCESSES", "").strip() else f"the Accelerate config {config}"
+    check_processes(n, why)
+    check_flags(program, args)
     print(f"kd.sweep.launch: {n} processes ({why}; KD_NUM_PROCESSES=1 for one), under torch's elastic launcher",
           file=sys.stderr, flush=True)
     return [sys.executable, *ELASTIC, "--standalone", "--nproc_per_node", str(n), program, *args]
@@ -136,8 +169,6 @@ class Launch:
             for s, handler in previous.items():
                 signal.signal(s, handler)
         code = 128 - code if code < 0 else code
-        if self.got and code != 0 and self.cmd[1:3] == ELASTIC:
-            code = 128 + FORWARDED[self.got[0]]  # torch's launcher does not pass the programs' exit codes on
         return code
 
 

@@ -35,6 +35,21 @@ def raise_stop(signum, frame):
 
 
 
+def last_error(log: Path, tail_bytes: int = 65536) -> str:
+    """The cause a failed run printed last: its last ``error: ...`` line (the programs' one-line errors), else its
+    last line of output; from the end of its latest attempt in the log, at most 300 characters."""
+    try:
+        with open(log, "rb") as fh:
+            fh.seek(max(0, fh.seek(0, os.SEEK_END) - tail_bytes))
+            text = fh.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+    lines = [line.strip() for line in text.split("\n=== ")[-1].replace("\r", "\n").splitlines()[1:] if line.strip()]
+    errors = [line.removeprefix("error: ") for line in lines if line.startswith("error: ")]
+    cause = errors[-1] if errors else lines[-1] if lines else ""
+    return cause[:300]
+
+
 def fmt_duration(seconds: float) -> str:
     s = int(round(seconds))
     if s < 60:
@@ -230,7 +245,9 @@ class Runner:
             return True
         log = self.state.folder / run["log"]
         why = f"was preempted {PREEMPT_RERUNS + 1} times" if code == PREEMPTED else f"failed with exit code {code}"
-        print(f"error: run {key} {why}: {shlex.join(run['argv'])} (log: {log})", file=sys.stderr, flush=True)
+        cause = last_error(log) if code != PREEMPTED else ""
+        print(f"error: run {key} {why}{f': {cause}' if cause else ''}; command {shlex.join(run['argv'])} (log: {log})",
+              file=sys.stderr, flush=True)
         self.failed.append(run)
         return self.keep_going
 

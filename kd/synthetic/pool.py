@@ -22,6 +22,7 @@ from kd import faults
 from kd.data import DATASETS, load_dataset
 from kd.errors import KDError, one_line
 from kd.io import load_tensors, read_json, remove_stale_temps, save_tensors, sha256_file, write_json
+from kd.synthetic.publishing import check_outputs
 from kd.pools import POOL_FILE
 from kd.run_folder import recorded_run_id
 from kd.synthetic import quality
@@ -57,6 +58,7 @@ def generate(cfg: GenerateConfig, *, stop_after_shards: int | None = None, quali
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out, name, store, device = cfg.out_dir(), cfg.artifact_name(), cfg.store or None, _device(cfg.device)
+    check_outputs(out, "--out", store)
     sampler = None  # offline: a model that cannot be loaded is refused before anything is written (W&B included)
     if wandb_mode() != "online":  # online, it is resolved through the run, so W&B records the lineage
         sampler = load_sampler(cfg.model_ref(), cfg, device, store=store)

@@ -31,12 +31,13 @@ from kd.data import epoch_generator, load_dataset
 from kd.errors import Interrupted, KDError, stop_requests
 from kd.run_folder import RunFolder
 from kd.synthetic.config import GeneratorTrainConfig
-from kd.synthetic.publishing import publish_once
+from kd.synthetic.publishing import check_outputs, publish_once
 from kd.synthetic.sampling import derived_seed, save_grid
 from kd.tracker import Tracker
 
 CKPT_KEYS = ("step",)  # beside the run folder's own keys
 LOG_EVERY = 10  # steps per logged row
+PRECISION_NAMES = {"no": "float32", "bf16": "bf16 autocast", "fp16": "fp16 autocast"}
 
 
 class RealBatches:
@@ -121,15 +122,16 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------- the run
     def run(self) -> Path:
+        check_outputs(self.out, "the output folder (--out)", self.cfg.store or None)
         acc = self._accelerator()
+        data = load_dataset(self.cfg.dataset, self.cfg.data_dir, device=acc.device)  # before any file or W&B run
         self._open()
         self._start_wandb()
         with self.tracker.ending():
-            return self._run(acc)
+            return self._run(acc, data)
 
-    def _run(self, acc) -> Path:
+    def _run(self, acc, data) -> Path:
         cfg, job = self.cfg, self.job
-        data = load_dataset(cfg.dataset, cfg.data_dir, device=acc.device)
         self.batches = RealBatches(data.train_x[:, :job.channels], job.recipe.batch_size, cfg.seed,
                                    acc.process_index, acc.num_processes, cfg.dataset)
         self.total = job.total_steps(self.batches.per_epoch)
@@ -138,7 +140,7 @@ class Trainer:
         if self.main:
             print(f"generator {cfg.generator} {cfg.preset_name()}: {job.n_params() / 1e6:.2f}M parameters, "
                   f"{data.n_train} images, {self.batches.per_epoch} batches/epoch, {self.total} steps in all; "
-                  f"on {acc.device} ({self.precision})", file=sys.stderr)
+                  f"on {acc.device} ({PRECISION_NAMES.get(self.precision, self.precision)})", file=sys.stderr)
         t0 = time.perf_counter()
         step = self._loop(step, stop)
         seconds = time.perf_counter() - t0
