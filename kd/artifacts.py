@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 from kd import faults
-from kd.errors import KDError, check_name
+from kd.errors import KDError, check_name, first_line
 from kd.io import (
     MANIFEST,
     POINTER,
@@ -237,7 +237,7 @@ def _download(name: str, alias: str, run, store, kind: str) -> Path:
         art = run.use_artifact(f"{name}:{alias}")
         return Path(art.download(root=str(_artifact_dir(name, store) / f"wandb-{art.version}")))
     except (wandb.errors.Error, ValueError, OSError) as e:
-        why = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        why = first_line(e)
         local = local_versions(name, store, alias)
         if local is not None:
             raise KDError(f"{kind} {name}:{alias} is not in the W&B project {where} ({why}) but is in the local "

@@ -76,6 +76,13 @@ def one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
+def first_line(e: BaseException, limit: int = 200) -> str:
+    """An exception in a few words for a one-line error: its message's first line (at most ``limit``
+    characters), else its type's name. The one formatter of what a library (W&B, diffusers, torch) raised."""
+    lines = str(e).strip().splitlines()
+    return lines[0][:limit] if lines else type(e).__name__
+
+
 def check_name(value: str, what: str) -> str:
     """Artifact, study and run names: no path separators, no '..', nothing that escapes a folder."""
     if not isinstance(value, str) or not NAME_RE.match(value) or ".." in value:

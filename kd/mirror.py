@@ -17,7 +17,7 @@ import shutil
 from pathlib import Path
 
 from kd import artifacts
-from kd.errors import KDError
+from kd.errors import KDError, first_line
 from kd.io import atomic_write
 
 TYPE = "checkpoint"
@@ -78,9 +78,9 @@ def _download(name: str, project: str, store) -> Path | None:
         if "not found" in str(e).lower() or "does not exist" in str(e).lower():
             return None
         raise KDError(f"W&B did not answer whether this run has a mirrored checkpoint ({name}: "
-                      f"{str(e).splitlines()[0][:200]}): check the network and `wandb login`, or run offline with "
+                      f"{first_line(e)}): check the network and `wandb login`, or run offline with "
                       "WANDB_MODE=offline") from None
     except (ValueError, OSError) as e:
         raise KDError(f"cannot download this run's mirrored checkpoint {name} from W&B ({type(e).__name__}: "
-                      f"{str(e).splitlines()[0][:200] if str(e) else ''}): check the network and the free space of "
+                      f"{first_line(e)}): check the network and the free space of "
                       "the store, or run offline with WANDB_MODE=offline") from None

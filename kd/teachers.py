@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from kd import artifacts, names
 from kd.data import Data
-from kd.errors import KDError
+from kd.errors import KDError, first_line
 from kd.io import load_weights
 from kd.models import build_model
 from kd.wandb_runs import wandb_mode
@@ -36,7 +36,7 @@ def _online_collections(run, prefix: str) -> set[str]:
         colls = wandb.Api().artifact_collections(where, "model")
         return {c.name for c in colls if c.name.startswith(prefix) and _SEED.search(c.name)}
     except (wandb.errors.Error, ValueError, OSError) as e:
-        why = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        why = first_line(e)
         raise KDError(f"cannot list the teachers of the W&B project {where} ({why}): check the project, your "
                       "access to it and the network, or name them with --teachers") from None
 
@@ -90,7 +90,7 @@ def check_online(teacher_names: list[str], alias: str, project: str) -> None:
         where = f"{os.environ.get('WANDB_ENTITY') or api.default_entity}/{os.environ.get('WANDB_PROJECT') or project}"
         missing = [n for n in teacher_names if not api.artifact_exists(f"{where}/{n}:{alias}", type="model")]
     except (wandb.errors.Error, ValueError, OSError) as e:
-        why = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        why = first_line(e)
         raise KDError(f"cannot look up the teachers in W&B ({why}): check `wandb login` and the network, or run "
                       "offline with WANDB_MODE=offline") from None
     if missing:
@@ -120,7 +120,7 @@ def load_teachers(teacher_names: list[str], folders: list[str], data: Data, devi
         try:
             model.load_state_dict(state)
         except RuntimeError as e:
-            why = str(e).splitlines()[0][:160]
+            why = first_line(e, 160)
             raise KDError(f"teacher {name}: its meta.json says arch {meta.get('arch')} with {meta['num_classes']} "
                           f"classes, but its weights do not fit that network ({why}); publish the teacher again "
                           "with train.py") from None

@@ -22,8 +22,8 @@ import os
 import sys
 from pathlib import Path
 
-from kd.errors import Interrupted, KDError
 from kd import wandb_runs
+from kd.errors import Interrupted, KDError, first_line
 from kd.wandb_runs import announce_mode, last_logged_step, wandb_dir, wandb_mode
 
 
@@ -73,7 +73,7 @@ class Tracker:
                                   job_type=job_type, mode=self.mode, tags=tags, dir=wandb_dir(), reinit="create_new")
             self.run.config.update(unlocked(config), allow_val_change=True)  # as Accelerate's tracker stores it
         except (wandb.errors.Error, ValueError, OSError) as e:
-            why = (str(e).splitlines() or [type(e).__name__])[0][:200]
+            why = first_line(e)
             raise KDError(f"cannot start the W&B run {name} in project {project} ({why}): check `wandb login`, "
                           "the project name and the network, or run offline with WANDB_MODE=offline") from None
         self.seen = last_logged_step(self.run, self.mode)

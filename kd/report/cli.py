@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kd import names
-from kd.errors import ArgumentParser, KDError, check_name, cli
+from kd.errors import ArgumentParser, KDError, check_name, cli, first_line
 from kd.io import atomic_write, check_folder
 from kd.report.aggregate import ARCH, DATASET, Group, dedupe, group_students, only, sources
 from kd.report.effect import figure_effect
@@ -145,7 +145,7 @@ def _publish(got: Loaded, study: str, dataset: str, arch: str, result: Result) -
         result.url, done = publish(got.entity, got.project, study, dataset, arch, result.groups,
                                    len(result.teachers), result.paths, result.table)
     except api_errors() as e:
-        why = (str(e).splitlines() or [type(e).__name__])[0]
+        why = first_line(e)
         out = result.paths["csv"].parent
         raise KDError(f"--publish failed ({why}); the figures and CSV in {out} are written") from None
     print(f"W&B Report ({done}): {result.url}")

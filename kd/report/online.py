@@ -21,7 +21,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from kd import names
-from kd.errors import KDError, one_line
+from kd.errors import KDError, first_line, one_line
 from kd.io import REPORT_CACHE, read_json, write_json
 from kd.report.runs import Run, run_time
 from kd.wandb_runs import clean
@@ -49,7 +49,7 @@ def api_errors() -> tuple[type[BaseException], ...]:
 
 def api_failure(e: BaseException, doing: str, entity: str | None, project: str | None) -> KDError:
     """One line: what failed, W&B's reason and the fix."""
-    why = one_line((str(e).strip().splitlines() or [""])[0]) or type(e).__name__
+    why = one_line(first_line(e, 10_000))
     low = f"{why} {type(e).__name__}".lower()
     if any(w in low for w in _AUTH):
         who = f" as a user who can read {entity}/{project}" if entity else ""

@@ -22,13 +22,12 @@ from kd import faults
 from kd.data import DATASETS, load_dataset
 from kd.errors import KDError, one_line
 from kd.io import load_tensors, read_json, remove_stale_temps, save_tensors, sha256_file, write_json
-from kd.synthetic.publishing import check_outputs
 from kd.pools import POOL_FILE
 from kd.run_folder import recorded_run_id
 from kd.synthetic import quality
 from kd.synthetic.config import GenerateConfig
 from kd.synthetic.generators import load_sampler
-from kd.synthetic.publishing import publish_once
+from kd.synthetic.publishing import check_outputs, publish_once
 from kd.synthetic.sampling import save_grid, to_pixels
 from kd.tracker import Tracker
 from kd.wandb_runs import wandb_mode

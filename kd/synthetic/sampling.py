@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from kd.artifacts import resolve
-from kd.errors import NAME_RE, KDError
+from kd.errors import NAME_RE, KDError, first_line
 from kd.io import atomic_write
 
 
@@ -55,14 +55,14 @@ def pipeline_at(path: Path, model: str, dataset: str):
                 pipe = DDPMPipeline(unet=UNet2DModel.from_pretrained(str(path)),
                                     scheduler=DDPMScheduler.from_pretrained(str(path)))
         except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError) as e:
-            reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+            reason = first_line(e)
             raise KDError(f"{path} is not a loadable diffusers DDPM pipeline folder ({reason}); "
                           f"{train_hint(dataset)}") from None
     else:
         try:
             pipe = DDPMPipeline.from_pretrained(model)
         except (OSError, ValueError) as e:
-            reason = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+            reason = first_line(e, 160)
             raise KDError(f"cannot load model {model!r}: not a local folder, and the Hugging Face hub could not "
                           f"provide it ({type(e).__name__}: {reason}); {train_hint(dataset)}") from None
     pipe.set_progress_bar_config(disable=True)
