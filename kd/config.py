@@ -17,6 +17,7 @@ import sys
 from dataclasses import dataclass, field, fields
 
 from kd import names
+from kd.datasets import DATASETS
 from kd.errors import KDError, check_name
 
 SEED_MAX = 2**32 - 1  # numpy's and torch's generators take seeds up to this
@@ -111,7 +112,7 @@ def check_arch(arch: str) -> None:
 class TrainConfig:
     """Teacher training; defaults are the paper's teacher recipe (App. A.3)."""
 
-    dataset: str = setting("cifar10", "training data", choices=names.DATASET_NAMES)
+    dataset: str = setting("cifar10", "training data", choices=DATASETS)
     arch: str = setting("preresnet56", "network: preresnet{depth} (the authors' PreResNet) or timm:{name}")
     seed: int = setting(0, "seed of weights and data order (teacher i of an ensemble uses seed i)", lo=0,
                         hi=SEED_MAX)

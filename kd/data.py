@@ -8,35 +8,14 @@ images and view ids into the float batch in [-1, 1]; the teacher-output cache ke
 
 from __future__ import annotations
 
-import contextlib
 import math
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from kd.errors import KDError
-
-
-@dataclass(frozen=True)
-class DatasetSpec:
-    name: str
-    num_classes: int
-    image_size: int
-    pad: int
-    flip: bool
-
-
-DATASETS = {
-    "cifar10": DatasetSpec("cifar10", 10, 32, 4, True),
-    "cifar100": DatasetSpec("cifar100", 100, 32, 4, True),
-    "digits": DatasetSpec("digits", 10, 8, 1, False),
-    "digits-hard": DatasetSpec("digits-hard", 10, 8, 1, False),
-}
-# digits-hard: the demo's task, hard enough that teachers err and students can disagree with them
-HARD_TRAIN, HARD_NOISE, HARD_OCCLUDE = 360, 32.0, 3  # training images kept, noise std (of 255), occluder side
+from kd.datasets import DatasetSpec, dataset_spec
 
 
 @dataclass
@@ -64,119 +43,11 @@ def num_views(spec: DatasetSpec) -> int:
 
 
 def load_dataset(name: str, data_dir: str | Path = "data", device: str | torch.device = "cpu") -> Data:
-    if name not in DATASETS:
-        raise KDError(f"unknown dataset {name!r}: choose one of {', '.join(sorted(DATASETS))}")
-    spec = DATASETS[name]
-    if name == "digits":
-        arrays = _load_digits()
-    elif name == "digits-hard":
-        arrays = _hard(*_load_digits())
-    else:
-        arrays = _load_cifar(name, Path(data_dir))
+    """A dataset of :data:`kd.datasets.DATASETS` as uint8 tensors on ``device``."""
+    spec = dataset_spec(name)
+    arrays = spec.load(Path(data_dir))
     tensors = [torch.from_numpy(np.ascontiguousarray(a)) for a in arrays]
     return Data(spec, tensors[0], tensors[1].long(), tensors[2], tensors[3].long()).to(device)
-
-
-def _load_digits():
-    """scikit-learn's bundled 8x8 digits: a fixed stratified 80/20 split, 3 channels, 0..255."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    d = load_digits()
-    x = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)[:, None].repeat(3, axis=1)
-    y = d.target.astype(np.int64)
-    xtr, xte, ytr, yte = train_test_split(x, y, test_size=0.2, stratify=y, random_state=0)
-    return xtr, ytr, xte, yte
-
-
-def _hard(xtr, ytr, xte, yte):
-    """digits made harder, the same for every run (a fixed seed): a stratified subset of 360 training images,
-    every image (train and test) with Gaussian pixel noise and one black 3x3 square at a random place."""
-    from sklearn.model_selection import train_test_split
-
-    xtr, _, ytr, _ = train_test_split(xtr, ytr, train_size=HARD_TRAIN, stratify=ytr, random_state=0)
-    rng = np.random.default_rng(0)
-
-    def corrupt(x):
-        x = x.astype(np.float32) + rng.normal(0.0, HARD_NOISE, size=x[:, :1].shape).astype(np.float32)
-        side, size = HARD_OCCLUDE, x.shape[-1]
-        for img, (r, c) in zip(x, rng.integers(0, size - side + 1, size=(len(x), 2))):
-            img[:, r:r + side, c:c + side] = 0.0
-        return np.clip(np.round(x), 0, 255).astype(np.uint8)
-
-    return corrupt(xtr), ytr, corrupt(xte), yte
-
-
-_CIFAR_FILES = {"cifar10": ("cifar-10-batches-py", "cifar-10-python.tar.gz"),
-                "cifar100": ("cifar-100-python", "cifar-100-python.tar.gz")}
-
-
-@contextlib.contextmanager
-def data_lock(root: Path):
-    """An exclusive ``fcntl.flock`` on ``<root>.lock``, the file beside the data folder, held while a dataset is
-    checked, downloaded and read there: several processes on one machine (one sweep agent per GPU) download it
-    once, and none reads a folder another is filling. The kernel releases it when its holder dies, even by
-    SIGKILL. The holder removes the file as it lets go (nothing is left beside the data), so a process that
-    locked a file that has been removed meanwhile (its inode is no longer the path's) locks the new one instead."""
-    import fcntl
-    import os
-
-    root = Path(root).resolve()
-    root.parent.mkdir(parents=True, exist_ok=True)
-    lock = root.parent / f"{root.name}.lock"
-    while True:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            print(f"waiting for another process's download into {root} (lock {lock})", flush=True)
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        try:
-            held = os.stat(lock)
-            mine = os.fstat(fd)
-            if (held.st_dev, held.st_ino) == (mine.st_dev, mine.st_ino):
-                break
-        except FileNotFoundError:
-            pass
-        os.close(fd)  # the file was removed (or replaced) while this process waited for it
-    try:
-        yield
-    finally:
-        lock.unlink(missing_ok=True)  # while held: whoever waits on this file notices and locks a new one
-        os.close(fd)
-
-
-def _remove(paths: list[Path]) -> None:
-    for p in paths:
-        if p.is_dir():
-            shutil.rmtree(p, ignore_errors=True)
-        elif p.exists():
-            p.unlink(missing_ok=True)
-
-
-def _load_cifar(name: str, root: Path):
-    """torchvision's CIFAR (downloaded into ``root`` when missing), as uint8 NCHW arrays, under
-    :func:`data_lock`. A failed download leaves nothing behind: what this process created (``root``, the
-    extracted folder, the archive) is removed again, under the lock, so never while another process fills it."""
-    from torchvision.datasets import CIFAR10, CIFAR100
-
-    cls = CIFAR10 if name == "cifar10" else CIFAR100
-    folder, archive = _CIFAR_FILES[name]
-    out = []
-    with data_lock(root):
-        made = [p for p in (root, root / folder, root / archive) if not p.exists()]
-        for train in (True, False):
-            try:
-                ds = cls(root=str(root), train=train, download=not (root / folder).exists())
-            except Exception as e:  # urllib/URLError/OSError/RuntimeError: no network or a broken folder
-                _remove(made)
-                raise KDError(
-                    f"{name} is not in {root / folder} and could not be downloaded ({type(e).__name__}): "
-                    f"place {archive} (from https://www.cs.toronto.edu/~kriz/) in {root} or extract it "
-                    f"there, or pass --data_dir=FOLDER"
-                ) from None
-            out += [ds.data.transpose(0, 3, 1, 2), np.asarray(ds.targets)]
-    return out
 
 
 # ---------------------------------------------------------------------------------------------------------

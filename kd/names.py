@@ -10,10 +10,6 @@ import re
 
 PROJECT = "kd-fidelity"  # the default W&B project of every command
 
-# ---- datasets (their tensors and shapes live in kd.data)
-DATASET_NAMES = ("cifar10", "cifar100", "digits", "digits-hard")
-DATASET_FAMILY = {"digits-hard": "digits"}  # a variant trains generators with its family's recipes
-
 # ---- jobs (config key "job"; W&B job_type is JOB_TYPES[job])
 TEACHER, STUDENT = "teacher", "student"
 JOB_TYPES = {TEACHER: "train", STUDENT: "distill"}

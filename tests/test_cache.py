@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from kd import teacher_cache as kt
-from kd.data import DATASETS, Data, apply_views, load_dataset, num_views
+from kd.data import Data, apply_views, load_dataset, num_views
+from kd.datasets import DATASETS
 from kd.errors import KDError
 from kd.models import Ensemble, build_model
 from kd.objectives import Distill

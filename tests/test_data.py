@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from kd.data import (
-    DATASETS,
     Data,
     apply_views,
     crop_flip,
@@ -19,6 +18,7 @@ from kd.data import (
     sample_views,
     split_batch,
 )
+from kd.datasets import DATASETS
 from kd.errors import KDError
 from kd.objectives import Supervised
 

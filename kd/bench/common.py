@@ -150,7 +150,8 @@ def timed(fn, device) -> tuple[object, float]:
 
 
 def random_data(n: int, device: torch.device, seed: int):
-    from kd.data import DATASETS, Data
+    from kd.data import Data
+    from kd.datasets import DATASETS
 
     g = torch.Generator().manual_seed(seed)
     x = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g)

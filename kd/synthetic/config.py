@@ -10,12 +10,11 @@ from pathlib import Path
 
 from kd import names
 from kd.config import check_fields, setting
+from kd.datasets import DATASETS, dataset_spec
 from kd.errors import KDError, check_name
 from kd.synthetic.presets import GENERATORS, GanPreset, Preset, default_preset, presets_of
 
 SCHEDULERS = ("ddpm", "ddim", "dpm")
-DEFAULT_MODELS = {"cifar10": "google/ddpm-cifar10-32", "cifar100": names.generator_artifact("cifar100"),
-                  "digits": names.generator_artifact("digits"), "digits-hard": names.generator_artifact("digits-hard")}
 _SEED_MAX = 2**63 - 1
 STEP_MARK = "@step"  # a pool of G at step N names its model "{model}@stepN" (the report's generator family)
 
@@ -26,7 +25,7 @@ class GenerateConfig:
 
     model: str = setting("", "hub id, pipeline folder or generator artifact (DDPM or SN-GAN); empty: the "
                              "dataset's default")
-    dataset: str = setting("cifar10", "the dataset the pool is for (its image size)", choices=names.DATASET_NAMES)
+    dataset: str = setting("cifar10", "the dataset the pool is for (its image size)", choices=DATASETS)
     num: int = setting(50000, "images in the pool", lo=1)
     scheduler: str = setting("ddim", "diffusion sampler (an SN-GAN ignores it)", choices=SCHEDULERS)
     steps: str = setting("auto", "sampler steps: a positive integer, or auto (ddpm: all training timesteps, "
@@ -64,7 +63,7 @@ class GenerateConfig:
             raise KDError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
 
     def model_ref(self) -> str:
-        return self.model or DEFAULT_MODELS[self.dataset]
+        return self.model or dataset_spec(self.dataset).generator_model()
 
     def source_name(self) -> str:
         return self.source or source_name(self.model_ref()) + (f"-step{self.step}" if self.step else "")
@@ -91,7 +90,7 @@ class GeneratorTrainConfig:
 
     generator: str = setting("ddpm", "ddpm: an unconditional diffusion model | sngan: the paper's SN-GAN",
                              choices=GENERATORS)
-    dataset: str = setting("digits", "training data", choices=names.DATASET_NAMES)
+    dataset: str = setting("digits", "training data", choices=DATASETS)
     preset: str = setting("", "recipe: ddpm digits | cifar10 | cifar100, sngan gnosis | miyato | digits; empty: "
                               "the dataset's name (ddpm), gnosis on CIFAR (sngan)")
     epochs: int = setting(0, "DDPM: passes over the data; 0: the preset's", lo=0, hi=1_000_000)
@@ -139,7 +138,7 @@ class GeneratorTrainConfig:
 
     def default_preset(self) -> str:
         """The recipe of an empty ``--preset`` (a dataset variant such as digits-hard takes its family's)."""
-        return default_preset(self.generator, names.DATASET_FAMILY.get(self.dataset, self.dataset))
+        return default_preset(self.generator, dataset_spec(self.dataset).recipes)
 
     def snapshot_steps(self) -> tuple[int, ...]:
         """The G steps at which the SN-GAN trainer exports snapshots: ``--snapshots``, else the preset's."""

@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 from kd import faults
-from kd.data import DATASETS, load_dataset
+from kd.data import load_dataset
+from kd.datasets import DATASETS
 from kd.errors import KDError, one_line
 from kd.io import load_tensors, read_json, remove_stale_temps, save_tensors, sha256_file, write_json
 from kd.pools import POOL_FILE
