@@ -13,8 +13,9 @@ needs (teachers, pool, cache, objective, publishing) is kd.student, which packed
 """
 
 from kd import names, student
-from kd.config import DistillConfig, parse_flags
+from kd.config import DistillConfig
 from kd.errors import cli
+from kd.flags import parse_flags
 from kd.session import Session
 
 
@@ -22,17 +23,18 @@ def main(argv=None) -> None:
     with cli():
         cfg = parse_flags(DistillConfig, argv)
         session = Session(cfg, job=names.STUDENT)
-        if session.already_finished("student"):
+        if session.already_finished():
             return
         with session.tracked():
             from kd.data import load_dataset
-            from kd.models import build_model
+            from kd.models import build_model, to_device
+            from kd.optim import optimizer
 
             data = load_dataset(cfg.dataset, cfg.data_dir, session.device)
-            model = build_model(cfg.arch, data.spec.num_classes)
-            session.check_outputs_for(model, data)
+            model = to_device(build_model(cfg.arch, data.spec.num_classes), session.device, cfg.channels_last)
+            session.check_outputs(student.room(cfg, data, model))
             objective, extra = student.prepare(cfg, session, data, model)
-            history = session.fit(model, objective)
+            history = session.fit(model, optimizer(model.parameters(), cfg), objective)
             final, path = student.publish(cfg, session, session.model, objective, history, extra)
         student.report(cfg, session, objective, final, path)
 

@@ -9,40 +9,41 @@ Every setting is a --key=value flag (python train.py --help). Killed, the same c
 """
 
 from kd import names
-from kd.config import TrainConfig, parse_flags
+from kd.config import TrainConfig
 from kd.errors import cli
-from kd.session import Session
+from kd.flags import parse_flags
+from kd.session import Session, room_needed
 
 
 def main(argv=None) -> None:
     with cli():
         cfg = parse_flags(TrainConfig, argv)
         session = Session(cfg, job=names.TEACHER)
-        if session.already_finished("teacher"):
+        if session.already_finished():
             return
         with session.tracked():
             from kd.data import load_dataset
-            from kd.models import build_model, count_params
+            from kd.models import build_model, count_params, to_device
             from kd.objectives import Supervised
+            from kd.optim import optimizer
 
             data = load_dataset(cfg.dataset, cfg.data_dir, session.device)
-            model = build_model(cfg.arch, data.spec.num_classes)
-            session.check_outputs_for(model)
-            acc = session.accelerator
-            objective = Supervised(data, cfg.batch_size, cfg.seed, acc.process_index, acc.num_processes)
+            model = to_device(build_model(cfg.arch, data.spec.num_classes), session.device, cfg.channels_last)
+            session.check_outputs(room_needed(count_params(model)))
+            objective = Supervised.from_config(cfg, data, session.accelerator)
             session.start_tracking({"n_params": count_params(model), "n_train": data.n_train})
-            history = session.fit(model, objective)
+            history = session.fit(model, optimizer(model.parameters(), cfg), objective)
             final = history[-1]
-            name = cfg.run_name()
             meta = {"kind": names.TEACHER, "arch": cfg.arch, "dataset": cfg.dataset, "seed": cfg.seed,
                     "num_classes": data.spec.num_classes, "test_acc": final[names.TEST_ACC],
-                    "epochs": cfg.epochs, "run_id": session.run_id, "study": cfg.study, "config": session.config()}
-            path = session.publish(session.model, name, "model", meta)
+                    "epochs": cfg.epochs, "run_id": session.tracker.run_id, "study": cfg.study,
+                    "config": session.config()}
+            path = session.publish_weights(session.model, cfg.run_name(), "model", meta)
             session.finish({**final, names.FINAL: True})
         if session.main:
             print(f"teacher test accuracy {final[names.TEST_ACC]:.4f}")
-            print(session.where())
-            print(f"teacher artifact {name}: {path}")
+            print(session.tracker.where())
+            print(f"teacher artifact {cfg.run_name()}: {path}")
 
 
 if __name__ == "__main__":

@@ -68,7 +68,7 @@ def publish(name: str, type: str, files: list[str | Path], metadata: dict, run=N
     run_id = getattr(run, "id", None)
     if run_id:
         aliases.append(run_id)
-    same = _same_as_newest(folder, versions, type, files, metadata)
+    same = _same_as_newest(folder, versions, type, files, metadata, run_id)
     if same is not None:  # a publish cut off after its version folder appeared: that version, not a copy of it
         version = same
     else:
@@ -100,18 +100,10 @@ def publish(name: str, type: str, files: list[str | Path], metadata: dict, run=N
     return folder / version
 
 
-def held(name: str, type: str, files: list, metadata: dict, store=None) -> Path | None:
-    """The version ``latest`` names when it holds exactly these files, type and metadata, else None (a version
-    whose publish was cut off before ``latest.json`` does not count: publishing again finishes it)."""
-    latest = local_versions(name, store)
-    if latest is None or not latest.name[1:].isdigit():
-        return None
-    same = _same_as_newest(latest.parent, [int(latest.name[1:])], type, files, metadata)
-    return None if same is None else latest
-
-
-def _same_as_newest(folder: Path, versions: list[int], type: str, files, metadata: dict) -> str | None:
-    """The newest version if it holds exactly these files, type and metadata (so a rerun adds no copy)."""
+def _same_as_newest(folder: Path, versions: list[int], type: str, files, metadata: dict,
+                    run_id: str | None = None) -> str | None:
+    """The newest version if this run (``run_id``) published it with exactly these files, type and metadata (so a
+    rerun adds no copy); another run's identical output is a version of its own (each run's lineage)."""
     if not versions:
         return None
     newest = folder / f"v{max(versions)}"
@@ -121,7 +113,8 @@ def _same_as_newest(folder: Path, versions: list[int], type: str, files, metadat
         return None
     hashes = {Path(f).name: sha256_file(f) for f in files}
     plain = json.loads(json.dumps(metadata, sort_keys=True, default=str))  # as write_json stored it
-    if manifest.get("type") == type and manifest.get("files") == hashes and manifest.get("metadata") == plain:
+    if manifest.get("type") == type and manifest.get("files") == hashes and manifest.get("metadata") == plain \
+            and manifest.get("run_id") == run_id:
         return newest.name
     return None
 

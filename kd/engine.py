@@ -28,7 +28,9 @@ import torch
 from tqdm.auto import tqdm
 
 from kd import faults, names
+from kd.checkpoint import state_tensors
 from kd.errors import Interrupted, KDError, stop_requests
+from kd.optim import lr_at
 from kd.steppers import Stepper
 
 CHECK_EVERY = 25  # steps between checks that the loss is finite (a host sync)
@@ -53,16 +55,11 @@ class Objective(Protocol):
         """Clean test-set metrics."""
 
 
-def cosine_lr(epoch: int, epochs: int, lr: float, eta_min: float) -> float:
-    """Cosine annealing stepped once per epoch (epoch is 0-based): lr at epoch 0, eta_min after the last."""
-    return eta_min + (lr - eta_min) * (1 + math.cos(math.pi * epoch / epochs)) / 2
-
-
 @dataclass
 class Member:
     """One run in the loop, at (epoch, step) with the sums of its epoch so far and its per-epoch rows."""
 
-    session: object  # kd.session.Session: cfg, accelerator, save_checkpoint, log
+    session: object  # kd.session.Session: cfg, accelerator, tracker, save_checkpoint
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     objective: Objective
@@ -81,9 +78,14 @@ class Member:
         return self.epoch, self.step
 
     def checkpoint(self, last: bool = False) -> None:
-        """``last``: the run stops here (a stop signal, or its final epoch), so the checkpoint is mirrored too."""
-        self.session.save_checkpoint(self.model, self.optimizer, self.epoch, self.step, floats(self.sums),
-                                     self.history, last=last)
+        """Model, optimizer and position; ``last``: the run stops here (a stop signal, or its final epoch), so the
+        checkpoint is mirrored too."""
+        session = self.session
+        if not session.main:
+            return
+        tensors, info = state_tensors(session.accelerator.unwrap_model(self.model), self.optimizer)
+        session.save_checkpoint(tensors, {**info, "epoch": self.epoch, "step": self.step, "sums": floats(self.sums),
+                                          "history": self.history}, last=last)
 
 
 def looped(group: list[Member]) -> Stepper:
@@ -115,7 +117,7 @@ def train_segment(group: list[Member], epoch: int, start: int, stop: int, steppe
                   bar) -> None:
     """Steps ``start`` to ``stop`` of ``epoch`` for every member of ``group`` (all at (epoch, start))."""
     cfg, acc = group[0].cfg, group[0].session.accelerator
-    lr = cosine_lr(epoch, cfg.epochs, cfg.lr, cfg.eta_min)
+    lr = lr_at(epoch, cfg)
     stepper.set_lr(lr)
     stepper.train()
     streams = [m.objective.batches(epoch, start) for m in group]
@@ -162,7 +164,7 @@ def end_epoch(m: Member, epoch: int, lr: float, img_per_s: float, bar) -> None:
     m.epoch, m.step, m.sums = epoch + 1, 0, {}
     m.checkpoint(last=m.epoch == cfg.epochs)
     faults.point("epoch-saved")
-    m.session.log(row, step=epoch + 1)
+    m.session.tracker.log(row, step=epoch + 1)
     faults.point("epoch-logged")
     if m.session.main:
         shown = {k: round(v, 4) for k, v in row.items() if k.startswith("test/")}

@@ -128,7 +128,7 @@ WEIGHTS_META = Shape("weights metadata (sha256, file, arch, dataset, num_classes
                      fix="publish the weights again")
 RUN_ID = Shape('a run id {"run_id": "..."}', {"run_id": str}, fix="delete it (or pass --resume=False)")
 DONE = Shape("a finished run's marker (run_id, summary)", {"run_id": str},
-             {"summary": dict, "artifact": str, "store_path": str, "wandb": str},
+             {"summary": dict, "artifact": str, "store_path": str, "wandb": str, "fingerprint": str},
              fix="delete it to train the run (or pass --resume=False)")
 POOL = Shape("pool metadata (sha256, count, dataset)", {"sha256": str},
              {"count": int, "dataset": str, "num_classes": int, "model": str, "fid": (float, int, _NONE)},

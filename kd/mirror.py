@@ -40,8 +40,10 @@ def publish(run_dir: Path, tensors: Path, pointer: Path, info: dict, run=None, s
     return where
 
 
-def fetch(run_dir: Path, pointer_name: str, mode: str, project: str, store=None) -> Path | None:
-    """Copy the mirrored checkpoint of ``run_dir`` into it (when there is one); returns where it came from."""
+def fetch(run_dir: Path, pointer: Path, mode: str, project: str, store=None) -> Path | None:
+    """Copy the mirrored checkpoint of ``run_dir`` into the folder of its ``pointer`` file (when there is one);
+    returns where it came from."""
+    pointer_name = Path(pointer).name
     name = artifact_name(run_dir)
     if mode == "online":
         source = _download(name, project, store)
@@ -55,9 +57,10 @@ def fetch(run_dir: Path, pointer_name: str, mode: str, project: str, store=None)
     # when the checkpoint is loaded)
     if pointer_name not in files:
         raise KDError(f"the mirrored checkpoint {source} holds no {pointer_name}: delete it, or pass --resume=False")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    into = Path(pointer).parent
+    into.mkdir(parents=True, exist_ok=True)
     for fname in files:
-        with atomic_write(run_dir / fname) as out, open(source / fname, "rb") as src:
+        with atomic_write(into / fname) as out, open(source / fname, "rb") as src:
             shutil.copyfileobj(src, out)
     return source
 

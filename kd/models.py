@@ -11,15 +11,43 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, stack_module_state
 
-from kd.config import check_arch
 from kd.errors import KDError
-from kd.names import PRERESNET, valid_preresnet_depth
+
+PRERESNET = re.compile(r"^preresnet(\d+)$")
+
+
+def check_depth(depth: int) -> None:
+    """The one depth rule: bottleneck blocks from depth 44 ((depth - 2) % 9 == 0, up to 1001), basic blocks
+    below ((depth - 2) % 6 == 0, from 8)."""
+    ok = depth <= 1001 and (depth - 2) % 9 == 0 if depth >= 44 else depth >= 8 and (depth - 2) % 6 == 0
+    if not ok:
+        raise KDError(f"invalid PreResNet depth {depth}: use depth = 6n+2 below 44 (8, 14, 20, 26, 32, 38) "
+                      "or 9n+2 from 44 to 1001 (47, 56, 65, ..., 110)")
+
+
+def check_arch(arch: str) -> None:
+    """``preresnet{depth}`` with a valid depth, or ``timm:{name}`` of a model timm knows."""
+    m = PRERESNET.match(arch)
+    if m:
+        try:
+            check_depth(int(m.group(1)))
+        except KDError as e:
+            raise KDError(f"invalid depth in {arch!r}: {str(e).split(': ', 1)[1]}") from None
+        return
+    if arch.startswith("timm:"):
+        import timm
+
+        if arch[5:] not in timm.list_models():
+            raise KDError(f"unknown timm model {arch[5:]!r}: see timm.list_models() for the names")
+        return
+    raise KDError(f"unknown arch {arch!r}: use preresnet{{depth}} (e.g. preresnet56) or timm:{{name}}")
 
 
 class BasicBlock(nn.Module):
@@ -68,8 +96,7 @@ def _shortcut(inplanes: int, outplanes: int, stride: int):
 class PreResNet(nn.Module):
     def __init__(self, depth: int, num_classes: int):
         super().__init__()
-        if not valid_preresnet_depth(depth):
-            raise KDError(f"invalid PreResNet depth {depth}")
+        check_depth(depth)
         block = Bottleneck if depth >= 44 else BasicBlock
         n = (depth - 2) // (9 if depth >= 44 else 6)
         self.inplanes = 16
@@ -184,6 +211,12 @@ class Ensemble(nn.Module):
     def _apply(self, fn, recurse=True):  # .to(device) invalidates the stacked copy
         self._stack = None
         return super()._apply(fn, recurse)
+
+
+def to_device(model: nn.Module, device, channels_last: bool = True) -> nn.Module:
+    """The model on ``device``, in NHWC memory format where ``channels_last`` (faster convolutions on GPUs)."""
+    model = model.to(device)
+    return model.to(memory_format=torch.channels_last) if channels_last else model
 
 
 def count_params(model: nn.Module) -> int:

@@ -42,12 +42,17 @@ SYNTHETIC_FID = "synthetic_fid"  # the pool's FID (a float; absent or None when 
 
 
 # ---- artifact names
+def arch_slug(arch: str) -> str:
+    """An architecture as a name part: ``timm:resnet18`` -> ``timm-resnet18`` (no ':' in artifact names)."""
+    return arch.replace(":", "-")
+
+
 def teacher_artifact(dataset: str, arch: str, seed: int) -> str:
-    return f"teacher-{dataset}-{arch}-s{seed}"
+    return f"teacher-{dataset}-{arch_slug(arch)}-s{seed}"
 
 
 def teacher_prefix(dataset: str, arch: str) -> str:
-    return f"teacher-{dataset}-{arch}-s"
+    return f"teacher-{dataset}-{arch_slug(arch)}-s"
 
 
 TEACHER_SEED = re.compile(r"-s(\d+)$")
@@ -62,13 +67,3 @@ def generator_artifact(dataset: str, generator: str = "ddpm") -> str:
     ``generator-{dataset}-{generator}`` for any other generator."""
     return f"generator-{dataset}" if generator == "ddpm" else f"generator-{dataset}-{generator}"
 
-
-# ---- architectures: preresnet{depth} or timm:{name}
-PRERESNET = re.compile(r"^preresnet(\d+)$")
-
-
-def valid_preresnet_depth(depth: int) -> bool:
-    """Bottleneck blocks from depth 44 ((depth - 2) % 9 == 0), basic blocks below ((depth - 2) % 6 == 0)."""
-    if depth >= 44:
-        return depth <= 1001 and (depth - 2) % 9 == 0
-    return depth >= 8 and (depth - 2) % 6 == 0

@@ -19,8 +19,15 @@ import torch.nn.functional as F
 
 from kd import names
 from kd.data import Data, apply_views, epoch_generator, rank_part, sample_views, split_batch, step_batches
-from kd.losses import kd_loss
+from kd.losses import LOSSES
 from kd.metrics import accuracy, agreement, ece, predictive_kl
+
+
+def parallel(acc) -> tuple:
+    """(autocast, rank, world) of an Accelerator, or of one plain process when ``acc`` is None."""
+    if acc is None:
+        return contextlib.nullcontext, 0, 1
+    return acc.autocast, acc.process_index, acc.num_processes
 
 
 @torch.no_grad()
@@ -61,6 +68,11 @@ class Supervised(Epochs):
         super().__init__(data, seed, rank, world)
         self.batch_size = batch_size
 
+    @classmethod
+    def from_config(cls, cfg, data: Data, acc=None) -> Supervised:
+        _, rank, world = parallel(acc)
+        return cls(data, cfg.batch_size, cfg.run_seed, rank, world)
+
     def steps(self, epoch: int) -> int:
         return -(-self.data.n_train // self.batch_size)
 
@@ -83,18 +95,19 @@ class Supervised(Epochs):
 
 
 class Distill(Epochs):
-    """A student fits its (ensemble) teacher's outputs on real and synthetic images (Eq. 1, no label term)."""
+    """A student fits its (ensemble) teacher's outputs on real and synthetic images with the loss ``cfg.loss``
+    (:data:`kd.losses.LOSSES`; the paper's Eq. 1 by default), at the run's batch size, temperature and seed."""
 
-    def __init__(self, data: Data, ensemble, batch_size: int, temperature: float, seed: int,
-                 synthetic: torch.Tensor | None = None, cache: torch.Tensor | None = None,
-                 autocast=None, rank: int = 0, world: int = 1):
-        super().__init__(data, seed, rank, world)
-        self.ensemble, self.temperature, self.batch_size = ensemble, temperature, batch_size
-        self.autocast = autocast or contextlib.nullcontext
+    def __init__(self, cfg, data: Data, ensemble, synthetic: torch.Tensor | None = None,
+                 cache: torch.Tensor | None = None, acc=None):
+        self.autocast, rank, world = parallel(acc)
+        super().__init__(data, cfg.run_seed, rank, world)
+        self.cfg, self.ensemble, self.batch_size = cfg, ensemble, cfg.batch_size
+        self.loss_fn = LOSSES[cfg.loss]
         self.cache = cache
         self.syn = synthetic.to(data.train_x.device) if synthetic is not None and len(synthetic) else None
         self.n_syn = 0 if self.syn is None else self.syn.shape[0]
-        self.real_b, self.syn_b = split_batch(batch_size, data.n_train, self.n_syn)
+        self.real_b, self.syn_b = split_batch(self.batch_size, data.n_train, self.n_syn)
         # synthetic images are labelled once, clean, in eval mode
         self.syn_targets = self.teacher_clean(self.syn) if self.syn is not None else None
         self.test_teacher = self.teacher_clean(data.test_x)
@@ -124,10 +137,11 @@ class Distill(Epochs):
         for s in range(start, self.steps(epoch)):
             idx = real[s]
             sidx = rank_part(syn_perm[s * self.syn_b:(s + 1) * self.syn_b], self.rank, self.world)
-            x = self.images(idx, views)
+            x, y = self.images(idx, views), self.data.train_y[idx]
             if len(sidx):
                 x = torch.cat([x, apply_views(self.syn[sidx], None, self.data.spec)])
-            yield {"x": x, "target": self.targets(x, idx, views[idx], sidx)}
+                y = torch.cat([y, y.new_full((len(sidx),), -1)])  # a generator's images have no label
+            yield {"x": x, "y": y, "target": self.targets(x, idx, views[idx], sidx)}
 
     @torch.no_grad()
     def targets(self, x, idx, views, sidx) -> torch.Tensor:
@@ -141,7 +155,7 @@ class Distill(Epochs):
 
     def loss(self, logits, batch):
         t = batch["target"]
-        loss = kd_loss(logits, t, self.temperature)
+        loss = self.loss_fn(logits, batch, self.cfg)
         n = t.shape[0]
         agree = (logits.detach().argmax(-1) == t.argmax(-1)).sum()
         return loss, {"loss": loss.detach() * n, "n": n, "agree": agree}

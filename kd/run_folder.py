@@ -27,8 +27,8 @@ import sys
 from pathlib import Path
 
 from kd.checkpoint import Checkpoints
-from kd.config import fingerprint
 from kd.errors import AlreadyDone, KDError
+from kd.flags import fingerprint
 from kd.io import DONE, MANIFEST, RUN_ID, check_name_lengths, read_json, write_json
 from kd.wandb_runs import new_run_id
 
@@ -71,11 +71,13 @@ class RunFolder:
     # ----------------------------------------------------------------------------------------- resume
     @property
     def finished(self) -> bool:
+        """``done.json`` is there, it is this run's (:meth:`done_info`), and it was written for this identity (a
+        folder named by its config, a generator's or a pool's, may be reused for another configuration)."""
         done = self.path / DONE_FILE
         if not (done.exists() or done.is_symlink()):
             return False
-        self.done_info()  # a marker of another run (or of no run) is refused, never taken as "finished"
-        return True
+        info = self.done_info()  # a marker of another run (or of no run) is refused, never taken as "finished"
+        return info.get("fingerprint", self.fingerprint) == self.fingerprint
 
     def done_info(self) -> dict:
         """``done.json``, refused unless it is this run's: its run id is the one ``run.json`` records, and the one
@@ -228,5 +230,5 @@ class RunFolder:
 
     def mark_done(self, info: dict) -> None:
         if self.main:
-            write_json(self.path / DONE_FILE, info)
+            write_json(self.path / DONE_FILE, {**info, "fingerprint": self.fingerprint})
             self.release()

@@ -23,7 +23,7 @@ def synthetic_images(cfg, data, session):
     for a real-data-only run."""
     if not cfg.synthetic_ratio:
         return None, {}
-    file = session.main_first(lambda: str(pool_file(cfg.synthetic_pool, cfg.store, session.run)))
+    file = session.main_first(lambda: str(pool_file(cfg.synthetic_pool, cfg.store, session.tracker.run)))
     images, meta = load_pool(file, store=cfg.store)
     classes = meta.get("num_classes", data.spec.num_classes)
     if meta.get("dataset") != cfg.dataset or classes != data.spec.num_classes:
@@ -45,6 +45,18 @@ def synthetic_images(cfg, data, session):
                         names.SYNTHETIC_SOURCE: meta.get("model", ""), names.SYNTHETIC_FID: meta.get("fid")}
 
 
+def room(cfg, data, model) -> int:
+    """The disk a student needs at its largest moment (:func:`kd.session.room_needed`), its teachers' cache files
+    (float32 at most, one per member) included."""
+    from kd.models import count_params
+    from kd.session import room_needed
+    from kd.teacher_cache import cache_bytes
+
+    members = len(cfg.teacher_names()) or cfg.ensemble_size
+    cache = members * cache_bytes(data, data.spec.num_classes, torch.float32) if cfg.teacher_cache else 0
+    return room_needed(count_params(model), cache)
+
+
 def inputs(cfg, session, data):
     """Teachers and pool (checked against a resumed run's), and the config keys they add."""
     from kd.teachers import choose_teachers, load_teachers, resolve_teachers, study_alias
@@ -54,7 +66,7 @@ def inputs(cfg, session, data):
             f"--synthetic_ratio={cfg.synthetic_ratio} needs --synthetic_pool=FILE_OR_ARTIFACT: make one with "
             f"`python -m kd.synthetic generate --dataset={cfg.dataset} --num=N` (see README, synthetic data)"
         )
-    run, alias = session.run, study_alias(cfg)
+    run, alias = session.tracker.run, study_alias(cfg)
     teachers = session.main_first(lambda: choose_teachers(cfg, run))
     folders = session.main_first(lambda: resolve_teachers(teachers, alias, run, cfg.store))
     members, metas = load_teachers(teachers, folders, data, device=session.device)
@@ -63,7 +75,8 @@ def inputs(cfg, session, data):
         print("teachers: " + ", ".join(versions), flush=True)
     synthetic, syn_info = synthetic_images(cfg, data, session)
     hashes = [m["sha256"] for m in metas]
-    session.check_inputs({"teacher_hashes": hashes, "synthetic_pool_sha256": syn_info.get(names.SYNTHETIC_POOL_SHA)})
+    session.folder.check_inputs({"teacher_hashes": hashes,
+                                 "synthetic_pool_sha256": syn_info.get(names.SYNTHETIC_POOL_SHA)})
     extra = {names.TEACHER_NAMES: teachers, names.TEACHER_HASHES: hashes, names.TEACHER_VERSIONS: versions,
              "n_real": data.n_train, "n_synthetic": 0 if synthetic is None else len(synthetic), **syn_info}
     return members, synthetic, extra
@@ -119,9 +132,7 @@ def prepare(cfg, session, data, model):
         session.start_tracking(extra)
     ensemble = Ensemble(members).to(session.device)
     cache = teacher_targets(cfg, session, ensemble, data, extra[names.TEACHER_HASHES])
-    acc = session.accelerator
-    objective = Distill(data, ensemble, cfg.batch_size, cfg.temperature, cfg.student_seed, synthetic,
-                        cache, acc.autocast, acc.process_index, acc.num_processes)
+    objective = Distill(cfg, data, ensemble, synthetic, cache, session.accelerator)
     if session.ckpt:  # the teacher's accuracy is logged once, with the first evaluation
         objective.teacher_acc_logged = any(names.TEACHER_ACC in r for r in session.ckpt["history"])
     return objective, extra
@@ -133,8 +144,8 @@ def publish(cfg, session, model, objective, history, extra):
     meta = {"kind": names.STUDENT, "arch": cfg.arch, "dataset": cfg.dataset, "seed": cfg.student_seed,
             "num_classes": objective.data.spec.num_classes, "test_acc": final[names.TEST_ACC],
             "test_agreement": final[names.TEST_AGREEMENT], "teachers": extra[names.TEACHER_NAMES],
-            "run_id": session.run_id, "study": cfg.study, "config": session.config()}
-    path = session.publish(model, cfg.run_name(), "model", meta)
+            "run_id": session.tracker.run_id, "study": cfg.study, "config": session.config()}
+    path = session.publish_weights(model, cfg.run_name(), "model", meta)
     session.finish({**final, names.TEACHER_ACC: objective.teacher_acc, names.N_REAL: extra["n_real"],
                     names.N_SYNTHETIC: extra["n_synthetic"], names.FINAL: True})
     return final, path
@@ -145,5 +156,5 @@ def report(cfg, session, objective, final, path) -> None:
         print(f"{cfg.run_name()}: student test acc {final[names.TEST_ACC]:.4f}, agreement "
               f"{final[names.TEST_AGREEMENT]:.4f}, KL {final[names.TEST_KL]:.4f} (teacher acc "
               f"{objective.teacher_acc:.4f})", flush=True)
-        print(session.where(), flush=True)
+        print(session.tracker.where(), flush=True)
         print(f"student artifact {cfg.run_name()}: {path}", flush=True)

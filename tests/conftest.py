@@ -119,6 +119,25 @@ def run_main(script: str, *args: str, cwd: Path, env=None) -> int:
 TINY = ["--dataset=digits", "--arch=preresnet8", "--batch_size=128"]
 
 
+def merged(*argvs: list[str]) -> list[str]:
+    """Flag lists joined, a later ``--key=value`` replacing an earlier one of the same key (the programs refuse a
+    flag given twice); anything else (a bad argument a test means to pass) is kept as it is."""
+    out: list[str] = []
+    for argv in argvs:
+        for arg in argv:
+            key = arg.split("=", 1)[0] if arg.startswith("--") and "=" in arg else None
+            if key is not None:
+                out = [a for a in out if not a.startswith(key + "=")]
+            out.append(arg)
+    return out
+
+
+def tiny(**settings) -> list[str]:
+    """TINY with some of its settings replaced or added (a flag may be given once)."""
+    base = {a[2:].split("=", 1)[0]: a.split("=", 1)[1] for a in TINY}
+    return [f"--{k}={v}" for k, v in {**base, **settings}.items()]
+
+
 @pytest.fixture(scope="session")
 def teachers_dir(tmp_path_factory):
     """Three tiny digits teachers (seeds 0..2), trained once for the whole session (in-process)."""

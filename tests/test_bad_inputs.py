@@ -15,10 +15,11 @@ import yaml
 
 from kd import report, sweep
 from kd.artifacts import publish
-from kd.config import TrainConfig, parse_flags
+from kd.config import TrainConfig
+from kd.flags import parse_flags
 from kd.io import save_weights
 from kd.models import build_model
-from tests.conftest import ROOT, TINY
+from tests.conftest import ROOT, TINY, merged
 
 sys.path.insert(0, str(ROOT))
 import distill  # noqa: E402
@@ -93,7 +94,7 @@ def refused(capsys, folder, entry, argv: list[str], needle: str) -> str:
     (["--study=../escape"], "invalid study"),
 ])
 def test_train_refuses(args, needle, workdir, capsys):
-    refused(capsys, workdir, train.main, [*TINY, *args], needle)
+    refused(capsys, workdir, train.main, merged(TINY, args), needle)
 
 
 @pytest.mark.parametrize("where", ["out_dir", "store", "total"])
@@ -107,7 +108,7 @@ def test_train_refuses_output_paths_before_anything_is_fetched_or_written(where,
     (made / "checkpoint.json").write_text("{}")
     publish(f"checkpoint-{run_dir}", "checkpoint", [made / "checkpoint.json"], {}, store=workdir / "artifacts")
     if where == "out_dir":
-        refused(capsys, workdir, train.main, [*TINY, "--out_dir=notes.txt"], "--out_dir")
+        refused(capsys, workdir, train.main, [*TINY, "--out_dir=notes.txt"], "cannot be a folder")
     elif where == "store":
         monkeypatch.setenv("KD_STORE", str(workdir / ("s" * 300)))
         refused(capsys, workdir, train.main, [*TINY, "--out_dir=fresh"], "over the file system's limit of")
@@ -191,7 +192,7 @@ def store(workdir):
     (["--teachers=teacher-cifar10-preresnet8-s0"], "trained on cifar10"),
 ])
 def test_distill_refuses(args, needle, store, workdir, capsys):
-    refused(capsys, workdir, distill.main, [*TINY, *args], needle)
+    refused(capsys, workdir, distill.main, merged(TINY, args), needle)
 
 
 def test_distill_refuses_a_pool_of_the_wrong_shape_or_too_small(store, workdir, capsys):

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from kd import teacher_cache as kt
+from kd.config import DistillConfig
 from kd.data import Data, apply_views, load_dataset, num_views
 from kd.datasets import DATASETS
 from kd.errors import KDError
@@ -165,7 +166,7 @@ def test_student_same_trajectory_with_and_without_cache():
     student = build_model("preresnet8", 10)
     runs = {}
     for name, c in (("cache", cache), ("teachers", None)):
-        obj = Distill(data, ens, batch_size=128, temperature=4.0, seed=2, synthetic=synthetic, cache=c)
+        obj = Distill(DistillConfig(batch_size=128, temperature=4.0, seed=2), data, ens, synthetic, cache=c)
         assert obj.syn_b > 0  # mixed real + synthetic batches
         net = copy.deepcopy(student).train()
         runs[name] = (*sgd_steps(obj, net, steps=4), net)

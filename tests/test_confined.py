@@ -20,7 +20,7 @@ import torch
 from kd.artifacts import publish
 from kd.io import save_tensors, save_weights, sha256_file, write_json
 from kd.models import build_model
-from tests.conftest import ROOT, TINY, offline_env
+from tests.conftest import ROOT, TINY, merged, offline_env
 from tests.test_bad_inputs import refused
 
 sys.path.insert(0, str(ROOT))
@@ -66,7 +66,7 @@ def replant(version: Path, fname: str, data: bytes) -> None:
 def test_a_pointer_out_of_its_artifact_is_refused(pointer, version, needle, store, workdir, capsys):
     (store / S0 / pointer).write_text(json.dumps({"version": version}))
     study = ["--study=demo"] if pointer != "latest.json" else []
-    refused(capsys, workdir, distill.main, [*TINY, *study], needle)
+    refused(capsys, workdir, distill.main, merged(TINY, study), needle)
 
 
 def test_a_version_folder_that_links_to_another_teacher_is_refused(store, workdir, capsys):
@@ -137,7 +137,7 @@ def plant(path: Path, data: bytes | None) -> None:
 def test_a_store_pointer_of_the_wrong_shape_is_refused(pointer, data, needle, store, workdir, capsys):
     plant(store / S0 / pointer, data)
     study = ["--study=demo"] if pointer != "latest.json" else []
-    line = refused(capsys, workdir, distill.main, [*TINY, *study], needle)
+    line = refused(capsys, workdir, distill.main, merged(TINY, study), needle)
     assert pointer in line and 'it should hold a store pointer {"version": "vN"}' in line
 
 
@@ -209,7 +209,8 @@ RUN = [*TINY, "--epochs=1", "--seed=5"]
 
 
 def run_dir(argv) -> Path:
-    from kd.config import TrainConfig, parse_flags
+    from kd.config import TrainConfig
+    from kd.flags import parse_flags
 
     cfg = parse_flags(TrainConfig, argv)
     return Path(cfg.out_dir) / f"{cfg.run_name()}-{cfg.fingerprint()}"
@@ -253,14 +254,14 @@ def test_names_with_control_characters_are_refused(flag, workdir, capsys):
 
 # ------------------------------------------------------------------------------------------------ one run, once
 def test_the_repositorys_figure_1_specs_pack_each_run_once():
-    from kd.sweep.pack import grid_configs, plan, run_folder
+    from kd.sweep.pack import grid_configs, plan
     from kd.sweep.spec import load_spec
 
     for spec, runs in (("sweeps/cifar10/self_distill.yaml", 27), ("sweeps/cifar10/ensemble_distill.yaml", 27),
                        ("sweeps/demo-generators/self_distill.yaml", None)):
         configs = grid_configs(load_spec(str(ROOT / spec)))
-        packed = [run_folder(cfg) for pack in plan(configs, 4) for cfg in pack]
-        assert len(packed) == len(set(packed)) == len({run_folder(cfg) for cfg in configs}), spec
+        packed = [cfg.run_dir() for pack in plan(configs, 4) for cfg in pack]
+        assert len(packed) == len(set(packed)) == len({cfg.run_dir() for cfg in configs}), spec
         assert runs is None or len(packed) == runs, (spec, len(packed))
         assert len(configs) > len(packed), spec  # the grid does list a real-only run twice
 

@@ -101,7 +101,8 @@ def test_distill_end_to_end_with_ensemble_and_synthetic_pool(tmp_path, teachers_
     # the stored W&B config (synthetic_fid, teacher names and versions among it) comes back as flags and parses
     from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
 
-    from kd.config import DistillConfig, parse_flags
+    from kd.config import DistillConfig
+    from kd.flags import parse_flags
     from kd.wandb_runs import inspect_summary
 
     stored = inspect_summary(folder)["config"]

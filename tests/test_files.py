@@ -140,7 +140,8 @@ def test_damaged_checkpoint_is_refused_not_restarted(how, unfinished_run, workdi
 
 def test_run_id_survives_a_kill_before_the_first_checkpoint(workdir, monkeypatch):
     """run.json keeps the W&B run id from the start, so a rerun continues the same W&B run (bug: a new id)."""
-    from kd.config import TrainConfig, parse_flags
+    from kd.config import TrainConfig
+    from kd.flags import parse_flags
     from kd.session import Session
 
     monkeypatch.setenv("WANDB_MODE", "disabled")
@@ -148,10 +149,10 @@ def test_run_id_survives_a_kill_before_the_first_checkpoint(workdir, monkeypatch
     first.start_tracking()
     again = Session(parse_flags(TrainConfig, RUN), job="teacher")  # no checkpoint yet
     again.start_tracking()
-    assert again.run_id == first.run_id and not again.ckpt
+    assert again.tracker.run_id == first.tracker.run_id and not again.ckpt
     over = Session(parse_flags(TrainConfig, [*RUN, "--resume=False"]), job="teacher")
     over.start_tracking()
-    assert over.run_id != first.run_id  # starting over is a new W&B run
+    assert over.tracker.run_id != first.tracker.run_id  # starting over is a new W&B run
 
 
 def test_damaged_checkpoint_pointer_is_refused(unfinished_run, workdir, capsys):

@@ -19,9 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from kd.config import DistillConfig, TrainConfig, parse_flags
+from kd.config import DistillConfig, TrainConfig
+from kd.flags import parse_flags
 from kd.wandb_runs import inspect_summary, offline_folders
-from tests.conftest import ROOT, TINY, offline_env
+from tests.conftest import ROOT, TINY, offline_env, tiny
 
 pytestmark = pytest.mark.slow  # several processes each: minutes on two cores (make chaos runs them)
 
@@ -107,7 +108,7 @@ def workers_of(folder: Path) -> list[int]:
 
 
 def start_launcher(folder: Path) -> subprocess.Popen:
-    args = [str(ROOT / "train.py"), *TINY, "--batch_size=16", "--epochs=50", f"--out_dir={folder / 'runs'}"]
+    args = [str(ROOT / "train.py"), *tiny(batch_size=16), "--epochs=50", f"--out_dir={folder / 'runs'}"]
     return subprocess.Popen([sys.executable, "-m", "kd.sweep.launch", *args], cwd=folder,
                             env=env_for(folder, KD_NUM_PROCESSES="2", OMP_NUM_THREADS="1"),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

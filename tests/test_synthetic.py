@@ -134,7 +134,8 @@ def test_interrupted_generation_resumes_bit_identical(tiny8, tmp_path):
     assert not list(shards.glob(".*.tmp"))
 
     (shards / "shard-00001.safetensors").write_bytes(b"garbage")  # a corrupt shard is made again
-    again = syn.generate(_cfg(tiny8, num=10, batch_size=2, out="cut"))
+    assert syn.generate(_cfg(tiny8, num=10, batch_size=2, out="cut")) == resumed  # "already finished"
+    again = syn.generate(_cfg(tiny8, num=10, batch_size=2, out="cut", resume="False"))
     assert sha256_file(again) == sha256_file(full)
 
     prefix = syn.generate(_cfg(tiny8, num=6, batch_size=2, out="small"))  # a smaller pool is a prefix
@@ -214,7 +215,7 @@ def test_train_two_steps_then_resume_then_generate(tmp_path, capsys, fresh_accel
     # each job's stored W&B config comes back as flags (as `wandb agent` passes it on resume) and parses
     from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
 
-    from kd.config import parse_flags
+    from kd.flags import parse_flags
     from kd.wandb_runs import inspect_summary, offline_folders
 
     jobs = {}

@@ -3,10 +3,10 @@ import json
 import pytest
 import torch
 
-from kd.engine import cosine_lr
 from kd.io import load_weights, sha256_file
+from kd.optim import cosine_lr
 from kd.wandb_runs import leet_records
-from tests.conftest import TINY, run_script
+from tests.conftest import TINY, run_script, tiny
 
 
 def history_steps(wandb_dir):
@@ -41,7 +41,7 @@ def test_train_publishes_verified_teacher_and_offline_run(tmp_path):
     assert "already finished" in again.stdout
 
 
-ARGS = [*TINY, "--batch_size=64", "--epochs=4", "--seed=1"]  # 23 steps an epoch
+ARGS = [*tiny(batch_size=64), "--epochs=4", "--seed=1"]  # 23 steps an epoch
 
 
 def test_sigkill_then_resume_same_run_no_duplicate_steps_bitwise_identical(tmp_path):

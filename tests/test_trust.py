@@ -11,10 +11,11 @@ import sys
 
 import pytest
 
-from kd.config import DistillConfig, parse_flags
+from kd.config import DistillConfig
 from kd.errors import KDError
+from kd.flags import parse_flags
 from kd.wandb_runs import leet_records
-from tests.conftest import ROOT, TINY, offline_env, run_main, run_script
+from tests.conftest import ROOT, TINY, merged, offline_env, run_main, run_script, tiny
 
 DEMO = [*TINY, "--epochs=2", "--study=demo"]
 
@@ -47,7 +48,7 @@ def test_an_ad_hoc_teacher_does_not_change_the_studys_students(demo_teachers, tm
     latest = teacher_sha(folder, "teacher-digits-preresnet8-s0")
     assert latest != pinned  # the finding: `latest` moved to the ad-hoc 1-epoch teacher
     env = {"KD_STORE": str(folder / "artifacts"), "WANDB_MODE": "disabled"}
-    assert run_main("distill.py", *DEMO, "--epochs=1", "--teacher_pool=2", cwd=tmp_path, env=env) == 0
+    assert run_main("distill.py", *merged(DEMO, ["--epochs=1", "--teacher_pool=2"]), cwd=tmp_path, env=env) == 0
     assert student_config(tmp_path)["teacher_hashes"] == [pinned]
     # a run outside any study still takes the newest version, as before
     other = tmp_path / "adhoc"
@@ -74,7 +75,7 @@ def test_resume_refuses_a_teacher_republished_between_stop_and_rerun(demo_teache
 
     shutil.copytree(folder / "artifacts", store)
     env = {"KD_STORE": str(store), "WANDB_MODE": "disabled"}
-    args = [*DEMO, "--epochs=3", "--teacher_pool=2", "--batch_size=64"]
+    args = merged(DEMO, ["--epochs=3", "--teacher_pool=2", "--batch_size=64"])
     out = run_script("distill.py", *args, cwd=tmp_path, env={**env, "KD_FAULT": "train-step@30:TERM"}, check=False)
     assert out.returncode == 143, out.stderr[-2000:]
     # the study's teacher s0 is trained again (same study, other hyperparameters): the study alias moves
@@ -96,7 +97,7 @@ def test_a_sigterm_during_set_up_is_a_preemption(demo_teachers, tmp_path):
 
     for teacher in (folder / "artifacts").glob("teacher-*"):  # the teachers only: no cache, no mirrored run
         shutil.copytree(teacher, tmp_path / "store" / teacher.name)
-    args = [*DEMO, "--epochs=1", "--teacher_pool=2"]
+    args = merged(DEMO, ["--epochs=1", "--teacher_pool=2"])
     out = run_script("distill.py", *args, cwd=tmp_path, env={**env, "KD_FAULT": "cache-build@2:TERM"}, check=False)
     assert out.returncode == 143, out.stderr[-2000:]
     message = "interrupted by SIGTERM outside training (nothing to checkpoint); run the same command again"
@@ -109,7 +110,7 @@ def test_a_sigterm_during_set_up_is_a_preemption(demo_teachers, tmp_path):
 
 
 def test_sigint_checkpoints_one_line_exit_130_and_resumes(tmp_path):
-    args = [*TINY, "--batch_size=64", "--epochs=2", "--seed=3"]
+    args = [*tiny(batch_size=64), "--epochs=2", "--seed=3"]
     out = run_script("train.py", *args, cwd=tmp_path, env={"KD_FAULT": "train-step@30:INT"}, check=False)
     assert out.returncode == 130, out.stderr[-2000:]
     lines = [ln for ln in out.stderr.splitlines() if ln.strip() and "%|" not in ln]  # tqdm's bar is not a line

@@ -61,17 +61,19 @@ class Counted:
 
 
 def _objective(spec: dict, data, cache, ens, session, on_first=None):
+    from kd.config import DistillConfig
     from kd.objectives import Distill
 
-    return Counted(Distill(data, ens, spec["batch"], TEMPERATURE, seed=0, cache=cache,
-                           autocast=session.accelerator.autocast), on_first)
+    cfg = DistillConfig(batch_size=spec["batch"], temperature=TEMPERATURE, seed=0)
+    return Counted(Distill(cfg, data, ens, cache=cache, acc=session.accelerator), on_first)
 
 
 def _sigterm(spec: dict, sizes: Sizes, device, data, cache, ens, root: Path) -> dict:
     """Seconds from a SIGTERM sent while the first step compiles to the loop's Interrupted."""
     from kd.bench.loops import engine_cfg
     from kd.errors import Interrupted
-    from kd.models import build_model
+    from kd.models import build_model, to_device
+    from kd.optim import optimizer
     from kd.session import Session
 
     session = Session(engine_cfg(sizes, device, "student", spec["batch"], root / "sigterm", True, 2), job="bench")
@@ -82,11 +84,11 @@ def _sigterm(spec: dict, sizes: Sizes, device, data, cache, ens, root: Path) -> 
         os.kill(os.getpid(), signal.SIGTERM)
 
     objective = _objective(spec, data, cache, ens, session, lambda: threading.Timer(0.2, kill).start())
-    model = build_model(sizes.arch, 100)
+    model = to_device(build_model(sizes.arch, 100), session.device)
     t0 = time.perf_counter()
     try:
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            session.fit(model, objective)
+            session.fit(model, optimizer(model.parameters(), session.cfg), objective)
     except Interrupted:
         stopped = time.perf_counter()
         ckpt = session.folder.checkpoints.load("")

@@ -39,15 +39,16 @@ class Engine:
 
     def round(self) -> float:
         """Images/s: the median of the epochs after the first (the first warms up, or compiles)."""
-        from kd.models import build_model
+        from kd.models import build_model, to_device
+        from kd.optim import optimizer
         from kd.session import Session
 
         session = Session(self.cfg, job=self.job)
         objective = self.make_objective(session)
         torch.manual_seed(0)
-        model = build_model(self.cfg.arch, CLASSES)
+        model = to_device(build_model(self.cfg.arch, CLASSES), session.device)
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            self.history = session.fit(model, objective)
+            self.history = session.fit(model, optimizer(model.parameters(), self.cfg), objective)
         return statistics.median(row["throughput/img_per_s"] for row in self.history[1:])
 
 

@@ -62,6 +62,9 @@ class Students:
     configuration whether it trains plainly or in a pack; each variant builds its own weights)."""
 
     def __init__(self, k_max: int, arch: str, batch: int, n_images: int, device: torch.device):
+        from types import SimpleNamespace
+
+        from kd.config import DistillConfig
         from kd.models import Ensemble
         from kd.objectives import Distill
 
@@ -72,8 +75,9 @@ class Students:
         self.objectives = []
         for i in range(k_max):
             table = torch.randn(n_images, data.num_views, CLASSES, generator=g, device=device).log_softmax(-1)
-            self.objectives.append(Distill(data, ens, batch, TEMPERATURES[i % 2], seed=i, cache=table,
-                                           autocast=lambda: amp(device)))
+            cfg = DistillConfig(batch_size=batch, temperature=TEMPERATURES[i % 2], seed=i)
+            acc = SimpleNamespace(autocast=lambda: amp(device), process_index=0, num_processes=1)
+            self.objectives.append(Distill(cfg, data, ens, cache=table, acc=acc))
 
     def build(self, k: int) -> tuple[list, list, list]:
         """k fresh students: (models, optimizers, batch streams), as distill.py prepares them."""

@@ -59,6 +59,7 @@ def build_cache(b: Bench, members: list, data) -> tuple[torch.Tensor, float, int
 
 
 def distill_m(b: Bench, m: int, data) -> dict:
+    from kd.config import DistillConfig
     from kd.models import Ensemble
     from kd.objectives import Distill, Supervised
 
@@ -68,8 +69,8 @@ def distill_m(b: Bench, m: int, data) -> dict:
     cache, build_s, computed = build_cache(b, members, data)
 
     def distill(table):
-        return lambda session: Distill(data, ens, bs, TEMPERATURE, seed=0, cache=table,
-                                       autocast=session.accelerator.autocast)
+        cfg = DistillConfig(batch_size=bs, temperature=TEMPERATURE, seed=0)
+        return lambda session: Distill(cfg, data, ens, cache=table, acc=session.accelerator)
 
     with_cache = Engine(sizes, device, "student", bs, distill(cache), b.root, b.compile)
     without = Engine(sizes, device, "student", bs, distill(None), b.root, b.compile)

@@ -97,7 +97,7 @@ def check_processes(n: int, why: str) -> None:
 def check_flags(program: str, args: list[str]) -> None:
     """The program's flags, parsed once here as the program would parse them: a bad flag is one line before any
     worker starts, instead of one line per worker and a launcher's failure report."""
-    from kd.config import parse_flags
+    from kd.flags import parse_flags
     from kd.sweep.spec import ENTRY_POINTS
 
     classes = {p.name: cls for p, cls in ENTRY_POINTS.items()}

@@ -4,7 +4,8 @@
 On a GPU a small network at the paper's batch sizes is bound by kernel launches, not arithmetic; the runs of
 a grid differ in seed, teachers and temperature, not in shape, so N of them train as one model whose every
 convolution is one grouped convolution over the members (:mod:`kd.stacking`). Runs share a pack when they
-agree in everything that sets the shape of a step and its learning rate (:data:`PACK_KEYS`); each pack holds
+agree in everything that sets the shape of a step and its learning rate (:func:`kd.flags.pack_keys`: each field of
+:class:`~kd.config.DistillConfig` declares whether pack members may differ in it); each pack holds
 at most ``--pack`` runs.
 
 Each member stays its own ``distill.py`` run, through the functions ``distill.py`` calls (:mod:`kd.student`: teachers,
@@ -31,13 +32,10 @@ import os
 import sys
 
 from kd import names, student
-from kd.config import DistillConfig, parse_flags
+from kd.config import DistillConfig
 from kd.errors import AlreadyDone, ArgumentParser, KDError, cli
+from kd.flags import pack_key, parse_flags
 from kd.sweep.spec import load_spec
-
-# what the members of a pack share: the shape of every step and its learning rate, the data and the device
-PACK_KEYS = ("dataset", "arch", "epochs", "batch_size", "lr", "eta_min", "momentum", "nesterov", "weight_decay",
-             "synthetic_ratio", "synthetic_pool", "mixed_precision", "channels_last", "cpu", "data_dir")
 
 
 def grid_configs(spec) -> list[DistillConfig]:
@@ -53,25 +51,15 @@ def grid_configs(spec) -> list[DistillConfig]:
     return [parse_flags(DistillConfig, create_sweep_command_args({"args": c})["args"]) for c in spec.grid]
 
 
-def pack_key(cfg: DistillConfig) -> tuple:
-    return tuple(getattr(cfg, k) if k != "synthetic_pool" or cfg.synthetic_ratio else "" for k in PACK_KEYS)
-
-
-def run_folder(cfg: DistillConfig) -> str:
-    """The run folder a config trains in (the one rule for "the same run" that distill.py follows: the configs
-    of a grid that differ only in what the run does not depend on, e.g. the pool of a real-only run, share it)."""
-    return f"{cfg.run_name()}-{cfg.fingerprint()}"
-
-
 def plan(configs: list[DistillConfig], size: int) -> list[list[DistillConfig]]:
     """The packs: each run once (the first config of each run folder), grouped by :func:`pack_key` in grid
     order, each group cut into packs of ``size``."""
     groups: dict[tuple, list] = {}
-    seen: set[str] = set()
-    for cfg in configs:
-        if run_folder(cfg) in seen:
+    seen: set = set()
+    for cfg in configs:  # the same run folder is the same run (a real-only config names any pool)
+        if cfg.run_dir() in seen:
             continue
-        seen.add(run_folder(cfg))
+        seen.add(cfg.run_dir())
         groups.setdefault(pack_key(cfg), []).append(cfg)
     return [g[i:i + size] for g in groups.values() for i in range(0, len(g), size)]
 
@@ -93,14 +81,15 @@ def open_member(cfg, session, data, exits: contextlib.ExitStack):
     from its checkpoint if it has one."""
     from accelerate.utils import set_seed
 
-    from kd.models import build_model
+    from kd.models import build_model, to_device
+    from kd.optim import optimizer
 
-    set_seed(cfg.student_seed, device_specific=False)  # the weights distill.py would draw
-    model = build_model(cfg.arch, data.spec.num_classes)
-    session.check_outputs_for(model, data)
+    set_seed(cfg.run_seed, device_specific=False)  # the weights distill.py would draw
+    model = to_device(build_model(cfg.arch, data.spec.num_classes), session.device, cfg.channels_last)
+    session.check_outputs(student.room(cfg, data, model))
     exits.enter_context(session.tracked())
     objective, extra = student.prepare(cfg, session, data, model)
-    return session.member(model, objective, compile=False), extra
+    return session.member(model, optimizer(model.parameters(), cfg), objective, compile=False), extra
 
 
 def stepper(stacked: bool):
@@ -117,7 +106,7 @@ def run_pack(cfgs: list[DistillConfig], stacked: str) -> None:
     from kd.session import Session
 
     sessions = [(cfg, session) for cfg in cfgs
-                if not (session := Session(cfg, job=names.STUDENT)).already_finished("student") and claimed(session)]
+                if not (session := Session(cfg, job=names.STUDENT)).already_finished() and claimed(session)]
     if not sessions:
         return
     acc = sessions[0][1].accelerator

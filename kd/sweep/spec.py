@@ -20,8 +20,9 @@ import platform
 import warnings
 from pathlib import Path
 
-from kd.config import DistillConfig, TrainConfig, parse_flags
+from kd.config import DistillConfig, TrainConfig
 from kd.errors import KDError
+from kd.flags import parse_flags
 from kd.sweep.specfile import read_spec_file
 
 REPO = Path(__file__).resolve().parents[2]

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import sys
 
-from kd.config import parse_flags
 from kd.errors import KDError, cli
+from kd.flags import parse_flags
 from kd.synthetic.config import GenerateConfig, GeneratorTrainConfig
 
 USAGE = """usage: python -m kd.synthetic generate --dataset=D [--model=M] [--num=N] [--scheduler=ddpm|ddim|dpm]

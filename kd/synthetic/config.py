@@ -1,18 +1,20 @@
 """The settings of ``python -m kd.synthetic generate`` and ``train``: dataclasses whose fields declare their
-meaning, allowed values and default once (:func:`kd.config.setting`), so ``--help`` and validation agree.
+meaning, allowed values and default once (:func:`kd.flags.setting`), so ``--help`` and validation agree.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
+from typing import ClassVar
 
 from kd import names
-from kd.config import check_fields, setting
 from kd.datasets import DATASETS, dataset_spec
 from kd.errors import KDError, check_name
-from kd.synthetic.presets import GENERATORS, GanPreset, Preset, default_preset, presets_of
+from kd.flags import check_fields, fingerprint, identity, setting
+from kd.synthetic.families import FAMILIES, family
+from kd.synthetic.presets import GanPreset, Preset
 
 SCHEDULERS = ("ddpm", "ddim", "dpm")
 _SEED_MAX = 2**63 - 1
@@ -26,27 +28,53 @@ class GenerateConfig:
     model: str = setting("", "hub id, pipeline folder or generator artifact (DDPM or SN-GAN); empty: the "
                              "dataset's default")
     dataset: str = setting("cifar10", "the dataset the pool is for (its image size)", choices=DATASETS)
-    num: int = setting(50000, "images in the pool", lo=1)
+    num: int = setting(50000, "images in the pool", lo=1, hi=100_000_000)
     scheduler: str = setting("ddim", "diffusion sampler (an SN-GAN ignores it)", choices=SCHEDULERS)
     steps: str = setting("auto", "sampler steps: a positive integer, or auto (ddpm: all training timesteps, "
                                  "ddim 100, dpm 25)")
     step: int = setting(0, "SN-GAN: sample G as it was at this training step (a snapshot the trainer exported, "
                            "see train --snapshots; the pool's name gets -stepN); 0: the final G", lo=0)
     seed: int = setting(0, "pool seed: image i depends on (seed, i) only", lo=0, hi=_SEED_MAX)
-    batch_size: int = setting(256, "images per forward batch", lo=1)
-    shard_size: int = setting(1024, "images per shard file (the unit of resumption)", lo=1)
+    batch_size: int = setting(256, "images per forward batch", lo=1, hi=65_536)
+    shard_size: int = setting(1024, "images per shard file (the unit of resumption)", lo=1, hi=1_000_000)
     fid: str = setting("auto", "FID/IS against the training images after the pool is made; auto: skip with one "
-                               "line where the Inception weights cannot be had", choices=("auto", "True", "False"))
-    data_dir: str = setting("data", "folder of the CIFAR archives (the real images FID compares with)")
-    out: str = setting("", "output folder; empty: runs/synthetic/{dataset}-{source}")
-    store: str = setting("", "local artifact store; empty: $KD_STORE, else ./artifacts")
-    source: str = setting("", "names the pool; empty: a sanitised model name", name=True)
-    project: str = setting(names.PROJECT, "W&B project", name=True)
-    device: str = setting("auto", "auto (cuda if present) | cpu | cuda | cuda:N")
+                               "line where the Inception weights cannot be had", choices=("auto", "True", "False"),
+                       identity=False)
+    data_dir: str = setting("data", "folder of the CIFAR archives (the real images FID compares with)",
+                            identity=False)
+    out: str = setting("", "output folder; empty: runs/synthetic/{dataset}-{source}", identity=False)
+    store: str = setting("", "local artifact store; empty: $KD_STORE, else ./artifacts", identity=False)
+    source: str = setting("", "names the pool; empty: a sanitised model name", name=True, identity=False)
+    project: str = setting(names.PROJECT, "W&B project", name=True, identity=False)
+    device: str = setting("auto", "auto (cuda if present) | cpu | cuda | cuda:N", identity=False)
     threads: int = setting(0, "CPU threads for torch; 0: torch's default (1 is faster on a busy machine)", lo=0,
-                          hi=1024)
+                          hi=1024, identity=False)
+    resume: str = setting("auto", "auto: a finished pool is finished, an unfinished one goes on from its shards | "
+                                  "False: make it again (valid shards are reused)", choices=("auto", "True", "False"),
+                          identity=False)
 
     kind = "synthetic-data"
+    # what the run lifecycle (kd.session) reads that a pool does not set: one process, resumed by its shards
+    study: ClassVar[str] = "default"
+    mixed_precision: ClassVar[str] = "no"
+    out_flag: ClassVar[str] = "--out (the pool's folder)"
+
+    @property
+    def cpu(self) -> bool:
+        return self.device == "cpu"
+
+    @property
+    def run_seed(self) -> int:
+        return self.seed % 2**32  # the global seeds (the pool's images depend on (seed, i) only)
+
+    def run_name(self) -> str:
+        return self.artifact_name()
+
+    def run_dir(self) -> Path:
+        return self.out_dir()
+
+    def identity(self) -> dict:
+        return identity(self)
 
     def validate(self) -> None:
         if self.scheduler not in SCHEDULERS:
@@ -80,16 +108,16 @@ class GenerateConfig:
         return Path(self.out or f"runs/synthetic/{self.dataset}-{self.source_name()}")
 
 
-_DDPM_ONLY, _GAN_ONLY = ("epochs",), ("g_steps", "n_dis")
 _NOT_IN_IDENTITY = ("save_every", "sample_every", "snapshots")  # when and what is saved, not the weights
+_OVERRIDES = ("batch_size", "lr", "save_every", "sample_every", "epochs", "g_steps", "n_dis")  # 0: the preset's
 
 
 @dataclass
 class GeneratorTrainConfig:
     """python -m kd.synthetic train: fit a generator (DDPM or the paper's SN-GAN) on a dataset's training split."""
 
-    generator: str = setting("ddpm", "ddpm: an unconditional diffusion model | sngan: the paper's SN-GAN",
-                             choices=GENERATORS)
+    generator: str = setting("ddpm", "the generator family (kd.synthetic.families): ddpm, a diffusion model | "
+                                     "sngan, the paper's SN-GAN", choices=FAMILIES)
     dataset: str = setting("digits", "training data", choices=DATASETS)
     preset: str = setting("", "recipe: ddpm digits | cifar10 | cifar100, sngan gnosis | miyato | digits; empty: "
                               "the dataset's name (ddpm), gnosis on CIFAR (sngan)")
@@ -122,14 +150,15 @@ class GeneratorTrainConfig:
 
     def validate(self) -> None:
         check_fields(self)
-        if self.preset_name() not in presets_of(self.generator):
-            choices = ", ".join(sorted(presets_of(self.generator)))
-            raise KDError(f"unknown preset {self.preset!r}: choose one of {choices}")
-        other = (*_GAN_ONLY, "snapshots") if self.generator == "ddpm" else _DDPM_ONLY
-        for key in other:
-            if getattr(self, key):
-                raise KDError(f"--{key} does not apply to --generator={self.generator} (the "
-                              f"{'DDPM' if key in _DDPM_ONLY else 'SN-GAN'} setting): drop it")
+        presets = family(self.generator).presets()
+        if self.preset_name() not in presets:
+            raise KDError(f"unknown preset {self.preset!r}: choose one of {', '.join(sorted(presets))}")
+        mine = set(family(self.generator).settings)
+        for other in FAMILIES.values():
+            for key in set(other.settings) - mine:
+                if getattr(self, key):
+                    raise KDError(f"--{key} does not apply to --generator={self.generator} (the {other.name} "
+                                  "setting): drop it")
         if self.generator == "sngan":
             self.snapshot_steps()
 
@@ -138,7 +167,7 @@ class GeneratorTrainConfig:
 
     def default_preset(self) -> str:
         """The recipe of an empty ``--preset`` (a dataset variant such as digits-hard takes its family's)."""
-        return default_preset(self.generator, dataset_spec(self.dataset).recipes)
+        return family(self.generator).default_preset(dataset_spec(self.dataset).recipes)
 
     def snapshot_steps(self) -> tuple[int, ...]:
         """The G steps at which the SN-GAN trainer exports snapshots: ``--snapshots``, else the preset's."""
@@ -159,12 +188,12 @@ class GeneratorTrainConfig:
 
     def recipe(self) -> Preset | GanPreset:
         """The preset with the non-zero overrides of the command line."""
-        keys = ("batch_size", "lr", "save_every", "sample_every", *(
-            _GAN_ONLY if self.generator == "sngan" else _DDPM_ONLY))
-        over = {k: getattr(self, k) for k in keys if getattr(self, k)}
+        preset = family(self.generator).presets()[self.preset_name()]
+        known = {f.name for f in fields(preset)}
+        over = {k: getattr(self, k) for k in _OVERRIDES if k in known and getattr(self, k)}
         if self.ema_decay >= 0:
             over["ema_decay"] = self.ema_decay
-        return replace(presets_of(self.generator)[self.preset_name()], **over)
+        return replace(preset, **over)
 
     def artifact_name(self) -> str:
         """``generator-{dataset}`` (DDPM), ``generator-{dataset}-sngan`` (the dataset's default SN-GAN preset), with
@@ -175,6 +204,23 @@ class GeneratorTrainConfig:
 
     def out_dir(self) -> Path:
         return Path(self.out or f"runs/{self.artifact_name()}")
+
+    # what the run lifecycle (kd.session) reads
+    study: ClassVar[str] = "default"
+    out_flag: ClassVar[str] = "--out (the generator's run folder)"
+
+    @property
+    def run_seed(self) -> int:
+        return self.seed
+
+    def run_name(self) -> str:
+        return self.artifact_name()
+
+    def run_dir(self) -> Path:
+        return self.out_dir()
+
+    def fingerprint(self) -> str:
+        return fingerprint(self.identity())
 
     def identity(self) -> dict:
         """What the weights depend on (a checkpoint made under another identity is not resumed)."""

@@ -1,8 +1,9 @@
 """What ``generate --model=M`` samples from: a diffusion pipeline or an SN-GAN, behind one interface.
 
-:func:`load_sampler` resolves ``M`` (a folder, a generator artifact or a hub id) and looks at what it holds:
-a ``generator.json`` with ``"kind": "sngan"`` beside safetensors weights is an SN-GAN
-(:func:`kd.synthetic.sngan.save_generator` writes it), anything else a diffusers DDPM pipeline. A sampler maps
+:func:`load_sampler` resolves ``M`` (a folder, a generator artifact or a hub id) and asks each generator family
+(:mod:`kd.synthetic.families`) whether it recognises what the folder holds: a ``generator.json`` with ``"kind":
+"sngan"`` beside safetensors weights is an SN-GAN (:func:`kd.synthetic.sngan.save_generator` writes it); anything
+else is a diffusers DDPM pipeline. A sampler maps
 image ids to float images in [-1, 1]; image ``i``'s noise (the diffusion's, or the GAN's latent) comes from
 ``derived_seed(seed, i)`` only, so every pool is bit-identical per seed. ``--step=N`` picks an SN-GAN's snapshot
 at G step N (:func:`kd.synthetic.sngan.generator_json`) instead of its final weights.
@@ -14,7 +15,8 @@ import torch
 
 from kd.errors import KDError
 from kd.synthetic import sngan
-from kd.synthetic.sampling import denoise, image_generators, model_fingerprint, model_path, pipeline_at, scheduler_class
+from kd.synthetic.families import FALLBACK, FAMILIES
+from kd.synthetic.sampling import denoise, image_generators, model_fingerprint, model_path, scheduler_class
 
 DEFAULT_STEPS = {"ddim": 100, "dpm": 25}  # ddpm: all of the model's training timesteps
 
@@ -76,14 +78,14 @@ class GanSampler:
 
 
 def load_sampler(model: str, cfg, device: torch.device, store=None, run=None):
-    """The sampler for ``--model`` (SN-GAN or diffusion, told apart by the folder's generator.json)."""
+    """The sampler for ``--model``: the family (:mod:`kd.synthetic.families`) that recognises its folder, else a
+    diffusers pipeline (a folder or a hub id)."""
     path = model_path(model, store, run, cfg.dataset)
-    step = getattr(cfg, "step", 0)
-    if path.exists() and sngan.is_generator_folder(path):
-        return GanSampler(path, device, step)
-    if path.exists() and sngan.is_generator_folder(path / "generator"):  # a trainer's output folder
-        return GanSampler(path / "generator", device, step)
-    if step:
-        raise KDError(f"--step={step} picks an SN-GAN snapshot, but {model} is not an SN-GAN generator: drop --step "
-                      "(a diffusion model's sampler steps are --steps)")
-    return DiffusionSampler(pipeline_at(path, model, cfg.dataset), cfg.scheduler, cfg.steps, device)
+    for fam in FAMILIES.values():
+        folder = fam.detect(path) if path.exists() else None
+        if folder is not None:
+            return fam.sampler(folder, cfg, device)
+    if getattr(cfg, "step", 0):
+        raise KDError(f"--step={cfg.step} picks an SN-GAN snapshot, but {model} is not an SN-GAN generator: drop "
+                      "--step (a diffusion model's sampler steps are --steps)")
+    return FAMILIES[FALLBACK].sampler(path, cfg, device)

@@ -13,25 +13,21 @@ from __future__ import annotations
 import math
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from kd import faults
+from kd import faults, names
 from kd.data import load_dataset
 from kd.datasets import DATASETS
 from kd.errors import KDError, one_line
 from kd.io import load_tensors, read_json, remove_stale_temps, save_tensors, sha256_file, write_json
 from kd.pools import POOL_FILE
-from kd.run_folder import recorded_run_id
+from kd.session import Session
 from kd.synthetic import quality
 from kd.synthetic.config import GenerateConfig
 from kd.synthetic.generators import load_sampler
-from kd.synthetic.publishing import check_outputs, publish_once
 from kd.synthetic.sampling import save_grid, to_pixels
-from kd.tracker import Tracker
-from kd.wandb_runs import wandb_mode
 
 QUALITY_KEYS = ("fid", "fid_reason", "inception_score", "inception_score_std", "fid_features", "fid_real_images")
 
@@ -49,7 +45,8 @@ def _shard_path(out: Path, k: int) -> Path:
 
 
 def generate(cfg: GenerateConfig, *, stop_after_shards: int | None = None, quality_feature=None) -> Path | None:
-    """Write (or finish) the pool ``cfg`` describes; returns the pool file.
+    """Write (or finish) the pool ``cfg`` describes, as a run of its own (:class:`kd.session.Session`: a rerun of
+    a finished pool says "already finished"); returns the pool file.
 
     ``stop_after_shards`` (tests): return None after writing that many new shards, as a kill would.
     ``quality_feature`` (tests): a stand-in feature extractor for FID/IS in place of the Inception.
@@ -57,25 +54,20 @@ def generate(cfg: GenerateConfig, *, stop_after_shards: int | None = None, quali
     cfg.validate()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    out, name, store, device = cfg.out_dir(), cfg.artifact_name(), cfg.store or None, _device(cfg.device)
-    check_outputs(out, "--out", store)
+    device = _device(cfg.device)
+    session = Session(cfg, job="synthetic")
+    if session.already_finished():
+        return session.run_dir / POOL_FILE
     sampler = None  # offline: a model that cannot be loaded is refused before anything is written (W&B included)
-    if wandb_mode() != "online":  # online, it is resolved through the run, so W&B records the lineage
-        sampler = load_sampler(cfg.model_ref(), cfg, device, store=store)
+    if session.mode != "online":  # online, it is resolved through the run, so W&B records the lineage
+        sampler = load_sampler(cfg.model_ref(), cfg, device, store=cfg.store or None)
     if cfg.fid == "True" and quality_feature is None:
         _require_inception()
-    tracker = Tracker()
-    tracker.announce(sys.stderr)
-    tracker.start(project=cfg.project, run_id=recorded_run_id(out), name=name, config=asdict(cfg),
-                  job_type="synthetic")
-    try:
+    with session.tracked():
+        session.start_tracking(tags=["synthetic", cfg.dataset])
         if sampler is None:
-            sampler = load_sampler(cfg.model_ref(), cfg, device, store=store, run=tracker.run)
-        pool = _generate(cfg, sampler, out, tracker, stop_after_shards, quality_feature)
-    except BaseException:
-        tracker.end(1)
-        raise
-    tracker.end()
+            sampler = load_sampler(cfg.model_ref(), cfg, device, store=cfg.store or None, run=session.tracker.run)
+        pool = _generate(cfg, sampler, session, stop_after_shards, quality_feature)
     return pool
 
 
@@ -148,7 +140,8 @@ def _make_shards(cfg, sampler, out: Path, index: dict, index_path: Path, counts:
     return made
 
 
-def _generate(cfg, sampler, out: Path, tracker, stop_after_shards, quality_feature) -> Path | None:
+def _generate(cfg, sampler, session, stop_after_shards, quality_feature) -> Path | None:
+    out = session.run_dir
     identity = _identity(cfg, sampler)
     index, index_path = _open_index(out, identity)
     counts, todo = _todo(cfg, out, index)
@@ -176,7 +169,7 @@ def _generate(cfg, sampler, out: Path, tracker, stop_after_shards, quality_featu
     meta.update(_quality(cfg, images, out / "pool.json", meta["sha256"], quality_feature, sampler.device))
     write_json(out / "pool.json", meta)
     grid = save_grid(images, out / "grid.png")
-    _log_and_publish(cfg, tracker, meta, pool_path, grid, rate)
+    _log_and_publish(cfg, session, meta, pool_path, grid, rate)
     return pool_path
 
 
@@ -201,14 +194,16 @@ def _quality(cfg, images: torch.Tensor, meta_path: Path, digest: str, feature, d
     return result
 
 
-def _log_and_publish(cfg, tracker, meta: dict, pool_path: Path, grid: Path, rate: float) -> None:
+def _log_and_publish(cfg, session, meta: dict, pool_path: Path, grid: Path, rate: float) -> None:
+    tracker = session.tracker
     if tracker.seen < 1:  # a rerun of the same W&B run logs step 1 once
         row = {"synthetic/img_per_s": rate, "synthetic/count": cfg.num}
         if meta.get("fid") is not None:
             row.update({"synthetic/fid": meta["fid"], "synthetic/inception_score": meta["inception_score"]})
         tracker.log(row, step=1)
         tracker.image("synthetic/samples", grid, step=1)
-    publish_once(meta["artifact"], "dataset", [pool_path, pool_path.with_suffix(".json"), grid], meta, tracker,
-                 cfg.store or None)
+    where = session.publish(meta["artifact"], "dataset", [pool_path, pool_path.with_suffix(".json"), grid], meta)
+    print(f"artifact {meta['artifact']} ({where.name}) in {where.parent}", file=sys.stderr)
+    session.finish({"synthetic/count": cfg.num, "synthetic/fid": meta.get("fid"), names.FINAL: True})
     size = meta["height"]
     print(f"pool: {pool_path} ({cfg.num} x 3 x {size} x {size} uint8, sha256 {meta['sha256'][:12]}), grid: {grid}")

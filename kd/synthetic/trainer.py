@@ -21,21 +21,19 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from kd import faults
+from kd import faults, names
 from kd.data import epoch_generator, load_dataset
 from kd.errors import Interrupted, KDError, stop_requests
-from kd.run_folder import RunFolder
+from kd.session import Session
 from kd.synthetic.config import GeneratorTrainConfig
-from kd.synthetic.publishing import check_outputs, publish_once
+from kd.synthetic.families import family
 from kd.synthetic.sampling import derived_seed, save_grid
-from kd.tracker import Tracker
 
-CKPT_KEYS = ("step",)  # beside the run folder's own keys
+LAYOUT = {"ckpt_dir": "checkpoints", "pointer": "state.json", "stem": "step", "required": ("step",)}
 LOG_EVERY = 10  # steps per logged row
 PRECISION_NAMES = {"no": "float32", "bf16": "bf16 autocast", "fp16": "fp16 autocast"}
 
@@ -63,73 +61,56 @@ class RealBatches:
 
 def train(cfg: GeneratorTrainConfig) -> Path:
     """Fit (or continue fitting) the generator ``cfg`` describes; returns the exported folder."""
-    from kd.synthetic.train_ddpm import DdpmJob
-    from kd.synthetic.train_gan import GanJob
+    from dataclasses import replace
 
     cfg.validate()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    job = (GanJob if cfg.generator == "sngan" else DdpmJob)(cfg)
+    job = family(cfg.generator).job(cfg)
+    if cfg.mixed_precision == "auto":
+        cuda = torch.cuda.is_available() and not cfg.cpu
+        cfg = replace(cfg, mixed_precision=job.auto_precision(cuda))
     return Trainer(cfg, job).run()
 
 
 class Trainer:
-    def __init__(self, cfg: GeneratorTrainConfig, job):
-        self.cfg, self.job, self.out = cfg, job, cfg.out_dir()
-        self.folder = RunFolder(self.out, cfg.identity(), cfg.resume, ckpt_dir="checkpoints", pointer="state.json",
-                                stem="step", required=CKPT_KEYS)
+    """The generator's loop inside the one run lifecycle (:class:`kd.session.Session`): its run folder keeps the
+    checkpoints in ``checkpoints/`` (``state.json`` naming ``step-%08d.safetensors``)."""
 
-    def _open(self) -> None:
-        """The resume rules (the main process clears or cleans the folder first)."""
-        self.state = self.folder.open()
-        self.acc.wait_for_everyone()
+    def __init__(self, cfg: GeneratorTrainConfig, job):
+        self.cfg, self.job, self.out = cfg, job, cfg.run_dir()
+
+    def run(self) -> Path:
+        session = self.session = Session(self.cfg, job="generator", layout=LAYOUT)
+        self.acc, self.main = session.accelerator, session.main
+        if session.already_finished():
+            return self.out / self.job.export_dir
+        data = load_dataset(self.cfg.dataset, self.cfg.data_dir, device=self.acc.device)  # before any W&B run
+        self.state = session.ckpt
         self.history = list(self.state["history"]) if self.state else []  # the logged rows, in every checkpoint
         self.last = dict(self.state.get("last", {})) if self.state else {}
+        with session.tracked():
+            session.start_tracking({"recipe": session.folder.identity}, tags=["generator", self.cfg.dataset])
+            session.tracker.replay([(row["step"], {k: v for k, v in row.items() if k != "step"})
+                                    for row in self.history])
+            return self._run(self.acc, data)
 
     # ------------------------------------------------------------------------------------------- set-up
-    def _accelerator(self):
-        from kd.accel import accelerator
-
-        cfg = self.cfg
-        cuda = torch.cuda.is_available() and not cfg.cpu
-        self.precision = cfg.mixed_precision if cfg.mixed_precision != "auto" else self.job.auto_precision(cuda)
-        acc = accelerator(self.precision, cfg.cpu)
-        self.acc, self.main = acc, acc.is_main_process
-        self.folder.main = self.main
-        return acc
-
-    def _start_wandb(self) -> None:
-        """One W&B run per output folder; rows a killed process logged but W&B lost are logged again."""
-        cfg = self.cfg
-        self.tracker = Tracker(self.main)
-        self.tracker.announce(sys.stderr)
-        self.tracker.start(project=cfg.project, run_id=self.folder.run_id(), name=cfg.artifact_name(),
-                           config={**asdict(cfg), "recipe": self.folder.identity}, job_type="train-generator")
-        self.tracker.replay([(row["step"], {k: v for k, v in row.items() if k != "step"}) for row in self.history])
-
     def _build(self) -> int:
         """The job's models (seeded), restored from the checkpoint; returns the step to continue from."""
         torch.manual_seed(self.cfg.seed)
         self.job.build()
         step = 0
         if self.state:
-            self.job.load(self.folder.tensors(), self.state)
+            self.job.load(self.session.folder.tensors(), self.state)
             step = self.state["step"]
             if self.main:
-                print(f"resuming {self.folder.checkpoints.folder} at step {step}/{self.total}", file=sys.stderr)
+                print(f"resuming {self.session.folder.checkpoints.folder} at step {step}/{self.total}",
+                      file=sys.stderr)
         self.job.prepare(self.acc)
         return step
 
     # ------------------------------------------------------------------------------------------- the run
-    def run(self) -> Path:
-        check_outputs(self.out, "the output folder (--out)", self.cfg.store or None)
-        acc = self._accelerator()
-        data = load_dataset(self.cfg.dataset, self.cfg.data_dir, device=acc.device)  # before any file or W&B run
-        self._open()
-        self._start_wandb()
-        with self.tracker.ending():
-            return self._run(acc, data)
-
     def _run(self, acc, data) -> Path:
         cfg, job = self.cfg, self.job
         self.batches = RealBatches(data.train_x[:, :job.channels], job.recipe.batch_size, cfg.seed,
@@ -140,17 +121,23 @@ class Trainer:
         if self.main:
             print(f"generator {cfg.generator} {cfg.preset_name()}: {job.n_params() / 1e6:.2f}M parameters, "
                   f"{data.n_train} images, {self.batches.per_epoch} batches/epoch, {self.total} steps in all; "
-                  f"on {acc.device} ({PRECISION_NAMES.get(self.precision, self.precision)})", file=sys.stderr)
+                  f"on {acc.device} ({PRECISION_NAMES.get(cfg.mixed_precision, cfg.mixed_precision)})",
+                  file=sys.stderr)
         t0 = time.perf_counter()
         step = self._loop(step, stop)
         seconds = time.perf_counter() - t0
         acc.wait_for_everyone()
-        if self.main:
-            if step > start and step != self.total and step % job.recipe.sample_every:
+        if self.main and step > start:
+            if step != self.total and step % job.recipe.sample_every:
                 self._samples(step)
-            speed = f"{(step - start) / seconds:.1f} steps/s" if step > start else "nothing left to train"
-            print(f"trained to step {step}/{self.total} in {seconds:.1f} s ({speed})", file=sys.stderr)
-            self._publish(step)
+            print(f"trained to step {step}/{self.total} in {seconds:.1f} s ({(step - start) / seconds:.1f} "
+                  "steps/s)", file=sys.stderr)
+        self._publish(step)
+        summary = {**self.last, "generator/step": step, names.FINAL: step == self.total}
+        self.session.finish(summary, done=step == self.total)
+        if step < self.total and self.main:
+            print(f"stopped at step {step} of {self.total} (--max_steps): the generator so far is published; "
+                  "run again with a larger --max_steps (or none) to go on", file=sys.stderr)
         return self.out / job.export_dir
 
     def _loop(self, step: int, stop: int) -> int:
@@ -173,12 +160,12 @@ class Trainer:
                         self._log_row(step, {k: v / count for k, v in sums.items()}, bar)
                         sums, count = {}, 0
                     if step % recipe.save_every == 0 or step == stop:
-                        self._checkpoint(step)
+                        self._checkpoint(step, last=step == stop)
                     if step % recipe.sample_every == 0 or step == self.total:
                         self._samples(step)
                     faults.point("generator-step")
                     if stops and step < stop:
-                        self._checkpoint(step)
+                        self._checkpoint(step, last=True)
                         raise Interrupted(stops[0])
             finally:
                 bar.close()
@@ -190,29 +177,31 @@ class Trainer:
         epoch = step * self.job.batches_per_step / self.batches.per_epoch
         row = {**self.last, **self.job.extras(), "epoch": epoch}
         self.history.append({"step": step, **row})
-        if step > self.tracker.seen:
-            self.tracker.log(row, step=step)
+        if step > self.session.tracker.seen:
+            self.session.tracker.log(row, step=step)
 
-    def _checkpoint(self, step: int) -> None:
+    def _checkpoint(self, step: int, last: bool = False) -> None:
         self.acc.wait_for_everyone()
         if self.main:
             tensors, info = self.job.state()
-            self.folder.save(tensors, {**info, "step": step, "total": self.total, "last": self.last,
-                                       "history": self.history}, self.tracker.run_id,
-                             name=f"step-{step:08d}.safetensors")
+            self.session.save_checkpoint(tensors, {**info, "step": step, "total": self.total, "last": self.last,
+                                                   "history": self.history}, last=last,
+                                         name=f"step-{step:08d}.safetensors")
 
     def _samples(self, step: int) -> None:
         if not self.main:
             return
         grid = save_grid(self.job.grid(64, self.acc.device), self.out / "samples.png")
-        self.tracker.image("generator/samples", grid, step)
+        self.session.tracker.image("generator/samples", grid, step)
 
     def _publish(self, step: int) -> None:
         cfg, name = self.cfg, self.cfg.artifact_name()
+        if not self.main:
+            return
         files, extra = self.job.export(self.out)
         meta = {"generator": cfg.generator, "preset": cfg.preset_name(), "dataset": cfg.dataset, "step": step,
                 "total_steps": self.total, **{k.split("/")[-1]: v for k, v in self.last.items()},
                 "params": self.job.n_params(), **extra}
         print(f"exported: {files[0].parent}", file=sys.stderr)
-        publish_once(name, "model", files, meta, self.tracker, cfg.store or None,
-                     hint=f": generate with --model={name}")
+        where = self.session.publish(name, "model", files, meta)
+        print(f"artifact {name} ({where.name}) in {where.parent}: generate with --model={name}", file=sys.stderr)
