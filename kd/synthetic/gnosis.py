@@ -39,10 +39,10 @@ from pathlib import Path
 import torch
 
 from kd import names
-from kd.artifacts import local_versions, verify_folder
+from kd.artifacts import local_versions, store_root, verify_folder
 from kd.config import check_fields, setting
 from kd.errors import KDError
-from kd.io import sha256_file
+from kd.io import check_folder, sha256_file
 from kd.synthetic import oil, sngan
 from kd.synthetic.presets import FIG1_EPOCH_STEPS, GAN_PRESETS
 from kd.synthetic.publishing import publish_once
@@ -211,6 +211,7 @@ def import_generator(cfg: ImportConfig) -> Path:
     """Import the checkpoint ``cfg`` names (see the module docstring); returns its version folder in the store."""
     cfg.validate()
     store = cfg.store or None
+    check_folder(store_root(store), "the artifact store")  # before the download, not after it
     if cfg.source == "gnosis":
         want = CHECKPOINTS[(cfg.dataset, cfg.epoch_or_default())][0]
         held = _held_blob(cfg.artifact_name(), want, cfg.upsample, store)
