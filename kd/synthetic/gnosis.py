@@ -41,14 +41,14 @@ import torch
 from kd import names
 from kd.artifacts import local_versions, store_root, verify_folder
 from kd.config import check_fields, setting
-from kd.errors import KDError
+from kd.errors import KDError, first_line
 from kd.io import check_folder, sha256_file
 from kd.synthetic import oil, sngan
 from kd.synthetic.presets import FIG1_EPOCH_STEPS, GAN_PRESETS
 from kd.synthetic.publishing import publish_once
 from kd.synthetic.sampling import model_path
 from kd.tracker import Tracker
-from kd.wandb_runs import new_run_id
+from kd.wandb_runs import new_run_id, wandb_dir, wandb_mode
 
 COMMIT = "32cc303648a01a738dfca7da8eb24188caadbfbd"
 URL_BASE = "https://raw.githubusercontent.com/samuelstanton/gnosis"
@@ -166,9 +166,8 @@ def _download(url: str, dest: Path) -> None:
     except urllib.error.HTTPError as e:
         raise KDError(f"cannot download {url} (HTTP {e.code} {e.reason}); {fix}") from None
     except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
-        why = getattr(e, "reason", None) or e
-        raise KDError(f"cannot download {url} ({type(e).__name__}: {str(why).splitlines()[0][:160]}); "
-                      f"{fix}") from None
+        why = e.reason if isinstance(e, urllib.error.URLError) and isinstance(e.reason, BaseException) else e
+        raise KDError(f"cannot download {url} ({type(e).__name__}: {first_line(why, 160)}); {fix}") from None
     if total is not None and got != total:
         raise KDError(f"the download of {url} was cut off ({got} of {total} bytes): run the import again; {fix}")
 
@@ -211,7 +210,9 @@ def import_generator(cfg: ImportConfig) -> Path:
     """Import the checkpoint ``cfg`` names (see the module docstring); returns its version folder in the store."""
     cfg.validate()
     store = cfg.store or None
-    check_folder(store_root(store), "the artifact store")  # before the download, not after it
+    check_folder(store_root(store), "the artifact store (--store or $KD_STORE)")  # before the download, not after
+    if wandb_mode() != "disabled":
+        check_folder(wandb_dir() or ".", "the W&B folder ($WANDB_DIR, else the current folder)")
     if cfg.source == "gnosis":
         want = CHECKPOINTS[(cfg.dataset, cfg.epoch_or_default())][0]
         held = _held_blob(cfg.artifact_name(), want, cfg.upsample, store)

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from kd.errors import KDError
+from kd.errors import KDError, first_line
 from kd.synthetic.sngan import Generator
 
 MAX_BYTES = 256 << 20  # a CIFAR generator is about 16 MB; a larger file is refused before it is read
@@ -53,7 +53,7 @@ def _storage_from_bytes(data):
         try:
             storage = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
-            raise Refused(f"a storage carrying other objects ({str(e).splitlines()[0][:120]})") from None
+            raise Refused(f"a storage carrying other objects ({first_line(e, 120)})") from None
     if not isinstance(storage, torch.storage.TypedStorage):
         raise Refused(f"a storage that is a {type(storage).__name__}")
     return storage
@@ -68,7 +68,7 @@ def _rebuild_tensor(storage, offset, size, stride, requires_grad=False, hooks=No
     try:
         return torch._utils._rebuild_tensor(storage, offset, tuple(size), tuple(stride))
     except (RuntimeError, TypeError, ValueError) as e:
-        raise pickle.UnpicklingError(f"a tensor outside its storage ({str(e).splitlines()[0][:120]})") from None
+        raise pickle.UnpicklingError(f"a tensor outside its storage ({first_line(e, 120)})") from None
 
 
 _ALLOWED = {("collections", "OrderedDict"): collections.OrderedDict,
@@ -105,7 +105,7 @@ def _torch_load(path: Path) -> object:
         what = f": the global {named.group(1)}" if named else ""
         raise _refused(path, f"objects torch's weights-only loader refuses{what}") from None
     except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile) as e:
-        raise _unreadable(path, f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}") from None
+        raise _unreadable(path, f"{type(e).__name__}: {first_line(e, 160)}") from None
 
 
 def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
@@ -125,7 +125,7 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
             raise _refused(path, str(e)) from None
         except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, IndexError, AttributeError,
                 RuntimeError, MemoryError, OverflowError) as e:
-            raise _unreadable(path, f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}") from None
+            raise _unreadable(path, f"{type(e).__name__}: {first_line(e, 160)}") from None
         if isinstance(obj, int) and not isinstance(obj, bool) and obj == torch.serialization.MAGIC_NUMBER:
             obj, fmt = _torch_load(path), "torch.save"  # torch's legacy (pre-1.6) format
     if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
