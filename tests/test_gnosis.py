@@ -222,6 +222,7 @@ def test_download_verify_convert_publish(authors, workdir, mode, capsys, threads
     assert sorted(manifest["files"]) == ["generator.json", "generator.safetensors"]
     assert manifest["metadata"]["blob_id"] == authors["blob"] and manifest["metadata"]["params"] == 4_079_363
     assert not list((workdir / "tmp").glob("kd-import-*"))  # the download's temp folder is gone
+    assert len(list((workdir / "wandb").glob("offline-run-*"))) == 1  # the import's W&B run (offline here)
 
     capsys.readouterr()
     assert _main(*args) == 0  # again: the store holds it, nothing is downloaded or published
