@@ -95,7 +95,7 @@ def test_hinge_losses_on_hand_made_logits():
     assert d_hinge_loss(torch.tensor([1.0, 3.0]), torch.tensor([-1.0, -5.0])).item() == 0.0
 
 
-@pytest.mark.parametrize("preset", ["gnosis", "miyato"])
+@pytest.mark.parametrize("preset", ["gnosis-a3", "gnosis-fig1", "miyato"])
 def test_shapes_and_range_at_32_px(preset):
     g, d = build_gan(preset)
     z = torch.randn(3, 128)
@@ -196,7 +196,8 @@ def _own_shapes(model: nn.Module) -> list[tuple]:
 
 
 @pytest.mark.parametrize("preset, reference, ours_only, counts", [
-    ("gnosis", _gnosis_layers, [], (4_079_363, 1_037_313)),
+    ("gnosis-a3", _gnosis_layers, [], (4_079_363, 1_037_313)),
+    ("gnosis-fig1", _gnosis_layers, [], (4_079_363, 1_037_313)),
     # the one difference from sngan_projection: D's last linear has a bias here (as in Mimicry)
     ("miyato", _miyato_layers, [(1,)], (4_276_739, 1_053_825))])
 def test_parameter_counts_match_the_authors_layer_lists(preset, reference, ours_only, counts):
@@ -256,7 +257,7 @@ def _copy(dst: nn.Module, src: nn.Module) -> None:
 
 
 def test_gnosis_networks_compute_what_the_authors_modules_compute():
-    g, d = build_gan("gnosis")
+    g, d = build_gan("gnosis-a3")
     k = 256
     ref_g = nn.Sequential(nn.Linear(128, 4 * 4 * k), _View(k, 4, 4), *[_RefGBlock(k) for _ in range(3)],
                           nn.BatchNorm2d(k), nn.ReLU(), nn.Conv2d(k, 3, 3, stride=1, padding=1), nn.Tanh())
@@ -303,7 +304,7 @@ def test_initialisation_follows_each_reference():
         b = bound(w, gain)
         return 0.95 * b < w.abs().max().item() <= b
 
-    g, d = build_gan("gnosis")
+    g, d = build_gan("gnosis-a3")
     c1 = d.blocks[0].c1.parametrizations.weight.original
     sc = d.blocks[0].c_sc.parametrizations.weight.original
     assert near_bound(g.blocks[0].c1.weight, 1.0) and near_bound(c1, 1.0) and near_bound(sc, math.sqrt(2))
@@ -316,15 +317,32 @@ def test_initialisation_follows_each_reference():
 
 
 def test_presets_gnosis_and_miyato():
-    p = GAN_PRESETS["gnosis"]  # config/image_generation.yaml and density_model/sngan.yaml of the authors' code
+    p = GAN_PRESETS["gnosis-a3"]  # config/image_generation.yaml (v0.0.7) and density_model/sngan.yaml of the authors
     assert (p.arch, p.z_dim, p.g_ch, p.d_ch, p.image_size, p.channels) == ("gnosis", 128, 256, 128, 32, 3)
     assert (p.g_steps, p.batch_size, p.n_dis, p.lr, p.betas, p.lr_end) == (100_000, 128, 5, 2e-4, (0.0, 0.9), 1e-6)
     assert p.flip and p.g_first and p.ema_decay == 0 and p.snapshots == (10_000, 25_000, 50_000)
+    assert (p.upsample, p.same_real) == ("", False) and build_gan(p)[0].upsample == "bilinear"
+    # the Figure 1 run: sngan_cifar100_v0.0.5/.hydra/config.yaml (trainer: num_epochs 500, num_disc_updates 5, Adam
+    # lr 2e-4 beta1 0.5 beta2 0.999, no lr_decay; dataloader batch_size 64; horizontal_flip) with gan_epoch.py of
+    # 2020-12-21 (one G step, then num_disc_updates D steps on the same real batch) and oil's nearest upsampling
+    p = GAN_PRESETS["gnosis-fig1"]
+    assert (p.arch, p.z_dim, p.g_ch, p.d_ch, p.image_size, p.channels) == ("gnosis", 128, 256, 128, 32, 3)
+    assert (p.batch_size, p.n_dis, p.lr, p.betas, p.lr_end) == (64, 5, 2e-4, (0.5, 0.999), 2e-4)
+    assert p.g_steps == 500 * math.ceil(50_000 / 64) == 391_000 and p.ema_decay == 0
+    assert p.flip and p.g_first and p.same_real and p.upsample == "nearest"
+    assert p.snapshots == tuple(e * 782 for e in (100, 200, 300, 400))  # the authors' checkpoint epochs
+    g = build_gan(p)[0]
+    assert g.upsample == "nearest" and all(b.mode == "nearest" for b in g.blocks)
+    assert sum(q.numel() for q in g.parameters()) == 4_079_363  # the same parameters as bilinear
     p = GAN_PRESETS["miyato"]
     assert (p.arch, p.lr_end, p.flip, p.g_first) == ("miyato", 0.0, False, False)
     from kd.synthetic.config import GeneratorTrainConfig as Cfg
 
-    assert Cfg(generator="sngan", dataset="cifar100").preset_name() == "gnosis"  # the paper sweeps' generator
+    assert Cfg(generator="sngan", dataset="cifar100").preset_name() == "gnosis-a3"  # the sweeps' trained SN-GAN
+    fig1 = Cfg(generator="sngan", dataset="cifar100", preset="gnosis-fig1")
+    assert fig1.artifact_name() == "generator-cifar100-sngan-gnosis-fig1" and fig1.identity()["same_real"] is True
+    with pytest.raises(KDError, match="unknown preset 'gnosis'"):
+        Cfg(generator="sngan", dataset="cifar100", preset="gnosis").validate()
     assert Cfg(generator="sngan", dataset="cifar100").artifact_name() == "generator-cifar100-sngan"
     miyato = Cfg(generator="sngan", dataset="cifar10", preset="miyato")
     assert miyato.artifact_name() == "generator-cifar10-sngan-miyato"
@@ -344,7 +362,8 @@ def _authors_decay(initial: float, final: float, start: int, stop: int):
     return decay_fn
 
 
-@pytest.mark.parametrize("preset, lr, end", [("gnosis", 2e-4, 1e-6), ("miyato", 2e-4, 0.0), ("digits", 1e-3, 1e-6)])
+@pytest.mark.parametrize("preset, lr, end", [("gnosis-a3", 2e-4, 1e-6), ("miyato", 2e-4, 0.0),
+                                             ("digits", 1e-3, 1e-6)])
 def test_learning_rate_decays_linearly_to_the_presets_end(preset, lr, end):
     p = GAN_PRESETS[preset]
     total = p.g_steps
@@ -362,6 +381,67 @@ def test_learning_rate_decays_linearly_to_the_presets_end(preset, lr, end):
         assert opt.param_groups[0]["lr"] == pytest.approx(sngan.lr_at(s, small, p.lr, p.lr_end), abs=1e-15)
         opt.step()
         sched.step()
+
+
+def test_fig1_learning_rate_is_constant():
+    p = GAN_PRESETS["gnosis-fig1"]
+    assert {sngan.lr_at(s, p.g_steps, p.lr, p.lr_end) for s in (0, 1, 12_345, p.g_steps - 1, p.g_steps)} == {2e-4}
+
+
+def test_upsampling_modes():
+    assert [sngan.upsample_mode(a, u) for a, u in (("gnosis", ""), ("miyato", ""), ("gnosis", "nearest"),
+                                                   ("miyato", "bilinear"))] == [
+        "bilinear", "nearest", "nearest", "bilinear"]
+    with pytest.raises(ValueError, match="unknown upsampling 'bicubic'"):
+        sngan.Generator(arch="gnosis", upsample="bicubic")
+    torch.manual_seed(0)
+    near = sngan.Generator(z_dim=8, ch=8, image_size=8, out_channels=1, bottom=2, arch="gnosis", upsample="nearest")
+    bil = sngan.Generator(z_dim=8, ch=8, image_size=8, out_channels=1, bottom=2, arch="gnosis")
+    bil.load_state_dict(near.state_dict())  # the same parameters, other images
+    z = torch.randn(3, 8)
+    assert not torch.allclose(sample(near, z), sample(bil, z))
+    x = torch.arange(4.0).view(1, 1, 2, 2)
+    assert torch.equal(near.blocks[0]._up(x), x.repeat_interleave(2, 2).repeat_interleave(2, 3))
+
+
+class _Acc:
+    """What GanJob.step needs of an Accelerator, on one CPU process."""
+
+    is_main_process = False
+    autocast = staticmethod(lambda: __import__("contextlib").nullcontext())
+    backward = staticmethod(torch.Tensor.backward)
+
+
+@pytest.mark.parametrize("same_real", [True, False])
+def test_d_steps_take_one_real_batch_or_n_dis(monkeypatch, tmp_path, same_real):
+    """gnosis-fig1 (same_real): the 5 D steps of an iteration share one real batch (flipped once), as the Figure 1
+    run's gan_epoch.py loops over its loader; else each D step takes its own batch."""
+    from dataclasses import replace
+
+    from kd.synthetic.config import GeneratorTrainConfig as Cfg
+    from kd.synthetic.train_gan import GanJob
+
+    tiny = replace(GAN_PRESETS["gnosis-fig1" if same_real else "gnosis-a3"], z_dim=8, g_ch=8, d_ch=8, image_size=8,
+                   channels=1, bottom=2, batch_size=4)
+    monkeypatch.setitem(GAN_PRESETS, "tiny", tiny)
+    job = GanJob(Cfg(generator="sngan", dataset="digits", preset="tiny", out=str(tmp_path / "gen")))
+    assert job.batches_per_step == (1 if same_real else 5)
+    job.build()
+    asked, seen = [], []
+    monkeypatch.setattr(sngan, "train_step", lambda g, d, og, od, reals, **kw: (seen.append(reals), (0.0, 0.0))[1])
+
+    def batches(k):
+        asked.append(k)
+        return torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(k)) * 2 - 1
+
+    gen = torch.Generator().manual_seed(0)
+    job.step(3, batches, gen, _Acc(), tiny.g_steps)
+    (reals,) = seen
+    assert len(reals) == 5
+    if same_real:
+        assert asked == [3] and all(x is reals[0] for x in reals)  # the same (flipped) batch five times
+    else:
+        assert asked == [15, 16, 17, 18, 19] and not torch.equal(reals[0], reals[1])
 
 
 def test_authors_order_takes_the_g_step_first():

@@ -3,20 +3,27 @@
     python -m kd.synthetic generate --model=google/ddpm-cifar10-32 --dataset=cifar10 --num=50000 \\
         --scheduler=ddim --steps=100                       # -> runs/synthetic/cifar10-ddpm-cifar10-32/
     python -m kd.synthetic train --dataset=digits          # a small DDPM of your own -> generator-digits
-    python -m kd.synthetic train --generator=sngan --dataset=cifar100     # the paper's SN-GAN (preset gnosis; GPU)
+    python -m kd.synthetic import --dataset=cifar100       # the authors' own Figure 1 SN-GAN weights (epoch 500)
+    python -m kd.synthetic generate --model=generator-cifar100-gnosis-e500 --dataset=cifar100 --num=50000
+    python -m kd.synthetic train --generator=sngan --dataset=cifar100     # an SN-GAN (preset gnosis-a3; GPU)
     python -m kd.synthetic generate --model=generator-cifar100-sngan --dataset=cifar100 --num=50000
     python -m kd.synthetic generate --model=generator-cifar100-sngan --dataset=cifar100 --num=50000 --step=10000
+
+In a notebook, ``load_generator("generator-cifar100-gnosis-e500")`` is the generator as a torch module (latents
+[N, 128] -> images in [-1, 1], eval mode).
 
 Modules: :mod:`.config` (the settings), :mod:`.presets` (DDPM and SN-GAN recipes), :mod:`.sngan` (the SN-GAN),
 :mod:`.sampling` (seeds, reverse diffusion, pixels, grids), :mod:`.generators` (what ``--model`` samples from),
 :mod:`.pool` (``generate`` and ``load_pool``: what distillation calls), :mod:`.quality` (FID / IS),
 :mod:`.trainer` (the one training skeleton) with its jobs :mod:`.train_ddpm` and :mod:`.train_gan`,
-:mod:`.cli` (the command line; ``python -m kd.synthetic`` runs it).
+:mod:`.gnosis` (``import``: the authors' checkpoints, verified, and ``load_generator``) with :mod:`.oil` (their
+file format, read without running code), :mod:`.cli` (the command line; ``python -m kd.synthetic`` runs it).
 """
 
 from kd.pools import POOL_FILE, load_pool
 from kd.synthetic.cli import USAGE, main
 from kd.synthetic.config import GenerateConfig, GeneratorTrainConfig, source_name
+from kd.synthetic.gnosis import ImportConfig, import_generator, load_generator
 from kd.synthetic.pool import generate
 from kd.synthetic.sampling import (
     denoise,
@@ -29,6 +36,6 @@ from kd.synthetic.sampling import (
 )
 from kd.synthetic.trainer import train
 
-__all__ = ["USAGE", "POOL_FILE", "GenerateConfig", "GeneratorTrainConfig", "denoise", "derived_seed", "generate",
-           "load_pipeline", "load_pool", "main", "model_fingerprint", "save_grid", "scheduler_class",
-           "source_name", "to_pixels", "train"]
+__all__ = ["USAGE", "POOL_FILE", "GenerateConfig", "GeneratorTrainConfig", "ImportConfig", "denoise", "derived_seed",
+           "generate", "import_generator", "load_generator", "load_pipeline", "load_pool", "main",
+           "model_fingerprint", "save_grid", "scheduler_class", "source_name", "to_pixels", "train"]

@@ -1,4 +1,4 @@
-"""``python -m kd.synthetic train|generate``: see :mod:`kd.synthetic.cli`."""
+"""``python -m kd.synthetic train|generate|import``: see :mod:`kd.synthetic.cli`."""
 
 from kd.synthetic.cli import main
 

@@ -119,10 +119,11 @@ class GeneratorTrainConfig:
     generator: str = setting("ddpm", "the generator family (kd.synthetic.families): ddpm, a diffusion model | "
                                      "sngan, the paper's SN-GAN", choices=FAMILIES)
     dataset: str = setting("digits", "training data", choices=DATASETS)
-    preset: str = setting("", "recipe: ddpm digits | cifar10 | cifar100, sngan gnosis | miyato | digits; empty: "
-                              "the dataset's name (ddpm), gnosis on CIFAR (sngan)")
+    preset: str = setting("", "recipe: ddpm digits | cifar10 | cifar100, sngan gnosis-a3 | gnosis-fig1 | miyato | "
+                              "digits; empty: the dataset's name (ddpm), gnosis-a3 on CIFAR (sngan)")
     epochs: int = setting(0, "DDPM: passes over the data; 0: the preset's", lo=0, hi=1_000_000)
-    g_steps: int = setting(0, "SN-GAN: generator steps in all; 0: the preset's (gnosis 100k, miyato 50k)", lo=0)
+    g_steps: int = setting(0, "SN-GAN: generator steps in all; 0: the preset's (gnosis-a3 100k, gnosis-fig1 391k, "
+                                 "miyato 50k)", lo=0)
     n_dis: int = setting(0, "SN-GAN: D steps per G step; 0: the preset's (5 on CIFAR)", lo=0, hi=100)
     batch_size: int = setting(0, "images per step; 0: the preset's", lo=0, hi=65_536)
     lr: float = setting(0.0, "peak learning rate; 0: the preset's", lo=0, hi=10)

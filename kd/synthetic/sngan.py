@@ -6,10 +6,13 @@ D: a first down-sampling block on raw pixels, one more down-sampling block, two 
 global pooling, linear -> 1, spectral norm on every conv and linear layer; hinge loss). They differ in:
 
 * ``arch="gnosis"``: the generator Stanton et al. 2021 trained (samuelstanton/gnosis ``gnosis/models/sngan.py``,
-  copied from olive-oil-ml's ``resnetgan.py``): bilinear x2 upsampling; a block's shortcut is the identity where
-  its channels match (every G block, D's second block, which is then average-pooled), a 1x1 conv only where they
-  do not (D's first block); D pools globally by the average; Xavier-uniform weights with gain 1 (gain sqrt(2)
-  for 1x1 convs), torch's default bias initialisation. G 4,079,363 and D 1,037,313 parameters at 32 px.
+  copied from olive-oil-ml's ``resnetgan.py``): bilinear x2 upsampling (``upsample="nearest"``: the nearest
+  neighbour, as olive-oil-ml's G had it until 2020-12-23 and as the authors' Figure 1 generator was trained; the
+  parameters are the same either way, so :mod:`kd.synthetic.gnosis` loads their weights into it); a block's
+  shortcut is the identity where its channels match (every G block, D's second block, which is then
+  average-pooled), a 1x1 conv only where they do not (D's first block); D pools globally by the average;
+  Xavier-uniform weights with gain 1 (gain sqrt(2) for 1x1 convs), torch's default bias initialisation. G
+  4,079,363 and D 1,037,313 parameters at 32 px.
 * ``arch="miyato"``: the SN-GAN paper's CIFAR networks as its Chainer code (pfnet-research/sngan_projection)
   and Mimicry's port build them: nearest x2 upsampling; 1x1-conv shortcuts in every block that resamples or
   changes channels; D pools globally by the sum; Xavier-uniform with gain sqrt(2) for the 3x3 convs inside
@@ -36,7 +39,7 @@ from torch.nn.utils.parametrizations import spectral_norm
 
 from kd.errors import KDError
 from kd.io import GENERATOR, load_tensors, plain_file_name, read_json, save_tensors, write_json
-from kd.synthetic.presets import ARCHS, GAN_PRESETS, GanPreset
+from kd.synthetic.presets import ARCHS, GAN_PRESETS, UPSAMPLING, GanPreset
 
 _RES_GAIN = math.sqrt(2.0)
 
@@ -63,6 +66,15 @@ def _check_arch(arch: str) -> bool:
     return arch == "gnosis"
 
 
+def upsample_mode(arch: str, upsample: str = "") -> str:
+    """G's x2 upsampling: ``upsample`` ("nearest" or "bilinear"), or, left empty, the arch's own (gnosis
+    bilinear, miyato nearest)."""
+    gnosis = _check_arch(arch)
+    if upsample not in UPSAMPLING:
+        raise ValueError(f"unknown upsampling {upsample!r}: choose one of {', '.join(UPSAMPLING[1:])}")
+    return upsample or ("bilinear" if gnosis else "nearest")
+
+
 def _n_doublings(size: int, bottom: int) -> int:
     """log2(size / bottom), insisting that it is a whole number >= 1."""
     n = round(math.log2(size / bottom)) if size > 0 and bottom > 0 else -1
@@ -74,12 +86,13 @@ def _n_doublings(size: int, bottom: int) -> int:
 class GBlock(nn.Module):
     """G's up-sampling residual block: BN, ReLU, x2 up, conv3x3, BN, ReLU, conv3x3, plus the shortcut: x2 up,
     then a 1x1 conv (miyato: always; gnosis: only where the channels change). miyato upsamples by nearest
-    neighbour, gnosis bilinearly (``nn.Upsample(scale_factor=2, mode="bilinear")``, corners not aligned)."""
+    neighbour, gnosis bilinearly (``nn.Upsample(scale_factor=2, mode="bilinear")``, corners not aligned), unless
+    ``upsample`` names the mode (:func:`upsample_mode`)."""
 
-    def __init__(self, cin: int, cout: int, arch: str = "miyato"):
+    def __init__(self, cin: int, cout: int, arch: str = "miyato", upsample: str = ""):
         super().__init__()
         gnosis = _check_arch(arch)
-        self.mode = "bilinear" if gnosis else "nearest"
+        self.mode = upsample_mode(arch, upsample)
         gain = 1.0 if gnosis else _RES_GAIN
         self.b1, self.b2 = nn.BatchNorm2d(cin), nn.BatchNorm2d(cout)
         self.c1 = _conv(cin, cout, 3, gain, zero_bias=not gnosis)
@@ -131,16 +144,18 @@ class DBlock(nn.Module):
 
 class Generator(nn.Module):
     """SN-GAN ResNet generator (no spectral norm): z -> linear -> ch x bottom x bottom -> log2(image_size / bottom)
-    up blocks -> BN, ReLU, conv3x3 -> out_channels -> tanh. CIFAR: z 128, ch 256, bottom 4, 3 blocks."""
+    up blocks -> BN, ReLU, conv3x3 -> out_channels -> tanh. CIFAR: z 128, ch 256, bottom 4, 3 blocks.
+    ``upsample``: the blocks' x2 upsampling, "nearest" or "bilinear" (empty: the arch's own)."""
 
     def __init__(self, z_dim: int = 128, ch: int = 256, image_size: int = 32, out_channels: int = 3, bottom: int = 4,
-                 arch: str = "miyato"):
+                 arch: str = "miyato", upsample: str = ""):
         super().__init__()
         zero_bias = not _check_arch(arch)
         self.z_dim, self.ch, self.bottom, self.image_size, self.arch = z_dim, ch, bottom, image_size, arch
+        self.upsample = upsample_mode(arch, upsample)
         n_up = _n_doublings(image_size, bottom)
         self.l1 = _init(nn.Linear(z_dim, ch * bottom * bottom), 1.0, zero_bias)
-        self.blocks = nn.Sequential(*[GBlock(ch, ch, arch) for _ in range(n_up)])
+        self.blocks = nn.Sequential(*[GBlock(ch, ch, arch, self.upsample) for _ in range(n_up)])
         self.b_out = nn.BatchNorm2d(ch)
         self.c_out = _conv(ch, out_channels, 3, 1.0, zero_bias=zero_bias)
 
@@ -195,13 +210,16 @@ def build_gan(preset: GanPreset | str) -> tuple[Generator, Discriminator]:
 
 def generator_of(preset: GanPreset) -> Generator:
     """A freshly initialised G of ``preset``'s shape."""
-    return Generator(preset.z_dim, preset.g_ch, preset.image_size, preset.channels, preset.bottom, preset.arch)
+    return Generator(preset.z_dim, preset.g_ch, preset.image_size, preset.channels, preset.bottom, preset.arch,
+                     preset.upsample)
 
 
 def lr_at(step: int, total: int, lr: float, lr_end: float) -> float:
     """The learning rate of G step ``step`` (0-based) of ``total``: linear from ``lr`` at step 0 to ``lr_end`` at
     step ``total`` (and after). As sngan_projection's ``LinearShift`` (lr_end 0) and gnosis's ``get_decay_fn``
-    under ``LambdaLR``, stepped once per G step (lr_end 1e-6)."""
+    under ``LambdaLR``, stepped once per G step (lr_end 1e-6). ``lr_end == lr``: ``lr`` throughout."""
+    if lr_end == lr:
+        return lr
     frac = min(max(step, 0), total) / total if total > 0 else 1.0
     return lr * (1.0 - frac) + lr_end * frac
 

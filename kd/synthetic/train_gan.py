@@ -1,5 +1,6 @@
-"""The SN-GAN job of the generator trainer (the paper's generator): n_dis hinge-loss D steps per G step, Adam
-with the preset's linear learning-rate decay (logged as ``generator/lr``), optional horizontal flips, an optional
+"""The SN-GAN job of the generator trainer (the paper's generator): n_dis hinge-loss D steps per G step (on n_dis
+real batches, or all on one where the preset says ``same_real``), Adam with the preset's linear learning-rate decay
+or constant rate (logged as ``generator/lr``), optional horizontal flips, an optional
 EMA copy of G; exported as ``OUT/generator/`` (generator.safetensors + generator.json) and published as
 ``generator-{dataset}-sngan`` (``-{preset}`` appended for a preset other than the dataset's default).
 
@@ -30,7 +31,8 @@ class GanJob:
 
     def __init__(self, cfg):
         self.cfg, self.recipe = cfg, cfg.recipe()
-        self.channels, self.batches_per_step = self.recipe.channels, self.recipe.n_dis
+        self.channels = self.recipe.channels
+        self.batches_per_step = 1 if self.recipe.same_real else self.recipe.n_dis
         self.snapshots = set(cfg.snapshot_steps())
         self.identity = json.loads(json.dumps(cfg.identity()))  # as the trainer compares it (tuples -> lists)
         self.folder = cfg.out_dir() / self.export_dir
@@ -81,12 +83,15 @@ class GanJob:
             self._drop_foreign_snapshots()
 
     def step(self, step: int, batches, g: torch.Generator, acc, total: int) -> dict:
-        """n_dis D steps on batches step * n_dis + j and one G step (G first where the preset says so), at the
-        learning rate of G step ``step``; flips and latents drawn from ``g``. Passing a snapshot step writes it."""
+        """n_dis D steps on batches step * n_dis + j (``same_real``: all on batch ``step``, flipped once) and one
+        G step (G first where the preset says so), at the learning rate of G step ``step``; flips and latents
+        drawn from ``g``. Passing a snapshot step writes it."""
         r, n = self.recipe, self.recipe.n_dis
-        reals = [batches(step * n + j) for j in range(n)]
+        reals = [batches(step)] if r.same_real else [batches(step * n + j) for j in range(n)]
         if r.flip:
             reals = [_flip(x, g) for x in reals]
+        if r.same_real:
+            reals = reals * n
         sngan.set_lr(sngan.lr_at(step, total, r.lr, r.lr_end), self.opt_g, self.opt_d)
         with acc.autocast():
             d_loss, g_loss = sngan.train_step(self.g, self.d, self.opt_g, self.opt_d, reals, generator=g,
