@@ -225,8 +225,8 @@ def test_download_verify_convert_publish(authors, workdir, mode, capsys, threads
     assert len(list((workdir / "wandb").glob("offline-run-*"))) == 1  # the import's W&B run (offline here)
 
     capsys.readouterr()
-    assert _main(*args) == 0  # again: the store holds it, nothing is downloaded or published
-    assert "already holds it" in capsys.readouterr().err
+    assert _main(*args) == 0  # again: the import finished, nothing is downloaded or published
+    assert "already finished" in capsys.readouterr().out
     assert sorted(p.name for p in (workdir / "artifacts" / name).glob("v*")) == ["v0"]
 
 
@@ -270,7 +270,7 @@ def test_file_without_network_and_other_oil_checkpoints(authors, workdir, monkey
     assert_close_as(ours, _reference_images(ref.state_dict(), "nearest", z), torch.float64, G_TERMS)
     capsys.readouterr()
     assert _main("import", "--source=oil", "--dataset=cifar10", f"--file={mine}") == 0
-    assert "already holds it" in capsys.readouterr().err
+    assert "already finished" in capsys.readouterr().out
 
 
 def test_load_generator_from_a_folder_and_refusals(authors, workdir):

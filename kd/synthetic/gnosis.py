@@ -19,9 +19,11 @@ Inception, not the standard FID). ``import``:
    generator artifact ``generator-{dataset}-gnosis-e{epoch}`` (``-bilinear`` appended for that mode), into the
    local store and through a W&B run, so ``generate --model=generator-cifar100-gnosis-e500`` samples it.
 
-Nothing is written (no store entry, no W&B run) unless every check passes; an import the store already holds
-says so and does nothing. ``--source=oil --file=PATH`` imports any other checkpoint of the same format (e.g. one
-trained with the authors' code): it cannot be verified against the table, so it is published as
+An import is a run like any other (:class:`kd.session.Session`, run folder ``runs/{artifact name}``): nothing is
+written (no store entry, no W&B run, no run folder) unless every check passes, and an import that already
+finished says so and does nothing (no download). ``--source=oil --file=PATH`` imports any other checkpoint of
+the same format (e.g. one trained with the authors' code): it cannot be verified against the table, so it is
+published as
 ``generator-{dataset}-oil-{first 8 hex digits of its sha256}``, recorded as unverified with its sha256 and blob
 id, under a name that can never be taken for the authors' files. Tests point :data:`URL_BASE` at a local server
 and :data:`CHECKPOINTS` at their own files (module constants; the command line has no way to change them).
@@ -33,22 +35,20 @@ import hashlib
 import shutil
 import sys
 import tempfile
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
 from kd import names
-from kd.artifacts import local_versions, store_root, verify_folder
-from kd.config import check_fields, setting
 from kd.errors import KDError, first_line
-from kd.io import check_folder, sha256_file
+from kd.flags import check_fields, identity, setting
+from kd.io import sha256_file
+from kd.session import Session
 from kd.synthetic import oil, sngan
 from kd.synthetic.presets import FIG1_EPOCH_STEPS, GAN_PRESETS
-from kd.synthetic.publishing import publish_once
 from kd.synthetic.sampling import model_path
-from kd.tracker import Tracker
-from kd.wandb_runs import new_run_id, wandb_dir, wandb_mode
 
 COMMIT = "32cc303648a01a738dfca7da8eb24188caadbfbd"
 URL_BASE = "https://raw.githubusercontent.com/samuelstanton/gnosis"
@@ -113,11 +113,35 @@ class ImportConfig:
     upsample: str = setting("nearest", "G's x2 upsampling when sampled: nearest (as the authors trained it) or "
                                        "bilinear (olive-oil-ml's from 2020-12-23 on); the weights fit both",
                             choices=("nearest", "bilinear"))
-    file: str = setting("", "a copy of the checkpoint on disk (no download)")
-    store: str = setting("", "local artifact store; empty: $KD_STORE, else ./artifacts")
-    project: str = setting(names.PROJECT, "W&B project", name=True)
+    file: str = setting("", "a copy of the checkpoint on disk (no download)", identity=False)
+    out: str = setting("", "the import's run folder; empty: runs/{artifact name}", identity=False)
+    store: str = setting("", "local artifact store; empty: $KD_STORE, else ./artifacts", identity=False)
+    project: str = setting(names.PROJECT, "W&B project", name=True, identity=False)
+    resume: str = setting("auto", "auto: an import that finished is not done again | False: import again",
+                          choices=("auto", "True", "False"), identity=False)
 
     kind = "generator"
+    # what the run lifecycle (kd.session) reads that an import does not set
+    study: ClassVar[str] = "default"
+    mixed_precision: ClassVar[str] = "no"
+    cpu: ClassVar[bool] = True
+    run_seed: ClassVar[int] = 0
+    out_flag: ClassVar[str] = "--out"
+
+    def file_sha256(self) -> str:
+        return sha256_file(Path(self.file).expanduser()) if self.file else ""
+
+    def run_name(self) -> str:
+        return self.artifact_name(self.file_sha256() if self.source == "oil" else "")
+
+    def run_dir(self) -> Path:
+        return Path(self.out or f"runs/{self.run_name()}")
+
+    def identity(self) -> dict:
+        """What the generator depends on: the authors' file of (dataset, epoch), or another file's sha256; the
+        upsampling."""
+        return {**identity(self), "epoch": self.epoch_or_default(),
+                **({"sha256": self.file_sha256()} if self.source == "oil" else {})}
 
     def validate(self) -> None:
         check_fields(self)
@@ -209,15 +233,9 @@ def _provenance(cfg: ImportConfig, path: Path, blob: str, sha: str, fmt: str) ->
 def import_generator(cfg: ImportConfig) -> Path:
     """Import the checkpoint ``cfg`` names (see the module docstring); returns its version folder in the store."""
     cfg.validate()
-    store = cfg.store or None
-    check_folder(store_root(store), "the artifact store (--store or $KD_STORE)")  # before the download, not after
-    if wandb_mode() != "disabled":
-        check_folder(wandb_dir() or ".", "the W&B folder ($WANDB_DIR, else the current folder)")
-    if cfg.source == "gnosis":
-        want = CHECKPOINTS[(cfg.dataset, cfg.epoch_or_default())][0]
-        held = _held_blob(cfg.artifact_name(), want, cfg.upsample, store)
-        if held is not None:
-            return held
+    session = Session(cfg, job="import-generator")  # the outputs checked, before any download
+    if session.already_finished():
+        return Path(session.folder.done_info()["store_path"])
     tmp = Path(tempfile.mkdtemp(prefix="kd-import-"))
     try:
         if cfg.file:
@@ -227,35 +245,15 @@ def import_generator(cfg: ImportConfig) -> Path:
             url = checkpoint_url(cfg.dataset, cfg.epoch_or_default())
             path, label = tmp / Path(url).name, f"the file downloaded from {url}"
             _download(url, path)
-        return _import_file(cfg, path, tmp, store, label)
+        return _import_file(cfg, session, path, tmp, label)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _held_blob(name: str, blob: str, upsample: str, store) -> Path | None:
-    """The store's version of ``name`` holding the file of this blob id in this mode (said on stderr), or None."""
-    version = local_versions(name, store)
-    if version is None:
-        return None
-    try:
-        meta = verify_folder(version).get("metadata", {})
-    except KDError:
-        return None
-    if meta.get("blob_id") != blob or meta.get("upsample") != upsample:
-        return None
-    print(f"{name}: the local store already holds it ({version}, git blob {blob}, {upsample} upsampling); "
-          f"nothing to import. Generate with --model={name}", file=sys.stderr)
-    return version
-
-
-def _import_file(cfg: ImportConfig, path: Path, tmp: Path, store, label: str) -> Path:
+def _import_file(cfg: ImportConfig, session: Session, path: Path, tmp: Path, label: str) -> Path:
     blob, sha = blob_id(path), sha256_file(path)
     _verify(cfg, label, blob)
     name = cfg.artifact_name(sha)
-    if cfg.source == "oil":
-        held = _held_blob(name, blob, cfg.upsample, store)
-        if held is not None:
-            return held
     state, fmt = oil.read_state_dict(path)
     g = oil.to_generator(state, cfg.upsample, path)
     meta = _provenance(cfg, path, blob, sha, fmt)
@@ -264,12 +262,12 @@ def _import_file(cfg: ImportConfig, path: Path, tmp: Path, store, label: str) ->
     meta = {**meta, "params": sum(p.numel() for p in g.parameters()), "weights_sha256": sha256_file(files[0])}
     said = "verified: the authors' file" if meta["verified"] else "unverified: not one of the authors' files"
     print(f"{path.name}: git blob {blob}, sha256 {sha[:12]}..., {fmt} ({said}) -> {name}", file=sys.stderr)
-    tracker = Tracker()
-    tracker.announce(sys.stderr)
-    tracker.start(project=cfg.project, run_id=new_run_id(), name=name, config={**asdict(cfg), **meta},
-                  job_type="import-generator")
-    with tracker.ending():
-        return publish_once(name, "model", files, meta, tracker, store, hint=f": generate with --model={name}")
+    with session.tracked():
+        session.start_tracking(meta, tags=["import-generator", cfg.dataset])
+        where = session.publish(name, "model", files, meta)
+        session.finish({"blob_id": blob, "verified": meta["verified"], names.FINAL: True})
+    print(f"artifact {name} ({where.name}) in {where.parent}: generate with --model={name}", file=sys.stderr)
+    return where
 
 
 def load_generator(name: str | Path, *, store=None, device: str = "cpu", step: int = 0) -> torch.nn.Module:
