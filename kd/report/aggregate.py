@@ -1,22 +1,25 @@
 """Finished student runs -> one run per grid point -> groups with n, mean, std, min and max per metric.
 
-* A grid point is (dataset, arch, synthetic source, ensemble size = the number of teachers actually used,
-  synthetic_ratio, temperature, trial). When several finished runs hold the same point (a sweep rerun
-  elsewhere, online duplicates, the ensemble-size sweep overlapping Figure 1's), only the newest one counts
-  (by when it last logged); :func:`dedupe` names the dropped runs in one warning.
-* A group is a grid point without the trial: (ensemble_size, synthetic_ratio, temperature, source). Ratio-0
-  runs use no synthetic pool: their source is None and they belong to every generator's Figure 1.
-* The grid defaults (a run config without ``ensemble_size`` etc.) are :class:`kd.config.DistillConfig`'s.
+The grid is :data:`kd.config.STUDENT_AXES`, the one declaration of a student's axes: what a run's config says
+for each axis (its default where the run does not record it), plus the dataset, the arch and the synthetic
+source (the pool's generator).
+
+* A grid point is (dataset, arch, synthetic source, every group axis, trial). The ensemble size is the number of
+  teachers the run used. When several finished runs hold the same point (a sweep rerun elsewhere, online
+  duplicates, the ensemble-size sweep overlapping Figure 1's), only the newest one counts (by when it last
+  logged); :func:`dedupe` names the dropped runs in one warning.
+* A group is a grid point without the trial: the group axes (:data:`kd.config.GROUP_AXES`: ensemble size,
+  synthetic ratio, temperature, and any axis added since) and the source. Ratio-0 runs use no synthetic pool:
+  their source is None and they belong to every generator's Figure 1.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 
 from kd import names
-from kd.config import DistillConfig
+from kd.config import AXIS, GROUP_AXES, STUDENT_AXES
 from kd.errors import KDError
 from kd.report.runs import Run, warn
 
@@ -26,22 +29,11 @@ LABELS = {names.TEST_ACC: "student acc", names.TEST_AGREEMENT: "agreement", name
           names.TEST_ECE: "ECE", names.TEACHER_ACC: "teacher acc"}
 FIG1_SIZES = (1, 3)  # panel (a) self-distillation, panel (b) 3-teacher ensemble
 UNKNOWN_SOURCE = "unknown"  # a run with synthetic data whose config does not name the pool's model
-
-_FIELDS = {f.name: f for f in dataclasses.fields(DistillConfig)}
-
-
-def _field(name: str) -> str:
-    """A DistillConfig field name (the run config key the student logs): fails at import if renamed."""
-    if name not in _FIELDS:
-        raise AssertionError(f"kd.config.DistillConfig has no field {name!r}")
-    return name
-
-
-DATASET, ARCH = _field("dataset"), _field("arch")
-ENSEMBLE_SIZE, SYNTHETIC_RATIO = _field("ensemble_size"), _field("synthetic_ratio")
-TEMPERATURE, TRIAL = _field("temperature"), _field("trial")
-GRID_KEYS = (ENSEMBLE_SIZE, SYNTHETIC_RATIO, TEMPERATURE, TRIAL)
-DEFAULTS = {k: _FIELDS[k].default for k in GRID_KEYS}
+DATASET, ARCH = "dataset", "arch"
+ENSEMBLE_SIZE, SYNTHETIC_RATIO, TEMPERATURE, TRIAL = "ensemble_size", "synthetic_ratio", "temperature", "trial"
+FIGURE_AXES = (ENSEMBLE_SIZE, SYNTHETIC_RATIO, TEMPERATURE)  # the figures' own coordinates; other axes facet them
+GRID_KEYS = tuple(a.key for a in STUDENT_AXES)  # a point of the grid, in this order
+DEFAULTS = {a.key: a.default for a in STUDENT_AXES}
 
 
 def rnd(x) -> float:
@@ -49,36 +41,35 @@ def rnd(x) -> float:
     return round(float(x), 6)
 
 
-def student_key(run: Run) -> tuple[int, float, float]:
-    """(ensemble_size, synthetic_ratio, temperature); the size is the number of teachers actually used."""
-    c = run.config
-    used = c.get(names.TEACHER_NAMES)
+def axis_values(run: Run) -> dict:
+    """Every student axis of ``run`` (:data:`kd.config.STUDENT_AXES`), typed."""
     try:
-        m = len(used) if isinstance(used, list) and used else int(c.get(ENSEMBLE_SIZE, DEFAULTS[ENSEMBLE_SIZE]))
-        return (m, rnd(c.get(SYNTHETIC_RATIO, DEFAULTS[SYNTHETIC_RATIO])),
-                rnd(c.get(TEMPERATURE, DEFAULTS[TEMPERATURE])))
-    except (TypeError, ValueError) as e:
-        raise KDError(f"student run {run.label} ({run.sources[0] if run.sources else '?'}) has no usable "
-                      f"{ENSEMBLE_SIZE} / {SYNTHETIC_RATIO} / {TEMPERATURE} in its config ({e!r})") from None
+        return {a.key: a.value(run.config) for a in STUDENT_AXES}
+    except KDError as e:
+        raise KDError(f"student run {run.label} ({run.sources[0] if run.sources else '?'}): {e}") from None
+
+
+def student_key(run: Run) -> tuple:
+    """The group axes' values of ``run``, in :data:`kd.config.GROUP_AXES` order."""
+    values = axis_values(run)
+    return tuple(values[a.key] for a in GROUP_AXES)
 
 
 def trial_of(run: Run) -> int:
-    try:
-        return int(run.config.get(TRIAL, DEFAULTS[TRIAL]))
-    except (TypeError, ValueError):
-        raise KDError(f"student run {run.label} has a non-integer {TRIAL} in its config") from None
+    return axis_values(run)[TRIAL]
 
 
 def source_of(run: Run) -> str | None:
     """The synthetic pool's model; None for a ratio-0 run (real data only: no pool)."""
-    if student_key(run)[1] == 0.0:
+    if axis_values(run)[SYNTHETIC_RATIO] == 0.0:
         return None
     return str(run.config.get(names.SYNTHETIC_SOURCE) or UNKNOWN_SOURCE)
 
 
 def grid_point(run: Run) -> tuple:
-    return (str(run.config.get(DATASET)), str(run.config.get(ARCH)), source_of(run) or "", *student_key(run),
-            trial_of(run))
+    values = axis_values(run)
+    return (str(run.config.get(DATASET)), str(run.config.get(ARCH)), source_of(run) or "",
+            *(values[k] for k in GRID_KEYS))
 
 
 def dedupe(students: list[Run], warnings: list[str]) -> tuple[list[Run], list[tuple[Run, Run]]]:
@@ -111,9 +102,10 @@ def stats(values: list[float]) -> dict:
 
 @dataclass
 class Group:
-    ensemble_size: int
-    synthetic_ratio: float
-    temperature: float
+    """The runs of one grid point without the trial: ``values`` holds its group axes (an axis it does not hold is
+    at its default)."""
+
+    values: dict
     runs: list[Run]
     stats: dict[str, dict]
     n_real: int | None
@@ -121,9 +113,29 @@ class Group:
     synthetic_source: str | None = None  # None: real data only (ratio 0), in every generator's panel
     synthetic_fid: float | None = None
 
+    def get(self, key: str):
+        return self.values.get(key, DEFAULTS[key])
+
     @property
-    def key(self) -> tuple[int, float, float]:
-        return self.ensemble_size, self.synthetic_ratio, self.temperature
+    def ensemble_size(self) -> int:
+        return self.get(ENSEMBLE_SIZE)
+
+    @property
+    def synthetic_ratio(self) -> float:
+        return self.get(SYNTHETIC_RATIO)
+
+    @property
+    def temperature(self) -> float:
+        return self.get(TEMPERATURE)
+
+    @property
+    def key(self) -> tuple:
+        return tuple(self.get(a.key) for a in GROUP_AXES)
+
+    @property
+    def facet(self) -> tuple:
+        """The values of the group axes the figures do not draw along (a second loss, say): one figure each."""
+        return tuple((a.key, self.get(a.key)) for a in GROUP_AXES if a.key not in FIGURE_AXES)
 
     @property
     def order(self) -> tuple:
@@ -161,23 +173,27 @@ def _stats_of(runs: list[Run], what: str, warnings: list[str]) -> dict[str, dict
 
 
 def group_students(students: list[Run], warnings: list[str]) -> list[Group]:
-    """Groups of the (already deduplicated) students, sorted by (m, ratio, tau, source)."""
+    """Groups of the (already deduplicated) students, sorted by their group axes, then source."""
     by_key: dict[tuple, list[Run]] = {}
     for run in students:
         by_key.setdefault((*student_key(run), source_of(run)), []).append(run)
     groups = []
-    for key in sorted(by_key, key=lambda k: (*k[:3], k[3] or "")):
+    for key in sorted(by_key, key=lambda k: (*k[:-1], k[-1] or "")):
         runs = sorted(by_key[key], key=lambda r: (trial_of(r), r.id))
-        what = point_text(*key[:3], source=key[3])
-        groups.append(Group(*key[:3], runs=runs, stats=_stats_of(runs, what, warnings),
+        values = dict(zip((a.key for a in GROUP_AXES), key[:-1]))
+        what = point_text(values, source=key[-1])
+        groups.append(Group(values, runs=runs, stats=_stats_of(runs, what, warnings),
                             n_real=_count(runs, names.N_REAL, what, warnings),
                             n_synthetic=_count(runs, names.N_SYNTHETIC, what, warnings),
-                            synthetic_source=key[3], synthetic_fid=fid_of(runs, what, warnings)))
+                            synthetic_source=key[-1], synthetic_fid=fid_of(runs, what, warnings)))
     return groups
 
 
-def point_text(m, r, t, trial=None, source=None) -> str:
-    s = f"{ENSEMBLE_SIZE}={m} {SYNTHETIC_RATIO}={r:g} {TEMPERATURE}={t:g}"
+def point_text(values: dict, trial=None, source=None) -> str:
+    """``ensemble_size=3 synthetic_ratio=0.5 temperature=1`` (an added axis only where it is not at its default)."""
+    shown = [f"{a.key}={a.text(values.get(a.key, a.default))}" for a in GROUP_AXES
+             if a.named == "always" or values.get(a.key, a.default) != a.default]
+    s = " ".join(shown)
     s = s if trial is None else f"{s} {TRIAL}={trial}"
     return s if not source else f"{s} {names.SYNTHETIC_SOURCE}={source}"
 
@@ -202,6 +218,20 @@ def for_source(groups: list[Group], source: str | None) -> list[Group]:
 def source_fid(groups: list[Group], source: str) -> float | None:
     fids = sorted({g.synthetic_fid for g in groups if g.synthetic_source == source and g.synthetic_fid is not None})
     return fids[len(fids) // 2] if fids else None
+
+
+def facets(groups: list[Group]) -> list[tuple]:
+    """The study's facets (:attr:`Group.facet`), sorted: one set of figures each (a study of one loss has one)."""
+    return sorted({g.facet for g in groups}, key=lambda f: tuple(str(v) for _, v in f))
+
+
+def in_facet(groups: list[Group], facet: tuple) -> list[Group]:
+    return [g for g in groups if g.facet == facet]
+
+
+def facet_text(facet: tuple) -> str:
+    """``loss kd_nll`` for a facet whose axes are not all at their defaults; empty for the default one."""
+    return " · ".join(f"{AXIS[k].label} {AXIS[k].text(v)}" for k, v in facet if v != AXIS[k].default)
 
 
 def fig1_temperature(groups: list[Group]) -> float | None:

@@ -15,9 +15,20 @@ from pathlib import Path
 from kd import names
 from kd.errors import ArgumentParser, KDError, check_name, cli, first_line
 from kd.io import atomic_write, check_folder
-from kd.report.aggregate import ARCH, DATASET, Group, dedupe, group_students, only, sources
+from kd.report.aggregate import (
+    ARCH,
+    DATASET,
+    Group,
+    dedupe,
+    facet_text,
+    facets,
+    group_students,
+    in_facet,
+    only,
+    sources,
+)
 from kd.report.effect import figure_effect
-from kd.report.figures import fig1_names, figure1, figure2, save_figure
+from kd.report.figures import fig1_names, figure1, figure2, save_figure, slug
 from kd.report.grid import check_grid, spec_files, split_by_grid
 from kd.report.online import OnlineCache, api_errors, default_entity, read_online
 from kd.report.runs import InspectCache, Run, read_offline, unreadable_note, warn
@@ -122,16 +133,21 @@ def _no_runs(args, study: str, got: Loaded, teachers: list[Run]) -> KDError:
 
 
 def write_outputs(groups: list[Group], study: str, dataset: str, arch: str, out: Path) -> dict[str, Path]:
-    """Figure 1 per synthetic source, Figure 2, synthetic_effect.png (two sources or more) and the CSV."""
+    """Per facet (:func:`kd.report.aggregate.facets`: one for a study whose runs agree in every axis beyond the
+    figures' own; the first without a suffix, the others ``-{facet}``): Figure 1 per synthetic source, Figure 2,
+    synthetic_effect.png (two sources or more); then the CSV of every group."""
     paths: dict[str, Path] = {}
-    for source, stem in fig1_names(groups).items():
-        paths[stem] = out / f"{stem}.png"
-        save_figure(figure1(groups, study, dataset, arch, source), paths[stem])
-    paths["fig2"] = out / "fig2.png"
-    save_figure(figure2(groups, study, dataset, arch), paths["fig2"])
-    if len(sources(groups)) > 1:
-        paths["synthetic_effect"] = out / "synthetic_effect.png"
-        save_figure(figure_effect(groups, study, dataset, arch), paths["synthetic_effect"])
+    for i, facet in enumerate(facets(groups)):
+        mine, label = in_facet(groups, facet), facet_text(facet)
+        suffix = f"-{slug(label or 'default')}" if i else ""
+        for source, stem in fig1_names(mine).items():
+            paths[stem + suffix] = out / f"{stem}{suffix}.png"
+            save_figure(figure1(mine, study, dataset, arch, source, label), paths[stem + suffix])
+        paths["fig2" + suffix] = out / f"fig2{suffix}.png"
+        save_figure(figure2(mine, study, dataset, arch, label), paths["fig2" + suffix])
+        if len(sources(mine)) > 1:
+            paths["synthetic_effect" + suffix] = out / f"synthetic_effect{suffix}.png"
+            save_figure(figure_effect(mine, study, dataset, arch), paths["synthetic_effect" + suffix])
     paths["csv"] = out / "results.csv"
     with atomic_write(paths["csv"], "w") as fh:
         fh.write(results_csv(groups, study, dataset, arch))

@@ -67,14 +67,15 @@ def paired_changes(base: Group, top: Group, metric: str) -> dict[int, float]:
 
 def synthetic_effects(groups: list[Group]) -> list[dict]:
     """One row per (source, ensemble size, ratio > 0) that has a real-only group of the same ensemble size at
-    Figure 1's temperature: source, family, step, fid, ensemble_size, ratio, n_synthetic, and per change
-    (d_acc, d_agreement, as fractions): the mean over the paired trials, ``{key}_lo`` / ``{key}_hi`` (the 95%
-    t-interval, None for one trial), ``{key}_n`` (paired trials) and ``{key}_trials`` (trial -> change)."""
+    Figure 1's temperature (``groups``: those of one facet, :func:`kd.report.aggregate.facets`): source, family,
+    step, fid, ensemble_size, ratio, n_synthetic, and per change (d_acc, d_agreement, as fractions): the mean over
+    the paired trials, ``{key}_lo`` / ``{key}_hi`` (the 95% t-interval, None for one trial), ``{key}_n`` (paired
+    trials) and ``{key}_trials`` (trial -> change)."""
     tau = fig1_temperature(groups)
     rows = []
     for src in sources(groups):
         for m in FIG1_SIZES:
-            base = [g for g in groups if g.key == (m, 0.0, tau)]
+            base = [g for g in groups if (g.ensemble_size, g.synthetic_ratio, g.temperature) == (m, 0.0, tau)]
             own = [g for g in groups if g.synthetic_source == src and g.ensemble_size == m and g.temperature == tau
                    and g.synthetic_ratio > 0]
             if not base:

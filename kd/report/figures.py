@@ -127,8 +127,9 @@ def _fig1_legend(fig, note: str) -> None:
                title=note + " · both axes on one scale", title_fontsize=9, frameon=False)
 
 
-def figure1(groups: list[Group], study: str, dataset: str, arch: str, source: str | None = None):
-    """Figure 1 for one synthetic source (None: every group; a study without synthetic data)."""
+def figure1(groups: list[Group], study: str, dataset: str, arch: str, source: str | None = None, facet: str = ""):
+    """Figure 1 for one synthetic source (None: every group; a study without synthetic data); ``facet`` names what
+    else its runs share where the study varies more (e.g. ``loss kd_nll``)."""
     from matplotlib.figure import Figure
 
     groups = for_source(groups, source)
@@ -155,7 +156,8 @@ def figure1(groups: list[Group], study: str, dataset: str, arch: str, source: st
         _fig1_legend(fig, _lines_note(at_tau))
     tau_txt = "-" if tau is None else f"{tau:g}"
     fig.text(0.5, 0.01, f"study {study} · dataset {dataset} · student {arch} · temperature τ = {tau_txt} · "
-             f"trials per point: {_trials(at_tau)} · metrics on the test set after the last epoch",
+             + (f"{facet} · " if facet else "")
+             + f"trials per point: {_trials(at_tau)} · metrics on the test set after the last epoch",
              ha="center", va="bottom", fontsize=9, color="0.3")
     return fig
 
@@ -179,7 +181,7 @@ def _fig2_lines(ax_acc, ax_agr, at0: list[Group]) -> None:
         ax.legend(loc="best", fontsize=9, title=_lines_note(at0), title_fontsize=8.5)
 
 
-def figure2(groups: list[Group], study: str, dataset: str, arch: str):
+def figure2(groups: list[Group], study: str, dataset: str, arch: str, facet: str = ""):
     from matplotlib.figure import Figure
 
     at0 = [g for g in groups if g.synthetic_ratio == 0.0]
@@ -194,8 +196,8 @@ def figure2(groups: list[Group], study: str, dataset: str, arch: str):
         _fig2_lines(ax_acc, ax_agr, at0)
     fig.suptitle("Does a bigger teacher ensemble give a better or a more faithful student?", fontsize=13)
     fig.text(0.5, -0.02, f"study {study} · dataset {dataset} · student {arch} · real data only "
-             f"(synthetic_ratio 0) · trials per point: {_trials(at0)} · one line per distillation "
-             "temperature τ",
+             f"(synthetic_ratio 0) · {f'{facet} · ' if facet else ''}trials per point: {_trials(at0)} · one line per "
+             "distillation temperature τ",
              ha="center", va="top", fontsize=9, color="0.3")
     return fig
 
@@ -214,8 +216,8 @@ def _teacher_groups(at0: list[Group]) -> list[Group]:
                     who = tuple(r.config.get(names.TEACHER_HASHES) or r.config.get(names.TEACHER_NAMES) or
                                 [f"trial{trial_of(r)}"])
                     seen[who] = float(v)
-        out.append(Group(m, 0.0, 0.0, runs=[], stats={TEACHER_ACC: stats(list(seen.values()))},
-                         n_real=None, n_synthetic=None))
+        out.append(Group({"ensemble_size": m, "synthetic_ratio": 0.0}, runs=[],
+                         stats={TEACHER_ACC: stats(list(seen.values()))}, n_real=None, n_synthetic=None))
     return out
 
 

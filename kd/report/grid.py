@@ -3,9 +3,9 @@
 * Default (no ``--expect``): Figure 1 needs sizes {1, 3} x every synthetic ratio present (per generator when
   the study uses several; ``--expect-paper-grid`` adds the paper's ratios), Figure 2 every size x
   temperature at ratio 0.
-* ``--expect=SWEEP_DIR``: every (ensemble_size, synthetic_ratio, temperature, trial) point of the student
-  grid sweeps there; a parameter a spec leaves out takes DistillConfig's default. A point counts as present
-  when any generator holds it (the specs name pools, not generators).
+* ``--expect=SWEEP_DIR``: every point of the student grid sweeps there, over every student axis
+  (:data:`kd.config.STUDENT_AXES`); a parameter a spec leaves out takes DistillConfig's default. A point counts
+  as present when any generator holds it (the specs name pools, not generators).
 * ``--expect=SWEEP_DIR`` also decides which runs belong to the study's grid (:func:`split_by_grid`): a run counts
   only if its config holds, for every key one of those specs sets, one of that spec's values (the grid keys a
   spec leaves out at DistillConfig's default; the pool of a real-only run is not compared: the run does not
@@ -21,20 +21,22 @@ import math
 from pathlib import Path
 
 from kd import names
-from kd.config import DistillConfig
+from kd.config import AXIS, DistillConfig
 from kd.errors import KDError
 from kd.report.aggregate import (
     DEFAULTS,
     FIG1_SIZES,
     GRID_KEYS,
+    TRIAL,
     Group,
+    axis_values,
+    facets,
     fig1_temperature,
     for_source,
+    in_facet,
     point_text,
     rnd,
     sources,
-    student_key,
-    trial_of,
 )
 from kd.report.runs import Run, warn
 
@@ -70,9 +72,9 @@ def _param_values(spec: dict, key: str, src: Path) -> list:
     else:
         raise KDError(f"--expect: {src} parameter {key} has no values/value list, so it defines no grid")
     try:
-        return [int(v) if isinstance(DEFAULTS[key], int) else rnd(v) for v in vals]
-    except (TypeError, ValueError):
-        raise KDError(f"--expect: {src} parameter {key} has a non-numeric value in {vals!r}") from None
+        return [AXIS[key].value({key: v}) for v in vals]
+    except KDError:
+        raise KDError(f"--expect: {src} parameter {key} has a value of the wrong type in {vals!r}") from None
 
 
 def spec_files(path: Path) -> list[Path]:
@@ -107,7 +109,8 @@ def _student_grid(f: Path, study: str, warnings: list[str]) -> dict | None:
 
 
 def expected_from_specs(path: str | Path, study: str, warnings: list[str]) -> dict[tuple, str]:
-    """(ensemble_size, ratio, temperature, trial) points of the student grid sweeps in a folder (or file)."""
+    """The points (every student axis, in :data:`GRID_KEYS` order) of the student grid sweeps in a folder (or a
+    file)."""
     points: dict[tuple, str] = {}
     for f in spec_files(Path(path)):
         spec = _student_grid(f, study, warnings)
@@ -169,18 +172,24 @@ def check_grid(students: list[Run], groups: list[Group], args, warnings: list[st
     """Warn once per expected grid point without a finished run; returns those warnings."""
     missing = []
     if args.expect:
-        have = {(*student_key(r), trial_of(r)) for r in students}
-        for point, src in sorted(expected_from_specs(args.expect, args.study, warnings).items()):
+        have = {tuple(axis_values(r)[k] for k in GRID_KEYS) for r in students}
+        for point, src in sorted(expected_from_specs(args.expect, args.study, warnings).items(), key=str):
             if point not in have:
-                missing.append(f"missing grid point ({src}): no finished run with {point_text(*point)}")
+                values = dict(zip(GRID_KEYS, point))
+                text = point_text(values, trial=values[TRIAL])
+                missing.append(f"missing grid point ({src}): no finished run with {text}")
     if not args.expect or args.expect_paper_grid:
-        have = {(*g.key, g.synthetic_source) for g in groups}
         several = len(sources(groups)) > 1
-        points = expected_default(groups, args.expect_paper_grid)
-        for point, fig in sorted(points.items(), key=lambda kv: (*kv[0][:3], kv[0][3] or "")):
-            if point not in have:
-                text = point_text(*point[:3], source=point[3] if several else None)
-                missing.append(f"missing grid point ({fig}): no finished run with {text}")
+        for facet in facets(groups):
+            mine = in_facet(groups, facet)
+            have = {(g.ensemble_size, g.synthetic_ratio, g.temperature, g.synthetic_source) for g in mine}
+            points = expected_default(mine, args.expect_paper_grid)
+            for point, fig in sorted(points.items(), key=lambda kv: (*kv[0][:3], kv[0][3] or "")):
+                if point not in have:
+                    values = {**dict(facet), "ensemble_size": point[0], "synthetic_ratio": point[1],
+                              "temperature": point[2]}
+                    text = point_text(values, source=point[3] if several else None)
+                    missing.append(f"missing grid point ({fig}): no finished run with {text}")
     for msg in missing:
         warn(warnings, msg)
     return missing

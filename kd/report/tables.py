@@ -1,8 +1,9 @@
 """The terminal table and ``results.csv``: one row per group (grid point without the trial).
 
-The CSV has a ``synthetic_source`` column (empty for real-only, ratio-0 rows, which every generator shares)
-and the pool's ``synthetic_fid`` (empty when unknown); the table shows the source only when the study uses
-more than one.
+The columns of the grid are the group axes (:data:`kd.config.GROUP_AXES`): the CSV has every one, the table the
+paper's and any other that a group holds at a value other than its default. The CSV has a ``synthetic_source``
+column (empty for real-only, ratio-0 rows, which every generator shares) and the pool's ``synthetic_fid`` (empty
+when unknown); the table shows the source only when the study uses more than one.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import csv
 import io
 
 from kd import names
+from kd.config import GROUP_AXES
 from kd.report.aggregate import LABELS, METRICS, PERCENT, Group, sources, stats
 from kd.report.runs import Run
 
@@ -23,13 +25,19 @@ def fmt(x, pct: bool) -> str:
     return f"{100 * x:.2f}" if pct else f"{x:.4f}"
 
 
+def shown_axes(groups: list[Group]) -> list:
+    """The paper's axes, and any axis added since that some group holds at a value other than its default."""
+    return [a for a in GROUP_AXES if a.named == "always" or any(g.get(a.key) != a.default for g in groups)]
+
+
 def table(groups: list[Group], teachers: list[Run]) -> str:
     several = len(sources(groups)) > 1
-    head = ["m", "ratio", "tau", *(["source"] if several else []), "+synth", "n"]
+    axes = shown_axes(groups)
+    head = [a.label for a in axes] + [*(["source"] if several else []), "+synth", "n"]
     head += [LABELS[k] + (" %" if k in PERCENT else "") for k in METRICS]
     rows = [head]
     for g in groups:
-        row = [str(g.ensemble_size), f"{g.synthetic_ratio:g}", f"{g.temperature:g}"]
+        row = [a.text(g.get(a.key)) for a in axes]
         row += [g.synthetic_source or "(real)"] if several else []
         row += ["-" if g.n_synthetic is None else str(g.n_synthetic), str(len(g.runs))]
         for k in METRICS:
@@ -39,7 +47,8 @@ def table(groups: list[Group], teachers: list[Run]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    lines.append("(mean ± std over trials; m = teachers in the ensemble, ratio = synthetic:real images)")
+    lines.append("(mean ± std over trials; m = teachers in the ensemble, ratio = synthetic:real images, tau = the "
+                 "distillation temperature)")
     acc = stats([float(v) for t in teachers if isinstance(v := t.value(names.TEST_ACC), (int, float))])
     if teachers:
         lines.append(f"teacher runs: {len(teachers)} finished, test acc mean {fmt(acc['mean'], True)} % "
@@ -48,8 +57,8 @@ def table(groups: list[Group], teachers: list[Run]) -> str:
 
 
 def results_csv(groups: list[Group], study: str, dataset: str, arch: str) -> str:
-    cols = ["study", "dataset", "arch", "ensemble_size", "synthetic_ratio", "synthetic_source", "synthetic_fid",
-            "temperature", "n_runs", "n_real", "n_synthetic"]
+    cols = ["study", "dataset", "arch", *(a.key for a in GROUP_AXES), "synthetic_source", "synthetic_fid", "n_runs",
+            "n_real", "n_synthetic"]
     for k in METRICS:
         cols += [f"{k.replace('/', '_')}_{s}" for s in STATS]
     cols.append("run_ids")
@@ -57,8 +66,8 @@ def results_csv(groups: list[Group], study: str, dataset: str, arch: str) -> str
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(cols)
     for g in groups:
-        row = [study, dataset, arch, g.ensemble_size, g.synthetic_ratio, g.synthetic_source, g.synthetic_fid,
-               g.temperature, len(g.runs), g.n_real, g.n_synthetic]
+        row = [study, dataset, arch, *(g.get(a.key) for a in GROUP_AXES), g.synthetic_source, g.synthetic_fid,
+               len(g.runs), g.n_real, g.n_synthetic]
         for k in METRICS:
             row += [g.stats[k][s] for s in STATS]
         row.append(" ".join(r.id for r in g.runs))

@@ -18,7 +18,8 @@ import csv
 from pathlib import Path
 
 from kd import names
-from kd.report.aggregate import ENSEMBLE_SIZE, SYNTHETIC_RATIO, TEMPERATURE, Group
+from kd.config import GROUP_AXES
+from kd.report.aggregate import ENSEMBLE_SIZE, Group
 from kd.report.figures import BAND
 
 FIGURES = ("fig1", "fig2")
@@ -35,7 +36,7 @@ def _media(wr, runset, title: str, key: str):
         wr.MediaBrowser(title=title, media_keys=[f"figures/{key}"], layout=wr.Layout(w=24, h=12))])
 
 
-GROUP_KEYS = (ENSEMBLE_SIZE, SYNTHETIC_RATIO, names.SYNTHETIC_SOURCE, TEMPERATURE)  # a figure's group
+GROUP_KEYS = (*(a.key for a in GROUP_AXES), names.SYNTHETIC_SOURCE)  # a figure's group
 
 
 def report_title(study: str) -> str:
