@@ -139,6 +139,12 @@ class DistillConfig(TrainConfig):
                           "distinct teachers")
         for name in listed:
             check_name(name, "teacher name")
+        reads = set(LOSSES[self.loss].params)
+        for other in LOSSES.values():
+            for key in set(other.params) - reads:
+                if getattr(self, key) != _FIELDS[key].default:
+                    raise KDError(f"--{key} is a setting of another loss than --loss={self.loss}: drop it, or pass "
+                                  f"the loss that reads it")
 
     @property
     def student_seed(self) -> int:

@@ -3,8 +3,9 @@
 A loss maps (student logits ``[B, C]``, the batch, the run's config) to a scalar. The batch holds ``target``
 (the teacher's logits or log-probabilities, ``[B, C]``), ``y`` (the labels of the real rows, -1 on synthetic
 rows: a generator's images have none) and ``tau`` (each row's temperature, ``[B]``, or absent: the config's
-``temperature`` for every row). :func:`register_loss` adds one; the config's ``--loss`` choices, its run names
-and the report's groups follow (:mod:`kd.config`).
+``temperature`` for every row). :func:`register_loss` adds one, naming the config fields it reads beyond the
+batch (its ``params``: a flag no chosen loss reads is refused when set); the config's ``--loss`` choices, its run
+names and the report's groups follow (:mod:`kd.config`).
 
 * ``kd`` (the default): Eq. 1 of Stanton et al., no label term.
 """
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 class Loss:
     fn: Callable  # (student_logits, batch, cfg) -> scalar tensor
     help: str
+    params: tuple[str, ...] = ()  # the config fields it reads (beyond the temperature)
 
     def __call__(self, student_logits: torch.Tensor, batch: dict, cfg) -> torch.Tensor:
         return self.fn(student_logits, batch, cfg)
@@ -30,12 +32,13 @@ class Loss:
 LOSSES: dict[str, Loss] = {}
 
 
-def register_loss(name: str, help: str):
-    """Decorator: ``fn(student_logits, batch, cfg)`` becomes the loss ``name``."""
+def register_loss(name: str, help: str, params: tuple[str, ...] = ()):
+    """Decorator: ``fn(student_logits, batch, cfg)`` becomes the loss ``name``, reading the config fields
+    ``params``."""
     def add(fn: Callable) -> Callable:
         if name in LOSSES:
             raise ValueError(f"loss {name!r} is registered already")
-        LOSSES[name] = Loss(fn, help)
+        LOSSES[name] = Loss(fn, help, tuple(params))
         return fn
 
     return add
