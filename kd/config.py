@@ -105,6 +105,8 @@ class DistillConfig(TrainConfig):
     nesterov: bool = setting(True, "Nesterov momentum", choices=(True, False))
     loss: str = setting("kd", "distillation loss (kd.losses.LOSSES)", choices=LOSSES, identity="non_default",
                         packs=True)
+    alpha: float = setting(0.0, "--loss=kd_nll: weight of the label term (the paper's 0 is Eq. 1 alone)", lo=0,
+                           hi=1, identity="non_default", packs=True)
     teachers: str = setting("", "comma-separated teacher artifact names; empty: --ensemble_size/--trial", packs=True)
     teacher_arch: str = setting("", "arch of the teachers --ensemble_size chooses; empty: --arch", packs=True)
     ensemble_size: int = setting(1, "teachers in the ensemble (a block of the study's teachers)", lo=1, hi=1000,
@@ -209,6 +211,7 @@ STUDENT_AXES: tuple[Axis, ...] = (
     Axis("synthetic_ratio", "r", "ratio"),
     Axis("temperature", "T", "tau"),
     Axis("loss", "L", "loss", named="non_default"),
+    Axis("alpha", "a", "alpha", named="non_default"),
 )
 GROUP_AXES = tuple(a for a in STUDENT_AXES if a.group)
 AXIS = {a.key: a for a in STUDENT_AXES}

@@ -8,6 +8,8 @@ batch (its ``params``: a flag no chosen loss reads is refused when set); the con
 names and the report's groups follow (:mod:`kd.config`).
 
 * ``kd`` (the default): Eq. 1 of Stanton et al., no label term.
+* ``kd_nll``: ``(1 - alpha) * Eq. 1 + alpha * cross-entropy of the labels`` on the real rows (Hinton et al.'s
+  mix; the paper sets alpha to 0, where it is ``kd`` exactly).
 """
 
 from __future__ import annotations
@@ -66,3 +68,12 @@ def _tau(batch: dict, cfg):
 @register_loss("kd", "Eq. 1: -tau^2 sum softmax(z_t/tau) log softmax(z_s/tau), no label term (the paper's)")
 def _kd(student_logits: torch.Tensor, batch: dict, cfg) -> torch.Tensor:
     return kd_loss(student_logits, batch["target"], _tau(batch, cfg))
+
+
+@register_loss("kd_nll", "(1 - alpha) x Eq. 1 + alpha x cross-entropy of the labels on the real rows", ("alpha",))
+def _kd_nll(student_logits: torch.Tensor, batch: dict, cfg) -> torch.Tensor:
+    soft = kd_loss(student_logits, batch["target"], _tau(batch, cfg))
+    y = batch["y"]
+    real = y >= 0  # a generator's images have no label
+    hard = F.cross_entropy(student_logits[real].float(), y[real]) if bool(real.any()) else soft * 0
+    return (1 - cfg.alpha) * soft + cfg.alpha * hard
