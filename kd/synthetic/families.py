@@ -69,7 +69,8 @@ class Sampler(Protocol):
     device: torch.device
 
     def identity(self) -> dict:
-        """What decides the images (a shard made under another identity is not reused)."""
+        """What decides the images (a shard made under another identity is not reused): the model's sha256 and
+        settings, and the ``device`` (its type) and ``dtype`` it samples on."""
 
     def describe(self) -> str: ...
 
