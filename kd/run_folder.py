@@ -24,6 +24,7 @@ import fcntl
 import json
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from kd.checkpoint import Checkpoints
@@ -36,7 +37,7 @@ RUN_ID_FILE = "run.json"
 DONE_FILE = "done.json"
 LOCK_FILE = ".lock"
 _HELD: dict[str, RunFolder] = {}  # the folders this process holds the lock of, by resolved path
-CKPT_KEYS = ("file", "sha256", "fingerprint", "run_id", "history")
+POINTER_KEYS = ("file", "sha256", "fingerprint", "run_id", "history")  # what every checkpoint pointer holds
 
 
 def recorded_run_id(folder: Path, main: bool = True) -> str:
@@ -52,17 +53,29 @@ def recorded_run_id(folder: Path, main: bool = True) -> str:
     return run_id
 
 
-class RunFolder:
-    """``path`` with its checkpoints in ``path/{ckpt_dir}`` (pointer ``pointer``, files ``{stem}-*.safetensors``)."""
+@dataclass(frozen=True)
+class Layout:
+    """Where a run folder keeps its checkpoints: ``{ckpt_dir}/{pointer}`` naming ``{stem}-*.safetensors``, and the
+    keys its trainer's pointer must hold beside the folder's own."""
 
-    def __init__(self, path: str | Path, identity: dict, resume: str = "auto", *, ckpt_dir: str = "",
-                 pointer: str = "checkpoint.json", stem: str = "ckpt", required: tuple = (), main: bool = True):
+    ckpt_dir: str = ""
+    pointer: str = "checkpoint.json"
+    stem: str = "ckpt"
+    required: tuple = ()
+
+
+class RunFolder:
+    """``path`` with its checkpoints as ``layout`` says."""
+
+    def __init__(self, path: str | Path, identity: dict, resume: str = "auto", layout: Layout = Layout(),
+                 main: bool = True):
         self.path = Path(path)
         self.identity = json.loads(json.dumps(identity, default=str))  # tuples -> lists, as read back from JSON
         self.fingerprint = fingerprint(identity)
         self.resume, self.main = str(resume), main
-        self.checkpoints = Checkpoints(self.path / ckpt_dir if ckpt_dir else self.path, pointer=pointer, stem=stem,
-                                       required=CKPT_KEYS + tuple(required))
+        folder = self.path / layout.ckpt_dir if layout.ckpt_dir else self.path
+        self.checkpoints = Checkpoints(folder, pointer=layout.pointer, stem=layout.stem,
+                                       required=POINTER_KEYS + tuple(layout.required))
         self.ckpt: dict | None = None
         self.inputs: dict = {}
         self._lock: int | None = None  # the descriptor of the held .lock

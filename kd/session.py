@@ -38,10 +38,10 @@ from kd.engine import Member, fit
 from kd.errors import Interrupted, KDError
 from kd.flags import to_dict
 from kd.io import check_folder, check_name_lengths, remove_stale_temps, save_weights, write_json
-from kd.run_folder import RunFolder
+from kd.run_folder import Layout, RunFolder
 from kd.tracker import Tracker
 
-CLASSIFIER_KEYS = ("epoch", "step", "param_groups")  # what a teacher's or student's checkpoint must hold
+CLASSIFIER = Layout(required=("epoch", "step", "param_groups"))  # a teacher's or student's checkpoints
 MIRROR_EVERY_S = 300.0  # between mirrored checkpoints (a stop and the last epoch are always mirrored)
 
 
@@ -73,9 +73,8 @@ class RunConfig(Protocol):
 
 
 class Session:
-    def __init__(self, cfg: RunConfig, job: str, layout: dict | None = None):
-        """``layout``: how the run folder keeps its checkpoints (:class:`RunFolder`'s keywords); a classifier's
-        by default."""
+    def __init__(self, cfg: RunConfig, job: str, layout: Layout = CLASSIFIER):
+        """``layout``: how the run folder keeps its checkpoints (a classifier's by default)."""
         from accelerate.utils import set_seed
 
         self.cfg, self.job = cfg, job
@@ -84,8 +83,7 @@ class Session:
         self.device = self.accelerator.device
         self.main = self.accelerator.is_main_process
         self.run_dir = Path(cfg.run_dir())
-        layout = layout or {"required": CLASSIFIER_KEYS}
-        self.folder = RunFolder(self.run_dir, cfg.identity(), cfg.resume, main=self.main, **layout)
+        self.folder = RunFolder(self.run_dir, cfg.identity(), cfg.resume, layout, main=self.main)
         self.tracker = Tracker(self.main, self.mode)
         self.extra_config: dict = {}
         self.extra_state: dict = {}

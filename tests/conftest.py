@@ -18,6 +18,19 @@ def offline_env(folder: Path) -> dict:
             "TQDM_MININTERVAL": "5", "OMP_NUM_THREADS": "1"}
 
 
+@pytest.fixture(autouse=True)
+def _no_token_of_a_torn_down_wandb_service():
+    """wandb's own Agent ends with ``wandb.teardown()``, which stops this process's W&B service; a test's
+    monkeypatch may then restore ``WANDB_SERVICE``, the token of that stopped service, and the next in-process W&B
+    run would fail to connect to it. Without a service of this process, the token is dropped (wandb starts a new
+    service, as in a fresh process)."""
+    yield
+    from wandb.sdk import wandb_setup
+
+    if wandb_setup._singleton is None:
+        os.environ.pop("WANDB_SERVICE", None)
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny models: one torch thread is faster, and far faster on a busy 2-core machine."""
@@ -146,3 +159,43 @@ def teachers_dir(tmp_path_factory):
         code = run_main("train.py", *TINY, "--epochs=2", f"--seed={seed}", cwd=folder, env={"WANDB_MODE": "disabled"})
         assert code == 0, f"teacher {seed} exited {code}"
     return folder
+
+
+# ---------------------------------------------------------------------------------------------- shared helpers
+def no_inception_download(monkeypatch, folder: Path) -> None:
+    """As on a machine without network: the FID Inception's weights are not cached and cannot be downloaded
+    (tests never reach for the network; ``generate`` tries FID by default)."""
+    import urllib.error
+
+    import torch_fidelity.feature_extractor_inceptionv3 as fe
+
+    def no_network(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -2] Name or service not known")
+
+    monkeypatch.setenv("TORCH_HOME", str(folder / "torch-home"))
+    monkeypatch.setattr(fe, "load_state_dict_from_url", no_network)
+
+
+def snapshot(folder) -> dict:
+    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in folder.rglob("*")}
+
+
+def exit_code(entry, argv: list[str]) -> int:
+    try:
+        rc = entry(argv)
+    except SystemExit as e:
+        rc = e.code
+    return rc
+
+
+def refused(capsys, folder, entry, argv: list[str], needle: str) -> str:
+    """``entry(argv)`` exits 2 with one line holding ``needle``, and ``folder`` is left exactly as it was."""
+    capsys.readouterr()
+    before = snapshot(folder)
+    rc = exit_code(entry, argv)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert rc == 2, (argv, rc, err)
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], (argv, err)
+    assert snapshot(folder) == before, f"{argv} wrote {set(snapshot(folder)) ^ set(before)}"
+    return lines[0]

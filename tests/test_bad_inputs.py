@@ -19,36 +19,11 @@ from kd.config import TrainConfig
 from kd.flags import parse_flags
 from kd.io import save_weights
 from kd.models import build_model
-from tests.conftest import ROOT, TINY, merged
+from tests.conftest import ROOT, TINY, merged, refused
 
 sys.path.insert(0, str(ROOT))
 import distill  # noqa: E402
 import train  # noqa: E402
-
-
-def snapshot(folder) -> dict:
-    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in folder.rglob("*")}
-
-
-def exit_code(entry, argv: list[str]) -> int:
-    try:
-        rc = entry(argv)
-    except SystemExit as e:
-        rc = e.code
-    return rc
-
-
-def refused(capsys, folder, entry, argv: list[str], needle: str) -> str:
-    """``entry(argv)`` exits 2 with one line holding ``needle``, and ``folder`` is left exactly as it was."""
-    capsys.readouterr()
-    before = snapshot(folder)
-    rc = exit_code(entry, argv)
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert rc == 2, (argv, rc, err)
-    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], (argv, err)
-    assert snapshot(folder) == before, f"{argv} wrote {set(snapshot(folder)) ^ set(before)}"
-    return lines[0]
 
 
 # ------------------------------------------------------------------------------------------------ train.py

@@ -20,8 +20,7 @@ import torch
 from kd.artifacts import publish
 from kd.io import save_tensors, save_weights, sha256_file, write_json
 from kd.models import build_model
-from tests.conftest import ROOT, TINY, merged, offline_env
-from tests.test_bad_inputs import refused
+from tests.conftest import ROOT, TINY, merged, offline_env, refused
 
 sys.path.insert(0, str(ROOT))
 import distill  # noqa: E402

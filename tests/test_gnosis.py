@@ -24,8 +24,7 @@ from kd import synthetic as syn
 from kd.errors import KDError
 from kd.synthetic import gnosis, oil, sngan
 from kd.synthetic.sampling import image_generators, to_pixels
-from tests.conftest import assert_close_as, run_main
-from tests.test_synthetic import no_inception_download
+from tests.conftest import assert_close_as, no_inception_download, run_main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -148,7 +148,8 @@ def _main(cwd: Path, *args: str) -> int:
     return run_main(*args, cwd=cwd, env={"WANDB_MODE": "offline"})
 
 
-def test_a_new_dataset_and_generator_family_go_through_the_whole_pipeline(registered, tmp_path, capsys):
+def test_a_new_dataset_and_generator_family_go_through_the_whole_pipeline(registered, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")  # the report too (another test's W&B settings may say logged in)
     tiny = ["--arch=preresnet8", "--batch_size=32", "--epochs=1", "--study=reg"]
     for seed in (0, 1):
         assert _main(tmp_path, "train.py", f"--dataset={STRIPES}", *tiny, f"--seed={seed}") == 0
@@ -178,7 +179,7 @@ def test_a_new_dataset_and_generator_family_go_through_the_whole_pipeline(regist
     synthetic = [c for c in configs if c.get("job") == "student" and c.get("synthetic_ratio") == 0.5]
     assert [c["synthetic_source"] for c in synthetic] == [f"generator-{STRIPES}-toy"]
     out = tmp_path / "figures"
-    assert report.main(["--study=reg", f"--out={out}", f"--wandb_dir={tmp_path}",
+    assert report.main(["--study=reg", "--offline", f"--out={out}", f"--wandb_dir={tmp_path}",
                         f"--cache_dir={tmp_path / 'cache'}"]) == 0
     with open(out / "results.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))

@@ -282,8 +282,10 @@ def test_x_labels():
 def test_report_object_builds_offline(result):
     import wandb_workspaces.reports.v2 as wr
 
-    rep = report.build_report("someone", "kd-fidelity", STUDY, "digits", "preresnet8", result.groups, 3,
-                              "abc123", result.table)
+    from kd.report.wandb_report import Content, Target
+
+    rep = report.build_report(Target("someone", "kd-fidelity", STUDY, "digits", "preresnet8"),
+                              Content(result.groups, 3, result.table), "abc123")
     assert rep.entity == "someone" and STUDY in rep.title
     grids = [b for b in rep.blocks if isinstance(b, wr.PanelGrid)]
     panels = [type(p).__name__ for grid in grids for p in grid.panels]

@@ -25,8 +25,7 @@ from kd.io import sha256_file
 from kd.synthetic import quality, sngan
 from kd.synthetic.quality import QualityUnavailable, fid, inception_score
 from kd.synthetic.sngan import GAN_PRESETS, build_gan, d_hinge_loss, g_hinge_loss, sample, to_uint8
-from tests.conftest import TINY, assert_close_as, run_main, run_script
-from tests.test_synthetic import no_inception_download
+from tests.conftest import TINY, assert_close_as, no_inception_download, run_main, run_script
 
 
 @pytest.fixture(autouse=True)
@@ -136,7 +135,7 @@ def test_cifar_parameter_counts_layer_by_layer():
 
 def test_bad_sizes_are_refused():
     with pytest.raises(ValueError, match="power of two"):
-        sngan.Generator(image_size=24, bottom=4)
+        sngan.Generator(sngan.GeneratorShape(image_size=24, bottom=4))
     with pytest.raises(ValueError, match="unknown GAN preset"):
         build_gan("imagenet")
 
@@ -395,8 +394,9 @@ def test_upsampling_modes():
     with pytest.raises(ValueError, match="unknown upsampling 'bicubic'"):
         sngan.Generator(arch="gnosis", upsample="bicubic")
     torch.manual_seed(0)
-    near = sngan.Generator(z_dim=8, ch=8, image_size=8, out_channels=1, bottom=2, arch="gnosis", upsample="nearest")
-    bil = sngan.Generator(z_dim=8, ch=8, image_size=8, out_channels=1, bottom=2, arch="gnosis")
+    small = sngan.GeneratorShape(z_dim=8, ch=8, image_size=8, out_channels=1, bottom=2)
+    near = sngan.Generator(small, arch="gnosis", upsample="nearest")
+    bil = sngan.Generator(small, arch="gnosis")
     bil.load_state_dict(near.state_dict())  # the same parameters, other images
     z = torch.randn(3, 8)
     assert not torch.allclose(sample(near, z), sample(bil, z))

@@ -16,22 +16,9 @@ from kd import synthetic as syn
 from kd.artifacts import local_versions
 from kd.errors import KDError
 from kd.io import owner_tag, sha256_file
+from tests.conftest import no_inception_download
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def no_inception_download(monkeypatch, folder: Path) -> None:
-    """As on a machine without network: the FID Inception's weights are not cached and cannot be downloaded
-    (tests never reach for the network; ``generate`` tries FID by default)."""
-    import urllib.error
-
-    import torch_fidelity.feature_extractor_inceptionv3 as fe
-
-    def no_network(*args, **kwargs):
-        raise urllib.error.URLError("[Errno -2] Name or service not known")
-
-    monkeypatch.setenv("TORCH_HOME", str(folder / "torch-home"))
-    monkeypatch.setattr(fe, "load_state_dict_from_url", no_network)
 
 
 @pytest.fixture(autouse=True)

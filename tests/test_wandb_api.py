@@ -270,9 +270,9 @@ def test_publish_updates_the_studys_report_with_exactly_the_counted_runs(server,
     live = runset_of(spec, "the runs the figures count")
     counted = sorted(r.id for g in res.groups for r in g.runs)
     assert len(counted) == 8 and "run0009" not in counted and "run0010" not in counted  # duplicate, cut off
-    # grouped by the group axes (these runs record no loss: W&B groups them under None) and the source
-    want = {(g.ensemble_size, g.synthetic_ratio, g.temperature, None, g.synthetic_source):
-            g.stats["test/agreement"]["mean"] for g in res.groups}
+    # W&B groups by the config's group axes and source (a key these runs do not record: under None)
+    want = {tuple(g.runs[0].config.get(k) for k in wandb_report.GROUP_KEYS): g.stats["test/agreement"]["mean"]
+            for g in res.groups}
     got = panel_means(server, live, "test/agreement")
     assert len(got) == 4 and {k: pytest.approx(v) for k, v in got.items()} == want  # the figures' means
     assert runset_of(spec, "report figures")["filters"]["filters"][0]["value"] == "figs0001"
@@ -286,9 +286,9 @@ def test_publish_updates_the_studys_report_with_exactly_the_counted_runs(server,
     print("requests of a second publish:", dict(second), "credential checks:", server.calls.count("auth"))
     assert second["Runs"] == 2 and second["ProjectViews"] == 1 and second["upsertView"] == 1 and "Run" not in second
     live = runset_of(json.loads(server.views[view["id"]]["spec"]), "the runs the figures count")
-    # grouped by the group axes (these runs record no loss: W&B groups them under None) and the source
-    want = {(g.ensemble_size, g.synthetic_ratio, g.temperature, None, g.synthetic_source):
-            g.stats["test/agreement"]["mean"] for g in res.groups}
+    # W&B groups by the config's group axes and source (a key these runs do not record: under None)
+    want = {tuple(g.runs[0].config.get(k) for k in wandb_report.GROUP_KEYS): g.stats["test/agreement"]["mean"]
+            for g in res.groups}
     assert {k: pytest.approx(v) for k, v in panel_means(server, live, "test/agreement").items()} == want
 
     bigger = install(monkeypatch, Server())  # the same requests for a study five times the size: none per run
@@ -319,6 +319,7 @@ def test_the_report_says_where_its_panels_group_a_run_elsewhere():
     runs[0].config = {**runs[0].config, "teacher_names": ["a", "b"]}  # named with --teachers: 2 used, config says 1
     groups = report.group_students(runs, [])
     assert wandb_report.regrouped(groups) == [runs[0].label]
-    rep = wandb_report.build_report(ENTITY, PROJECT, STUDY, "cifar10", "preresnet56", groups, 3, None, "table")
+    rep = wandb_report.build_report(wandb_report.Target(ENTITY, PROJECT, STUDY, "cifar10", "preresnet56"),
+                                    wandb_report.Content(groups, 3, "table"))
     assert "group 1 run(s) by their config's ensemble_size" in rep.blocks[0].text
     assert not wandb_report.regrouped(report.group_students(runs[1:], []))

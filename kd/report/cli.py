@@ -155,11 +155,11 @@ def write_outputs(groups: list[Group], study: str, dataset: str, arch: str, out:
 
 
 def _publish(got: Loaded, study: str, dataset: str, arch: str, result: Result) -> None:
-    from kd.report.wandb_report import publish
+    from kd.report.wandb_report import Content, Target, publish
 
     try:
-        result.url, done = publish(got.entity, got.project, study, dataset, arch, result.groups,
-                                   len(result.teachers), result.paths, result.table)
+        result.url, done = publish(Target(got.entity, got.project, study, dataset, arch),
+                                   Content(result.groups, len(result.teachers), result.table), result.paths)
     except api_errors() as e:
         why = first_line(e)
         out = result.paths["csv"].parent

@@ -15,6 +15,7 @@ one gets a new Report.
 from __future__ import annotations
 
 import csv
+from dataclasses import dataclass
 from pathlib import Path
 
 from kd import names
@@ -77,13 +78,35 @@ def _live_panels(wr, expr, entity: str, project: str, groups: list[Group]):
     ])
 
 
-def build_report(entity: str, project: str, study: str, dataset: str, arch: str, groups: list[Group],
-                 n_teachers: int, figures_run_id: str | None, table_md: str, figures=FIGURES, report_id: str = ""):
+@dataclass(frozen=True)
+class Target:
+    """Where a study's Report goes and what it is about."""
+
+    entity: str
+    project: str
+    study: str
+    dataset: str
+    arch: str
+
+
+@dataclass(frozen=True)
+class Content:
+    """What the Report shows: the groups the figures count, the teacher runs' count, the results table."""
+
+    groups: list
+    n_teachers: int
+    table: str
+
+
+def build_report(target: Target, content: Content, figures_run_id: str | None = None, figures=FIGURES,
+                 report_id: str = ""):
     """The W&B Report: text, the figures (media of the run that logged them, by stem) and live panels;
     ``report_id``: the id of the study's existing Report, which saving then updates."""
     import wandb_workspaces.reports.v2 as wr
     from wandb_workspaces import expr
 
+    entity, project, study, dataset, arch = target.entity, target.project, target.study, target.dataset, target.arch
+    groups, n_teachers, table_md = content.groups, content.n_teachers, content.table
     n_students = sum(len(g.runs) for g in groups)
     intro = (
         f"Reproduction of Stanton et al. 2021, *Does Knowledge Distillation Really Work?*, study `{study}` "
@@ -146,14 +169,13 @@ def log_figures(entity: str, project: str, study: str, paths: dict[str, Path]) -
         run.finish()
 
 
-def publish(entity: str, project: str, study: str, dataset: str, arch: str, groups: list[Group],
-            n_teachers: int, paths: dict[str, Path], table_md: str) -> tuple[str, str]:
+def publish(target: Target, content: Content, paths: dict[str, Path]) -> tuple[str, str]:
     """Log the figures and the CSV to a report run, then save the study's Report over its existing one (or a
     new one); its URL and what was done ("updated" or "created", and how many others share the title)."""
-    report_id, same = existing_report(entity, project, study)
-    run_id, figures = log_figures(entity, project, study, paths)
-    report = build_report(entity, project, study, dataset, arch, groups, n_teachers, run_id, table_md, figures,
-                          report_id=report_id)
+    study = target.study
+    report_id, same = existing_report(target.entity, target.project, study)
+    run_id, figures = log_figures(target.entity, target.project, study, paths)
+    report = build_report(target, content, run_id, figures, report_id=report_id)
     report.save()
     done = "updated" if report_id else "created"
     if same > 1:

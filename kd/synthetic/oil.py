@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from kd.errors import KDError, first_line
-from kd.synthetic.sngan import Generator
+from kd.synthetic.sngan import Generator, GeneratorShape
 
 MAX_BYTES = 256 << 20  # a CIFAR generator is about 16 MB; a larger file is refused before it is read
 N_BLOCKS = 3
@@ -177,7 +177,7 @@ def _check(path: Path, state: dict, want: dict[str, torch.Tensor]) -> None:
 def to_generator(state: dict[str, torch.Tensor], upsample: str, path: str | Path = "checkpoint") -> Generator:
     """The repository's SN-GAN Generator (arch gnosis, ``upsample`` "nearest" or "bilinear") holding the weights
     and BN statistics of an oil state dict, float32, on the CPU, in eval mode."""
-    g = Generator(z_dim=128, ch=256, image_size=32, out_channels=3, bottom=4, arch="gnosis", upsample=upsample)
+    g = Generator(GeneratorShape(z_dim=128, ch=256, image_size=32, out_channels=3, bottom=4), "gnosis", upsample)
     ours = g.state_dict()
     want = {oil_key(k): v for k, v in ours.items()}
     _check(Path(path), state, want)

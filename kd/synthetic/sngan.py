@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -142,14 +142,27 @@ class DBlock(nn.Module):
         return h + (F.avg_pool2d(sc, 2) if self.down else sc)
 
 
+@dataclass(frozen=True)
+class GeneratorShape:
+    """A generator's sizes: latent z_dim, channels ch, output image_size and out_channels, the bottom x bottom grid
+    the up blocks start from. The default is CIFAR's."""
+
+    z_dim: int = 128
+    ch: int = 256
+    image_size: int = 32
+    out_channels: int = 3
+    bottom: int = 4
+
+
 class Generator(nn.Module):
     """SN-GAN ResNet generator (no spectral norm): z -> linear -> ch x bottom x bottom -> log2(image_size / bottom)
     up blocks -> BN, ReLU, conv3x3 -> out_channels -> tanh. CIFAR: z 128, ch 256, bottom 4, 3 blocks.
     ``upsample``: the blocks' x2 upsampling, "nearest" or "bilinear" (empty: the arch's own)."""
 
-    def __init__(self, z_dim: int = 128, ch: int = 256, image_size: int = 32, out_channels: int = 3, bottom: int = 4,
-                 arch: str = "miyato", upsample: str = ""):
+    def __init__(self, shape: GeneratorShape = GeneratorShape(), arch: str = "miyato", upsample: str = ""):
         super().__init__()
+        z_dim, ch, image_size, out_channels, bottom = (shape.z_dim, shape.ch, shape.image_size, shape.out_channels,
+                                                       shape.bottom)
         zero_bias = not _check_arch(arch)
         self.z_dim, self.ch, self.bottom, self.image_size, self.arch = z_dim, ch, bottom, image_size, arch
         self.upsample = upsample_mode(arch, upsample)
@@ -210,8 +223,8 @@ def build_gan(preset: GanPreset | str) -> tuple[Generator, Discriminator]:
 
 def generator_of(preset: GanPreset) -> Generator:
     """A freshly initialised G of ``preset``'s shape."""
-    return Generator(preset.z_dim, preset.g_ch, preset.image_size, preset.channels, preset.bottom, preset.arch,
-                     preset.upsample)
+    shape = GeneratorShape(preset.z_dim, preset.g_ch, preset.image_size, preset.channels, preset.bottom)
+    return Generator(shape, preset.arch, preset.upsample)
 
 
 def lr_at(step: int, total: int, lr: float, lr_end: float) -> float:

@@ -53,7 +53,7 @@ class DdpmJob:
         return sum(p.numel() for p in self.raw.parameters())
 
     def state(self) -> tuple[dict, dict]:
-        """UNet + optimizer (:func:`kd.checkpoint.pack`), the EMA weights as ``ema.{i}``."""
+        """UNet + optimizer (:func:`kd.checkpoint.state_tensors`), the EMA weights as ``ema.{i}``."""
         tensors, info = state_tensors(self.raw, self.optimizer)
         tensors.update({f"ema.{i}": p for i, p in enumerate(self.ema.shadow_params)})
         info["ema"] = {k: v for k, v in self.ema.state_dict().items() if k != "shadow_params"}

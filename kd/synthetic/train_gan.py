@@ -57,7 +57,7 @@ class GanJob:
         return {"g": (self.raw_g, self.opt_g), "d": (self.raw_d, self.opt_d)}
 
     def state(self) -> tuple[dict, dict]:
-        """G and D with their optimizers (:func:`kd.checkpoint.pack`, prefixed ``g.`` / ``d.``), the EMA G."""
+        """G and D with their optimizers (:func:`kd.checkpoint.state_tensors`, prefixed ``g.`` / ``d.``), the EMA G."""
         tensors, info = {}, {}
         for name, (model, opt) in self._parts().items():
             t, info[name] = state_tensors(model, opt)
