@@ -60,23 +60,33 @@ figures: setup
 report: setup
 	$(PY) -m kd.report --study=$(STUDY) $(if $(wildcard $(SWEEPS)),--expect=$(SWEEPS)) --publish $(ARGS)
 
-# One W&B sweep agent from this environment (its python and accelerate first on PATH); one per GPU:
-#   CUDA_VISIBLE_DEVICES=0 make agent SWEEP=entity/kd-fidelity/abc123 [ARGS=--count=5]
-agent: setup
-	@test -n "$(SWEEP)" || { echo "error: pass SWEEP=entity/project/sweep_id (printed by wandb sweep)" >&2; exit 2; }
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/wandb agent $(ARGS) $(SWEEP)
+# W&B sweep agents from this environment (its python and accelerate first on PATH), each as
+# `wandb agent --forward-signals` in a session of its own (setsid): the terminal's Ctrl-C reaches make and this
+# shell only, which send every agent one SIGTERM; the agent passes it on to its run, which checkpoints, marks its
+# W&B run preempting (W&B hands it out again) and exits 143; then the agent ends. Waits for every agent.
+# $(1): one word per agent, a GPU index (its CUDA_VISIBLE_DEVICES) or - (the environment's CUDA_VISIBLE_DEVICES).
+define agents_loop
+	@pids=; code=; stop() { code=$$1; kill -TERM $$pids 2>/dev/null; }; \
+	trap 'stop 130' INT; trap 'stop 143' TERM; trap 'stop 129' HUP; \
+	$(foreach gpu,$(1),$(if $(filter -,$(gpu)),,CUDA_VISIBLE_DEVICES=$(gpu) )PATH="$(CURDIR)/$(VENV)/bin:$$PATH" \
+	setsid $(VENV)/bin/wandb agent --forward-signals $(ARGS) $(SWEEP) & pids="$$pids $$!"; \
+	) rc=0; for p in $$pids; do wait $$p; s=$$?; while kill -0 $$p 2>/dev/null; do wait $$p; s=$$?; done; \
+	[ $$s -eq 0 ] || rc=$$s; done; exit $${code:-$$rc}
+endef
+need_sweep = @test -n "$(SWEEP)" || { echo "error: pass SWEEP=entity/project/sweep_id (printed by wandb sweep)" >&2; exit 2; }
 
-# One agent per GPU of this machine, each seeing only its own (CUDA_VISIBLE_DEVICES), in the background; waits
-# for all. Ctrl-C (or SIGTERM to make) sends SIGTERM to every agent: each stops its run as a preemption.
+# One agent:  CUDA_VISIBLE_DEVICES=0 make agent SWEEP=entity/kd-fidelity/abc123 [ARGS=--count=5]
+agent: setup
+	$(need_sweep)
+	$(call agents_loop,-)
+
+# One agent per GPU of this machine, each seeing only its own (CUDA_VISIBLE_DEVICES), in the background:
 #   make agents SWEEP=entity/kd-fidelity/abc123 GPUS=0,1,2,3 [ARGS=--count=5]
 comma := ,
 agents: setup
-	@test -n "$(SWEEP)" || { echo "error: pass SWEEP=entity/project/sweep_id (printed by wandb sweep)" >&2; exit 2; }
+	$(need_sweep)
 	@test -n "$(GPUS)" || { echo "error: pass GPUS=0,1,... (one agent per GPU, e.g. GPUS=0,1,2,3)" >&2; exit 2; }
-	pids=; trap 'kill -TERM $$pids 2>/dev/null' INT TERM; \
-	$(foreach gpu,$(subst $(comma), ,$(GPUS)),CUDA_VISIBLE_DEVICES=$(gpu) PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/wandb agent $(ARGS) $(SWEEP) & pids="$$pids $$!"; \
-	) rc=0; for p in $$pids; do wait $$p; s=$$?; while kill -0 $$p 2>/dev/null; do wait $$p; s=$$?; done; \
-	[ $$s -eq 0 ] || rc=$$s; done; exit $$rc
+	$(call agents_loop,$(subst $(comma), ,$(GPUS)))
 
 clean:
 	rm -rf runs figures wandb .cache bench
