@@ -68,7 +68,7 @@ report: setup
 define agents_loop
 	@pids=; code=; stop() { code=$$1; kill -TERM $$pids 2>/dev/null; }; \
 	trap 'stop 130' INT; trap 'stop 143' TERM; trap 'stop 129' HUP; \
-	$(foreach gpu,$(1),$(if $(filter -,$(gpu)),,CUDA_VISIBLE_DEVICES=$(gpu) )PATH="$(CURDIR)/$(VENV)/bin:$$PATH" \
+	$(foreach gpu,$(1),$(if $(filter -,$(gpu)),,CUDA_VISIBLE_DEVICES=$(gpu) )PATH="$(abspath $(VENV))/bin:$$PATH" \
 	setsid $(VENV)/bin/wandb agent --forward-signals $(ARGS) $(SWEEP) & pids="$$pids $$!"; \
 	) rc=0; for p in $$pids; do wait $$p; s=$$?; while kill -0 $$p 2>/dev/null; do wait $$p; s=$$?; done; \
 	[ $$s -eq 0 ] || rc=$$s; done; exit $${code:-$$rc}
