@@ -242,9 +242,9 @@ def fake_venv(folder: Path) -> Path:
     return venv
 
 
-def start_make_agents(folder: Path, plan: str, processes: int) -> tuple[subprocess.Popen, str]:
-    """``make agents`` with one GPU's agent, as a user starts it (make in a session of its own, as a terminal's
-    foreground job); the run writes under ``folder`` only. Returns make and the tag every process it starts has."""
+def agent_env(folder: Path, plan: str, processes: int) -> tuple[dict, str]:
+    """The environment of a stand-in agent (fake_venv) whose server follows ``plan``, its run a tiny teacher that
+    writes under ``folder`` only; and the tag of every process started with it."""
     spec = load_spec(DEMO)
     args = {**spec.grid[0], "epochs": {"value": 3}, "batch_size": {"value": 32},
             "out_dir": {"value": str(folder / "runs")}, "data_dir": {"value": str(folder / "data")}}
@@ -255,6 +255,13 @@ def start_make_agents(folder: Path, plan: str, processes: int) -> tuple[subproce
                                          "plan": plan})}
     for key in ("WANDB_RUN_ID", "WANDB_SERVICE", "WANDB_SWEEP_ID", "WANDB_SWEEP_PARAM_PATH"):
         env.pop(key, None)
+    return env, tag
+
+
+def start_make_agents(folder: Path, plan: str, processes: int) -> tuple[subprocess.Popen, str]:
+    """``make agents`` with one GPU's agent, as a user starts it (make in a session of its own, as a terminal's
+    foreground job). Returns make and the tag every process it starts has."""
+    env, tag = agent_env(folder, plan, processes)
     make = subprocess.Popen(["make", "agents", f"VENV={fake_venv(folder)}", "SWEEP=test-entity/kd-fidelity/sweep1",
                              "GPUS=0"], cwd=ROOT, env=env, start_new_session=True, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)

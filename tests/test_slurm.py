@@ -33,6 +33,7 @@ import yaml
 from kd.wandb_runs import inspect_history, leet_records, offline_folders
 from tests.conftest import ROOT, offline_env
 from tests.fake_wandb_server import tagged
+from tests.test_agent import agent_env, fake_venv, the_run_was_preempted
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
 CLUSTER = ROOT / "slurm" / "local-cluster.sh"
@@ -58,29 +59,32 @@ def slurm_conf(tmp_path_factory):
 
 
 class Job:
-    """One ``make slurm SPEC=...`` job in ``folder``, and the cluster's view of it."""
+    """One ``make slurm ...`` job writing under ``folder``, and the cluster's view of it."""
 
-    def __init__(self, folder: Path, conf: Path, epochs: int, seeds: list[int], time_limit: str, grace: int):
-        self.folder, self.conf = folder, conf
+    def __init__(self, folder: Path, conf: Path, env: dict, tag: str, *make_args: str):
+        self.folder, self.conf, self.tag = folder, conf, tag
+        self.env = {**env, "SLURM_CONF": str(conf), "CUDA_VISIBLE_DEVICES": "0,1", "KD_TEST_TAG": tag}
+        out = subprocess.run(["make", "slurm", "NODES=1", f"SLURM_DIR={folder / 'slurm'}", *make_args],
+                             cwd=ROOT, env=self.env, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stdout + out.stderr
+        self.id = re.search(r"Submitted batch job (\d+)", out.stdout).group(1)
+
+    @classmethod
+    def spec(cls, folder: Path, conf: Path, epochs: int, seeds: list[int], time_limit: str, grace: int) -> Job:
+        """The offline runners of a grid of tiny digits teachers, two tasks (two "GPUs") on the node."""
         spec = {"program": "train.py", "method": "grid", "metric": {"name": "test/acc", "goal": "maximize"},
                 "parameters": {"dataset": {"value": "digits"}, "arch": {"value": "preresnet8"},
                                "epochs": {"value": epochs}, "batch_size": {"value": 32}, "seed": {"values": seeds},
                                "out_dir": {"value": str(folder / "runs")},
                                "data_dir": {"value": str(folder / "data")}},
                 "command": LAUNCH}
-        self.spec = folder / "grid.yaml"
-        self.spec.write_text(yaml.safe_dump(spec, sort_keys=False))
-        self.tag = f"{os.getpid()}-{folder.name}"
-        self.env = {**os.environ, **offline_env(folder), "SLURM_CONF": str(conf), "CUDA_VISIBLE_DEVICES": "0,1",
-                    "KD_TEST_TAG": self.tag}
+        path = folder / "grid.yaml"
+        path.write_text(yaml.safe_dump(spec, sort_keys=False))
+        env = {**os.environ, **offline_env(folder)}
         for key in ("WANDB_RUN_ID", "WANDB_SERVICE", "KD_NUM_PROCESSES"):
-            self.env.pop(key, None)
-        out = subprocess.run(["make", "slurm", f"SPEC={self.spec}", "NODES=1", "GPUS_PER_NODE=0",
-                              "TASKS_PER_NODE=2", f"TIME={time_limit}", f"GRACE={grace}",
-                              f"SLURM_DIR={folder / 'slurm'}", f"ARGS=--state_dir={folder / 'state'}"],
-                             cwd=ROOT, env=self.env, capture_output=True, text=True, timeout=120)
-        assert out.returncode == 0, out.stdout + out.stderr
-        self.id = re.search(r"Submitted batch job (\d+)", out.stdout).group(1)
+            env.pop(key, None)
+        return cls(folder, conf, env, f"{os.getpid()}-{folder.name}", f"SPEC={path}", "GPUS_PER_NODE=0",
+                   "TASKS_PER_NODE=2", f"TIME={time_limit}", f"GRACE={grace}", f"ARGS=--state_dir={folder / 'state'}")
 
     def slurm(self, *cmd: str) -> str:
         out = subprocess.run(list(cmd), env=self.env, capture_output=True, text=True, timeout=60)
@@ -145,7 +149,7 @@ def runs_by_id(folder: Path) -> dict[str, list[Path]]:
 
 def test_a_requeued_job_resumes_its_runs_from_their_checkpoints(tmp_path, slurm_conf):
     epochs = 40
-    job = Job(tmp_path, slurm_conf, epochs=epochs, seeds=[0, 1, 2], time_limit="30", grace=60)
+    job = Job.spec(tmp_path, slurm_conf, epochs=epochs, seeds=[0, 1, 2], time_limit="30", grace=60)
     try:
         def cut_mid_run() -> bool:
             done = {p.parent.name for p in tmp_path.glob("runs/*/done.json")}
@@ -206,7 +210,7 @@ def both_running(job: Job) -> bool:
 
 def test_the_time_limit_warning_preempts_every_run_and_requeues_the_job(tmp_path, slurm_conf):
     grace, limit_s = 60, 120
-    job = Job(tmp_path, slurm_conf, epochs=400, seeds=[0, 1], time_limit="2", grace=grace)
+    job = Job.spec(tmp_path, slurm_conf, epochs=400, seeds=[0, 1], time_limit="2", grace=grace)
     try:
         job.wait("the job to start", lambda: job.info()["JobState"] == "RUNNING", timeout=300)
         started = time.monotonic()
@@ -226,19 +230,42 @@ def test_the_time_limit_warning_preempts_every_run_and_requeues_the_job(tmp_path
     job.no_process_left()
 
 
+def stop_the_job(job: Job) -> None:
+    out = subprocess.run(["make", "slurm-stop", f"JOB={job.id}"], cwd=ROOT, env=job.env, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    job.wait("the job to end", job.ended, timeout=120)
+    info, log = job.info(), job.output()
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "0", (info, log[-4000:])
+    assert "make slurm-stop" in log and "requeueing" not in log, log[-4000:]
+
+
 def test_make_slurm_stop_preempts_every_run_and_ends_the_job(tmp_path, slurm_conf):
-    job = Job(tmp_path, slurm_conf, epochs=400, seeds=[0, 1], time_limit="30", grace=60)
+    job = Job.spec(tmp_path, slurm_conf, epochs=400, seeds=[0, 1], time_limit="30", grace=60)
     try:
         job.wait("both runs to checkpoint", lambda: both_running(job), timeout=300)
-        out = subprocess.run(["make", "slurm-stop", f"JOB={job.id}"], cwd=ROOT, env=job.env, capture_output=True,
-                             text=True, timeout=60)
-        assert out.returncode == 0, out.stdout + out.stderr
-        job.wait("the job to end", job.ended, timeout=120)
-        info, log = job.info(), job.output()
-        assert info["JobState"] == "COMPLETED" and info["Restarts"] == "0", (info, log[-4000:])
-        assert "make slurm-stop" in log and "requeueing" not in log, log[-4000:]
+        stop_the_job(job)
         for run in job.state():
             preempted(job, run)
+        job.no_process_left()
+    finally:
+        job.cleanup()
+
+
+def test_make_slurm_sweep_runs_a_forwarding_agent_whose_run_stops_as_a_preemption(tmp_path, slurm_conf):
+    """``make slurm SWEEP=...``: the task runs W&B's own ``wandb agent --forward-signals`` (against the stand-in
+    server of tests/fake_wandb_server.py, from a stand-in venv); ``make slurm-stop`` reaches the run through it."""
+    env, tag = agent_env(tmp_path, "outside", 1)
+    job = Job(tmp_path, slurm_conf, env, tag, "SWEEP=test-entity/kd-fidelity/sweep1", f"VENV={fake_venv(tmp_path)}",
+              "GPUS_PER_NODE=0", "TASKS_PER_NODE=1", "TIME=30")
+    try:
+        job.wait("the run's first checkpoint", lambda: (tmp_path / "paused").exists(), timeout=300)
+        stop_the_job(job)
+        assert re.search(r"task 0 \(.*\): \S*/wandb agent --forward-signals test-entity/kd-fidelity/sweep1",
+                         job.output()), job.output()[-4000:]
+        result = json.loads((tmp_path / "agent-result.json").read_text())
+        assert result["forward_signals"] and not result["problem"] and result["codes"] == [143], result
+        the_run_was_preempted(tmp_path, result)
         job.no_process_left()
     finally:
         job.cleanup()
