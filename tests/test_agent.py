@@ -44,14 +44,25 @@ FAKE = ROOT / "tests" / "fake_wandb_server.py"
 # ------------------------------------------------------------------------------------------ the launcher
 PROGRAM = r'''
 import json, os, signal, sys, time
+LINGER = float(os.environ.get("LINGER", "0"))  # after the first stop signal, note the others for this long
+IGNORE = bool(os.environ.get("IGNORE_TERM"))  # never end on a stop signal
+got = []
 def on(signum, frame):
+    got.append(signum)
     print("stopped by", signum, flush=True)
-    sys.exit(128 + signum)
+    if not (LINGER or IGNORE):
+        sys.exit(128 + signum)
 signal.signal(signal.SIGTERM, on)
 signal.signal(signal.SIGINT, on)
 print(json.dumps({"argv": sys.argv[1:], "pid": os.getpid(), "pgid": os.getpgid(0), "ppid": os.getppid(),
                   "cuda": os.environ.get("CUDA_VISIBLE_DEVICES")}), flush=True)
-time.sleep(float(os.environ.get("SLEEP", "0")))
+end = time.monotonic() + float(os.environ.get("SLEEP", "0"))
+while time.monotonic() < end:
+    if got and LINGER:
+        time.sleep(LINGER)
+        print("signals", got, flush=True)
+        sys.exit(128 + got[0])
+    time.sleep(0.01)
 sys.exit(int(os.environ.get("CODE", "0")))
 '''
 
@@ -91,17 +102,63 @@ def test_the_launcher_passes_stop_signals_to_the_programs_group(tmp_path, sent, 
     assert line.startswith(f"kd.sweep.launch: {signal.Signals(sent).name}: passing ")
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
-def test_a_killed_launcher_takes_its_program_with_it(tmp_path):
-    """The agent's `kill` (after 30 s, or on `exit`) SIGKILLs the launcher: the program must not run on unwatched."""
-    proc = start_launcher(tmp_path, SLEEP="60")
-    pid = first_line(proc)["pid"]
-    proc.kill()
-    proc.communicate(timeout=60)
-    deadline = time.monotonic() + 30
+def wait_gone(pid: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
     while (state := launch_state(pid)) not in (None, "Z"):
         assert time.monotonic() < deadline, f"program {pid} outlived its launcher ({state})"
         time.sleep(0.05)
+
+
+def test_a_killed_launcher_has_its_program_stopped_with_sigterm(tmp_path):
+    """The agent's `exit` (a cancel) SIGKILLs the launcher: its watcher sends the program SIGTERM, so it checkpoints
+    and ends, instead of dying with no checkpoint or running on unwatched."""
+    proc = start_launcher(tmp_path, SLEEP="60")
+    pid = first_line(proc)["pid"]
+    proc.kill()
+    out, err = proc.communicate(timeout=60)  # the program and the watcher hold the pipes until they end
+    wait_gone(pid)
+    assert "stopped by 15" in out  # the program's own handler ran: it would have checkpointed
+    assert "the launcher was killed: SIGTERM to the run's process group" in err
+
+
+def test_only_the_first_stop_signal_is_passed_on_and_usr1_is_no_stop(tmp_path):
+    proc = start_launcher(tmp_path, SLEEP="60", LINGER="1")
+    first_line(proc)
+    proc.send_signal(signal.SIGUSR1)  # `wandb agent --forward-signals` forwards every signal it gets
+    time.sleep(0.5)
+    assert proc.poll() is None
+    for sig in (signal.SIGTERM, signal.SIGTERM, signal.SIGINT):  # a scheduler's, then the agent's, then a Ctrl-C
+        proc.send_signal(sig)
+        time.sleep(0.1)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert "signals [15]" in out  # one SIGTERM reached the program, nothing else
+    assert err.count("the run is stopping already (SIGTERM)") == 2
+
+
+@pytest.mark.parametrize("stopped_first", [True, False])
+def test_a_program_that_does_not_end_is_killed_the_grace_after_its_stop(tmp_path, stopped_first):
+    proc = start_launcher(tmp_path, SLEEP="120", IGNORE_TERM="1", KD_STOP_GRACE_S="2")
+    pid = first_line(proc)["pid"]
+    if stopped_first:  # the agent's `stop`, then its kill 30 s later
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+    proc.kill()
+    t0 = time.monotonic()
+    out, err = proc.communicate(timeout=60)
+    wait_gone(pid)
+    assert out.count("stopped by 15") == 1  # one SIGTERM (the launcher's or its watcher's), then SIGKILL
+    assert "still runs 2 s after its stop: SIGKILL" in err
+    assert time.monotonic() - t0 < 20
+
+
+def test_a_bad_stop_grace_is_one_line(tmp_path):
+    for bad in ("0", "abc", "nan", "1e9"):
+        proc = start_launcher(tmp_path, KD_STOP_GRACE_S=bad)
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 2 and out == ""
+        (line,) = err.splitlines()
+        assert line.startswith(f"error: KD_STOP_GRACE_S='{bad}' must be a number of seconds from 1 to 86400")
 
 
 def launch_state(pid: int) -> str | None:

@@ -19,7 +19,8 @@ never checkpoints and keeps its GPU. This launcher instead:
 * forks a watcher (:func:`kd.sweep.processes.start_watch`) that outlives it: if the launcher is SIGKILLed (a
   cancel, or the agent's kill after a stop), the watcher sends the program SIGTERM (unless a stop was passed
   on already), so it checkpoints and marks its W&B run preempting itself, and SIGKILLs what is left 60 s after
-  the first stop, so nothing runs on with nobody waiting for it.
+  the first stop (``KD_STOP_GRACE_S`` seconds, for checkpoints that take longer), so nothing runs on with
+  nobody waiting for it.
 
 Processes: one by default ("one agent per GPU": run as many ``wandb agent`` processes as GPUs, each with its
 own CUDA_VISIBLE_DEVICES, which is left as it is). ``KD_NUM_PROCESSES=N``, or an Accelerate config file (the
@@ -44,7 +45,7 @@ import sys
 from pathlib import Path
 
 from kd.errors import KDError, one_line
-from kd.sweep.processes import signal_group, start_watch, tell, wait_group
+from kd.sweep.processes import TERM_GRACE_S, signal_group, start_watch, tell, wait_group
 
 FORWARDED = {signal.SIGTERM: signal.SIGTERM, signal.SIGINT: signal.SIGINT, signal.SIGHUP: signal.SIGTERM,
              signal.SIGQUIT: signal.SIGTERM}
@@ -82,6 +83,21 @@ def num_processes(config: Path | None) -> int:
     if value > MAX_PROCESSES:
         raise KDError(f"the Accelerate config {config} asks for num_processes: {value}, over {MAX_PROCESSES}: fix it "
                       "with `accelerate config`, or set KD_NUM_PROCESSES")
+    return value
+
+
+def stop_grace() -> float:
+    """KD_STOP_GRACE_S: how long a stopped run gets to checkpoint before its watcher SIGKILLs it."""
+    raw = os.environ.get("KD_STOP_GRACE_S", "").strip()
+    if not raw:
+        return TERM_GRACE_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 1 <= value <= 86400:
+        raise KDError(f"KD_STOP_GRACE_S={raw!r} must be a number of seconds from 1 to 86400 (how long a stopped "
+                      f"run gets to checkpoint): unset it for {TERM_GRACE_S:.0f}")
     return value
 
 
@@ -145,8 +161,8 @@ def _ignore(signum, frame) -> None:
 class Launch:
     """The program as a child in its own process group, with the stop signals passed on to that group."""
 
-    def __init__(self, cmd: list[str]):
-        self.cmd = cmd
+    def __init__(self, cmd: list[str], grace: float = TERM_GRACE_S):
+        self.cmd, self.grace = cmd, grace
         self.child: subprocess.Popen | None = None
         self.got: list[int] = []
         self.watcher: int | None = None
@@ -173,7 +189,7 @@ class Launch:
         try:
             if self.got:  # stopped before anything started
                 return 128 + FORWARDED[self.got[0]]
-            self.watcher = start_watch()
+            self.watcher = start_watch(self.grace)
             self.child = subprocess.Popen(self.cmd, process_group=0, preexec_fn=_tell_watcher(self.watcher))
             if self.got:  # a signal came while it was starting
                 first = self.got[0]
@@ -199,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not argv or argv[0].startswith("-"):
             raise KDError(f"the first argument must be the program, got {argv[0] if argv else 'none'}: {USAGE}")
-        return Launch(child_argv(argv[0], argv[1:])).run()
+        return Launch(child_argv(argv[0], argv[1:]), stop_grace()).run()
     except KDError as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
