@@ -106,6 +106,24 @@ def tagged(tag: str) -> list[int]:
     return found
 
 
+def as_a_terminal_job() -> None:
+    """preexec_fn for a command a test starts as a user would from a terminal: every signal at its default and
+    unblocked (a test process may have inherited an ignored or blocked SIGINT, which make and sh would keep:
+    a shell cannot trap a signal ignored on entry)."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+
+
+def signal_state(pid: int) -> str:
+    """The ignored and blocked signal masks of ``pid`` (for a failure's message)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError:
+        return "gone"
+    return " ".join(line.replace("\t", "") for line in status if line.startswith(("SigIgn", "SigBlk", "SigCgt")))
+
+
 # ------------------------------------------------------------------------------------------ the pause
 class Pauser(threading.Thread):
     """SIGSTOP the launcher's program and its processes at the run's first checkpoint; SIGCONT them once a

@@ -35,7 +35,7 @@ from kd.sweep import launch
 from kd.sweep.spec import LAUNCH_COMMAND, load_spec
 from kd.wandb_runs import inspect_history, inspect_summary, leet_records, offline_folders
 from tests.conftest import ROOT, offline_env
-from tests.fake_wandb_server import RUN_ID, FakeServer, install, tagged
+from tests.fake_wandb_server import RUN_ID, FakeServer, as_a_terminal_job, install, signal_state, tagged
 
 DEMO = ROOT / "sweeps" / "demo" / "teachers.yaml"
 FAKE = ROOT / "tests" / "fake_wandb_server.py"
@@ -320,7 +320,8 @@ def start_make_agents(folder: Path, plan: str, processes: int) -> tuple[subproce
     foreground job). Returns make and the tag every process it starts has."""
     env, tag = agent_env(folder, plan, processes)
     make = subprocess.Popen(["make", "agents", f"VENV={fake_venv(folder)}", "SWEEP=test-entity/kd-fidelity/sweep1",
-                             "GPUS=0"], cwd=ROOT, env=env, start_new_session=True, stdout=subprocess.PIPE,
+                             "GPUS=0"], cwd=ROOT, env=env, start_new_session=True, preexec_fn=as_a_terminal_job,
+                            stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     return make, tag
 
@@ -370,13 +371,14 @@ def the_run_was_preempted(folder: Path, result: dict) -> None:
 def stop_make_agents(tmp_path: Path, stop: str, processes: int) -> None:
     make, tag = start_make_agents(tmp_path, "outside", processes)
     wait_paused(tmp_path, make)
+    before = signal_state(make.pid)
     if stop == "ctrl-c":
         os.killpg(make.pid, signal.SIGINT)  # the terminal signals the whole foreground group
     else:
         make.send_signal(signal.SIGTERM)  # a scheduler stopping make alone
     out = finish(make, tag)
     result = json.loads((tmp_path / "agent-result.json").read_text())
-    assert result["forward_signals"] and not result["problem"], (result, out[-3000:])
+    assert result["forward_signals"] and not result["problem"], (result, before, out[-3000:])
     assert result["codes"] == [143], out[-3000:]  # the launcher: the run checkpointed on SIGTERM
     assert make.returncode != 0
     assert "pids=" not in out  # the recipe's loop is not echoed

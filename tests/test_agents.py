@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.fake_wandb_server import as_a_terminal_job, signal_state
+
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
 
@@ -70,7 +72,8 @@ def _fake_venv(tmp_path: Path) -> Path:
 def test_ctrl_c_or_sigterm_stops_every_agent(tmp_path, stop):
     venv = _fake_venv(tmp_path)
     make = subprocess.Popen(["make", "agents", f"VENV={venv}", "SWEEP=a/b/c", "GPUS=0,2,3",
-                             "ARGS=--count=1"], cwd=ROOT, start_new_session=True, stdout=subprocess.PIPE,
+                             "ARGS=--count=1"], cwd=ROOT, start_new_session=True, preexec_fn=as_a_terminal_job,
+                            stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 30
@@ -81,11 +84,16 @@ def test_ctrl_c_or_sigterm_stops_every_agent(tmp_path, stop):
         agents = [tuple(map(int, (tmp_path / f"gpu-{g}.pid").read_text().split())) for g in (0, 2, 3)]
         assert all(pid == sid != os.getsid(make.pid) for pid, sid in agents)  # each in a session of its own
         assert make.poll() is None  # make waits for its agents
+        before = signal_state(make.pid)
         if stop == "ctrl-c":
             os.killpg(make.pid, signal.SIGINT)  # Ctrl-C: the terminal signals the whole foreground group
         else:
             make.send_signal(signal.SIGTERM)  # a scheduler stopping make alone
-        out, _ = make.communicate(timeout=30)
+        try:
+            out, _ = make.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"make did not end after {stop} (make's signals before it: {before}); agents' "
+                                 f"signals: {[p.read_text() for p in tmp_path.glob('gpu-*.signals')]}") from None
     finally:
         if make.poll() is None:
             os.killpg(make.pid, signal.SIGKILL)
