@@ -26,14 +26,13 @@ Processes: one by default ("one agent per GPU": run as many ``wandb agent`` proc
 own CUDA_VISIBLE_DEVICES, which is left as it is). ``KD_NUM_PROCESSES=N``, or an Accelerate config file (the
 one ``accelerate config`` writes) whose ``num_processes`` is above 1 (named in one line when the run starts),
 asks for more. One process runs the program directly (``python PROGRAM ARGS``). N processes run it under
-torch's elastic launcher, ``python -m torch.distributed.run --standalone --nproc_per_node N PROGRAM ARGS`` (what
-``accelerate launch`` runs for several GPUs; on a machine without GPUs the processes join over gloo, so the
-layout is the same on a CPU): the config file's other settings (gpu_ids among them) are not applied, so it
-never overrides an agent's CUDA_VISIBLE_DEVICES. The elastic launcher passes a SIGTERM on to its workers (each
-checkpoints and exits 143) and is stopped with SIGTERM by the watcher when this launcher dies; each worker is
-stopped with SIGTERM when the elastic launcher dies (:func:`kd.accel.accelerator`), so a SIGKILL anywhere leaves
-no worker running. Stopped, a multi-process run exits 128 + the signal, as torch's launcher does not pass the programs'
-codes on.
+torch's elastic launcher, ``python -m kd.sweep.elastic --standalone --nproc_per_node N PROGRAM ARGS``
+(``torch.distributed.run``, what ``accelerate launch`` runs for several GPUs, exiting as its workers did; on a
+machine without GPUs the processes join over gloo, so the layout is the same on a CPU): the config file's other
+settings (gpu_ids among them) are not applied, so it never overrides an agent's CUDA_VISIBLE_DEVICES. The
+elastic launcher passes a SIGTERM on to its workers (each checkpoints and exits 143) and is stopped with SIGTERM
+by the watcher when this launcher dies; each worker is stopped with SIGTERM when the elastic launcher dies
+(:func:`kd.accel.accelerator`), so a SIGKILL anywhere leaves no worker running.
 """
 
 from __future__ import annotations
