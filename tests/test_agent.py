@@ -1,14 +1,18 @@
 """W&B's own agent (wandb/wandb_agent.py, class Agent) running a demo sweep run through kd.sweep.launch, offline.
 
-What is replaced, and only that: the W&B server. The Agent talks to it through ``api._service_api.execute_graphql``
-(wandb.apis.public.sweeps: ``_sweep_with_runs`` reads the sweep's YAML, ``_register_agent`` registers the agent,
-``_agent_heartbeat`` returns the commands); :class:`FakeServer` answers those three queries from a fixed script
-(run, then stop once the run has a checkpoint, then resume the same run id, then exit), as the sweep controller
-would for a run stopped (``wandb sweep --stop``/``--cancel``, or a preemption) and then requeued. ``wandb.Api``,
-which the agent calls again after each run ends, returns the same fake. Everything else is wandb's code: the
-agent builds the command from the spec (``create_sweep_command`` / ``create_sweep_command_args``), starts it
-with its own ``AgentProcess`` (``subprocess.Popen``, a new process group) and stops it with
-``AgentProcess.terminate`` (SIGTERM to the launcher only). The agent's poll interval is shortened from 5 s.
+What is replaced, and only that: the W&B server (tests/fake_wandb_server.py: the three GraphQL answers). Everything
+else is wandb's code: the agent builds the command from the spec (``create_sweep_command`` /
+``create_sweep_command_args``), starts it with its own ``AgentProcess`` (``subprocess.Popen``, a new process
+group) and stops it: ``stop`` is ``AgentProcess.terminate`` (SIGTERM to the launcher only), ``exit`` (a cancel)
+is ``AgentProcess.kill`` (SIGKILL), and with ``--forward-signals`` the agent passes its own signals on. The
+agent's poll interval is shortened from 5 s. Each stop is made to arrive during training: the program is paused
+at its first checkpoint until the stop signal is pending on it.
+
+* In this process: the agent stops the run, W&B requeues it, the rerun resumes the same W&B run.
+* Under ``make agents`` (a stand-in venv whose ``bin/wandb`` runs W&B's own ``wandb agent`` command line against
+  the fake server): Ctrl-C or SIGTERM to make, with 1 and 2 processes per run: the run checkpoints, marks its
+  W&B run preempting and exits 143, the agent ends, and no process it started is left; a cancel leaves a
+  checkpoint, a run marked preempting, and no process either.
 
 The program is the real train.py (a tiny digits teacher), offline (WANDB_MODE=offline, runs under tmp_path).
 """
@@ -29,24 +33,36 @@ import yaml
 
 from kd.sweep import launch
 from kd.sweep.spec import LAUNCH_COMMAND, load_spec
-from kd.wandb_runs import inspect_history, inspect_summary, offline_folders
+from kd.wandb_runs import inspect_history, inspect_summary, leet_records, offline_folders
 from tests.conftest import ROOT, offline_env
+from tests.fake_wandb_server import RUN_ID, FakeServer, as_a_terminal_job, install, signal_state, tagged
 
 DEMO = ROOT / "sweeps" / "demo" / "teachers.yaml"
-RUN_ID = "agentrun01"
+FAKE = ROOT / "tests" / "fake_wandb_server.py"
 
 
 # ------------------------------------------------------------------------------------------ the launcher
 PROGRAM = r'''
 import json, os, signal, sys, time
+LINGER = float(os.environ.get("LINGER", "0"))  # after the first stop signal, note the others for this long
+IGNORE = bool(os.environ.get("IGNORE_TERM"))  # never end on a stop signal
+got = []
 def on(signum, frame):
+    got.append(signum)
     print("stopped by", signum, flush=True)
-    sys.exit(128 + signum)
+    if not (LINGER or IGNORE):
+        sys.exit(128 + signum)
 signal.signal(signal.SIGTERM, on)
 signal.signal(signal.SIGINT, on)
 print(json.dumps({"argv": sys.argv[1:], "pid": os.getpid(), "pgid": os.getpgid(0), "ppid": os.getppid(),
                   "cuda": os.environ.get("CUDA_VISIBLE_DEVICES")}), flush=True)
-time.sleep(float(os.environ.get("SLEEP", "0")))
+end = time.monotonic() + float(os.environ.get("SLEEP", "0"))
+while time.monotonic() < end:
+    if got and LINGER:
+        time.sleep(LINGER)
+        print("signals", got, flush=True)
+        sys.exit(128 + got[0])
+    time.sleep(0.01)
 sys.exit(int(os.environ.get("CODE", "0")))
 '''
 
@@ -86,17 +102,63 @@ def test_the_launcher_passes_stop_signals_to_the_programs_group(tmp_path, sent, 
     assert line.startswith(f"kd.sweep.launch: {signal.Signals(sent).name}: passing ")
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
-def test_a_killed_launcher_takes_its_program_with_it(tmp_path):
-    """The agent's `kill` (after 30 s, or on `exit`) SIGKILLs the launcher: the program must not run on unwatched."""
-    proc = start_launcher(tmp_path, SLEEP="60")
-    pid = first_line(proc)["pid"]
-    proc.kill()
-    proc.communicate(timeout=60)
-    deadline = time.monotonic() + 30
+def wait_gone(pid: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
     while (state := launch_state(pid)) not in (None, "Z"):
         assert time.monotonic() < deadline, f"program {pid} outlived its launcher ({state})"
         time.sleep(0.05)
+
+
+def test_a_killed_launcher_has_its_program_stopped_with_sigterm(tmp_path):
+    """The agent's `exit` (a cancel) SIGKILLs the launcher: its watcher sends the program SIGTERM, so it checkpoints
+    and ends, instead of dying with no checkpoint or running on unwatched."""
+    proc = start_launcher(tmp_path, SLEEP="60")
+    pid = first_line(proc)["pid"]
+    proc.kill()
+    out, err = proc.communicate(timeout=60)  # the program and the watcher hold the pipes until they end
+    wait_gone(pid)
+    assert "stopped by 15" in out  # the program's own handler ran: it would have checkpointed
+    assert "the launcher was killed: SIGTERM to the run's process group" in err
+
+
+def test_only_the_first_stop_signal_is_passed_on_and_usr1_is_no_stop(tmp_path):
+    proc = start_launcher(tmp_path, SLEEP="60", LINGER="1")
+    first_line(proc)
+    proc.send_signal(signal.SIGUSR1)  # `wandb agent --forward-signals` forwards every signal it gets
+    time.sleep(0.5)
+    assert proc.poll() is None
+    for sig in (signal.SIGTERM, signal.SIGTERM, signal.SIGINT):  # a scheduler's, then the agent's, then a Ctrl-C
+        proc.send_signal(sig)
+        time.sleep(0.1)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert "signals [15]" in out  # one SIGTERM reached the program, nothing else
+    assert err.count("the run is stopping already (SIGTERM)") == 2
+
+
+@pytest.mark.parametrize("stopped_first", [True, False])
+def test_a_program_that_does_not_end_is_killed_the_grace_after_its_stop(tmp_path, stopped_first):
+    proc = start_launcher(tmp_path, SLEEP="120", IGNORE_TERM="1", KD_STOP_GRACE_S="2")
+    pid = first_line(proc)["pid"]
+    if stopped_first:  # the agent's `stop`, then its kill 30 s later
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+    proc.kill()
+    t0 = time.monotonic()
+    out, err = proc.communicate(timeout=60)
+    wait_gone(pid)
+    assert out.count("stopped by 15") == 1  # one SIGTERM (the launcher's or its watcher's), then SIGKILL
+    assert "still runs 2 s after its stop: SIGKILL" in err
+    assert time.monotonic() - t0 < 20
+
+
+def test_a_bad_stop_grace_is_one_line(tmp_path):
+    for bad in ("0", "abc", "nan", "1e9"):
+        proc = start_launcher(tmp_path, KD_STOP_GRACE_S=bad)
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 2 and out == ""
+        (line,) = err.splitlines()
+        assert line.startswith(f"error: KD_STOP_GRACE_S='{bad}' must be a number of seconds from 1 to 86400")
 
 
 def launch_state(pid: int) -> str | None:
@@ -168,76 +230,6 @@ def test_wandb_passes_the_launcher_command_through():
 
 
 # ------------------------------------------------------------------------------------------- W&B's agent
-class FakeServer:
-    """The W&B server as the Agent sees it: the three GraphQL calls, answered from a fixed script."""
-
-    def __init__(self, sweep_yaml: str, run: dict, folder: Path):
-        self.settings = {"entity": "test-entity", "project": "kd-fidelity"}
-        self._service_api = self
-        self.sweep_yaml, self.run, self.folder = sweep_yaml, run, folder
-        self.agent = None
-        self.phase = "new"
-        self.procs: list = []  # the agent's AgentProcess of each attempt
-        self.seen: dict = {}  # what ran, read from /proc while the first attempt runs
-        self.deadline = time.monotonic() + 240
-        self.problem = ""
-
-    def execute_graphql(self, query: str, variables: dict | None = None, timeout=None) -> dict:
-        if "SweepWithRuns" in query:
-            return {"project": {"sweep": {"name": "sweep1", "config": self.sweep_yaml, "runs": {"edges": []}}}}
-        if "CreateAgent" in query:
-            return {"createAgent": {"agent": {"id": "agent1"}}}
-        assert "Heartbeat" in query, query
-        commands = self.heartbeat(json.loads(variables["runState"]))
-        return {"agentHeartbeat": {"agent": {"id": "agent1"}, "commands": json.dumps(commands)}}
-
-    def heartbeat(self, running: dict) -> list[dict]:
-        proc = self.agent._run_processes.get(RUN_ID)
-        if proc is not None and proc not in self.procs:
-            self.procs.append(proc)
-        if time.monotonic() > self.deadline:
-            self.problem = self.problem or f"timed out in phase {self.phase}"
-            return [{"type": "exit"}]
-        if self.phase == "new":
-            self.phase = "first"
-            return [{"type": "run", **self.run}]
-        if self.phase == "first":
-            if RUN_ID not in running:
-                self.problem = "the first attempt ended before it was stopped"
-                return [{"type": "exit"}]
-            if not list(self.folder.glob("runs/teacher-*/checkpoint.json")):
-                return []
-            self.seen = seen_processes(proc._popen.pid)
-            self.phase = "stopping"
-            return [{"type": "stop", "run_id": RUN_ID}]  # -> Agent._command_stop -> AgentProcess.terminate
-        if RUN_ID in running:
-            return []
-        if self.phase == "stopping":
-            self.phase = "resumed"
-            return [{"type": "resume", **self.run}]  # the preempted run, requeued with its run id
-        self.phase = "done"
-        return [{"type": "exit"}]
-
-
-def cmdline(pid: int) -> list[str]:
-    return Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")[:-1]
-
-
-def seen_processes(launcher: int) -> dict:
-    """The launcher's and the program's argv and process groups, from /proc."""
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except (FileNotFoundError, ProcessLookupError):
-                continue
-            if int(fields[1]) == launcher:
-                return {"launcher": cmdline(launcher), "launcher_pgid": os.getpgid(launcher),
-                        "program": cmdline(int(entry.name)), "program_pid": int(entry.name),
-                        "program_pgid": int(fields[2])}
-    return {"launcher": cmdline(launcher)}
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_wandb_agent_stop_checkpoints_and_the_rerun_resumes_the_same_run(tmp_path, monkeypatch):
     import wandb
@@ -257,12 +249,16 @@ def test_wandb_agent_stop_checkpoints_and_the_rerun_resumes_the_same_run(tmp_pat
     args = {**spec.grid[0], "epochs": {"value": 3}, "batch_size": {"value": 32}}  # 12 steps an epoch (360 images)
     program = str(ROOT / "train.py")  # the agent runs in tmp_path here, not in the repository root
     server = FakeServer(DEMO.read_text(), {"run_id": RUN_ID, "args": args, "program": program}, tmp_path)
-    monkeypatch.setattr(wandb, "Api", lambda *a, **k: server)
+    from wandb.sdk import wandb_login
+
+    monkeypatch.setattr(wandb, "Api", wandb.Api)  # restored afterwards: install() replaces both
+    monkeypatch.setattr(wandb_login, "_login", wandb_login._login)
+    install(server)
     agent = wandb_agent.Agent(server, queue.Queue(), sweep_id="sweep1")
     agent.POLL_INTERVAL = 0.2
     server.agent = agent
     agent.run()
-    assert not server.problem and server.phase == "done", server.problem
+    assert server.phase == "done" and not server.result()["problem"], server.result()
 
     # the argv: what wandb's builder makes of the spec's command, through the launcher to train.py unchanged
     flags = create_sweep_command_args({"args": args})["args"]
@@ -284,3 +280,132 @@ def test_wandb_agent_stop_checkpoints_and_the_rerun_resumes_the_same_run(tmp_pat
     steps = [[row["_step"] for row in inspect_history(f)] for f in folders]
     assert sorted(steps[0] + steps[1]) == [1, 2, 3]  # no step logged twice, none lost
     assert steps[0] and max(steps[0]) < min(steps[1])  # the rerun continued where the first left off
+
+
+# ------------------------------------------------------------------------------------------- under make agents
+def fake_venv(folder: Path) -> Path:
+    """A venv for make (VENV=): ``bin/wandb`` is W&B's command line against the fake server, ``bin/python`` this
+    interpreter; its stamp is newer than pyproject.toml, so `setup` has nothing to do."""
+    venv = folder / "venv"
+    (venv / "bin").mkdir(parents=True)
+    for name, target in (("wandb", f'{sys.executable} {FAKE}'), ("python", sys.executable)):
+        exe = venv / "bin" / name
+        exe.write_text(f'#!/bin/sh\nexec {target} "$@"\n')
+        exe.chmod(0o755)
+    stamp = venv / ".installed-stamp"
+    stamp.touch()
+    newer = (ROOT / "pyproject.toml").stat().st_mtime + 10
+    os.utime(stamp, (newer, newer))
+    return venv
+
+
+def agent_env(folder: Path, plan: str, processes: int) -> tuple[dict, str]:
+    """The environment of a stand-in agent (fake_venv) whose server follows ``plan``, its run a tiny teacher that
+    writes under ``folder`` only; and the tag of every process started with it."""
+    spec = load_spec(DEMO)
+    args = {**spec.grid[0], "epochs": {"value": 3}, "batch_size": {"value": 32},
+            "out_dir": {"value": str(folder / "runs")}, "data_dir": {"value": str(folder / "data")}}
+    run = {"run_id": RUN_ID, "args": args, "program": str(ROOT / "train.py")}
+    tag = f"{os.getpid()}-{folder.name}"
+    env = {**os.environ, **offline_env(folder), "KD_TEST_TAG": tag, "KD_NUM_PROCESSES": str(processes),
+           "KD_FAKE_SERVER": json.dumps({"sweep_yaml": DEMO.read_text(), "run": run, "folder": str(folder),
+                                         "plan": plan})}
+    for key in ("WANDB_RUN_ID", "WANDB_SERVICE", "WANDB_SWEEP_ID", "WANDB_SWEEP_PARAM_PATH"):
+        env.pop(key, None)
+    return env, tag
+
+
+def start_make_agents(folder: Path, plan: str, processes: int) -> tuple[subprocess.Popen, str]:
+    """``make agents`` with one GPU's agent, as a user starts it (make in a session of its own, as a terminal's
+    foreground job). Returns make and the tag every process it starts has."""
+    env, tag = agent_env(folder, plan, processes)
+    make = subprocess.Popen(["make", "agents", f"VENV={fake_venv(folder)}", "SWEEP=test-entity/kd-fidelity/sweep1",
+                             "GPUS=0"], cwd=ROOT, env=env, start_new_session=True, preexec_fn=as_a_terminal_job,
+                            stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    return make, tag
+
+
+def finish(make: subprocess.Popen, tag: str, timeout: float = 240) -> str:
+    """make's output once it has ended, and once no process it started is left (a killed launcher's program
+    outlives it while it checkpoints); a test that fails here kills what is left."""
+    try:
+        out, _ = make.communicate(timeout=timeout)
+        end = time.monotonic() + 120
+        while (left := tagged(tag)) and time.monotonic() < end:
+            time.sleep(0.2)
+        assert not left, f"processes left running: {[' '.join(cmdline(p)) for p in left]}\n{out[-3000:]}"
+        return out
+    finally:
+        if make.poll() is None:
+            os.killpg(make.pid, signal.SIGKILL)
+        for pid in tagged(tag):
+            os.kill(pid, signal.SIGKILL)
+
+
+def cmdline(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+    except OSError:
+        return []
+
+
+def wait_paused(folder: Path, make: subprocess.Popen, timeout: float = 240) -> None:
+    end = time.monotonic() + timeout
+    while not (folder / "paused").exists():
+        assert make.poll() is None and time.monotonic() < end, "the run made no checkpoint: " + make.stdout.read()
+        time.sleep(0.05)
+
+
+def the_run_was_preempted(folder: Path, result: dict) -> None:
+    """A new checkpoint since the pause (written at the stop), and the W&B run marked preempting, exit 143."""
+    (pointer,) = folder.glob("runs/*/checkpoint.json")
+    assert json.loads(pointer.read_text())["counter"] > result["first_checkpoint"]["counter"]
+    (run,) = offline_folders(folder)
+    records = leet_records(run)
+    assert [r["type"] for r in records if r["type"] in ("preempting", "exit")] == ["preempting", "exit"]
+    assert next(r for r in records if r["type"] == "exit")["exit"]["exit_code"] == 143
+    assert not list(folder.glob("runs/*/done.json"))  # stopped, not finished
+
+
+def stop_make_agents(tmp_path: Path, stop: str, processes: int) -> None:
+    make, tag = start_make_agents(tmp_path, "outside", processes)
+    wait_paused(tmp_path, make)
+    before = signal_state(make.pid)
+    if stop == "ctrl-c":
+        os.killpg(make.pid, signal.SIGINT)  # the terminal signals the whole foreground group
+    else:
+        make.send_signal(signal.SIGTERM)  # a scheduler stopping make alone
+    out = finish(make, tag)
+    result = json.loads((tmp_path / "agent-result.json").read_text())
+    assert result["forward_signals"] and not result["problem"], (result, before, out[-3000:])
+    assert result["codes"] == [143], out[-3000:]  # the launcher: the run checkpointed on SIGTERM
+    assert make.returncode != 0
+    assert "pids=" not in out  # the recipe's loop is not echoed
+    the_run_was_preempted(tmp_path, result)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_ctrl_c_of_make_agents_preempts_the_run_and_leaves_no_process(tmp_path):
+    stop_make_agents(tmp_path, "ctrl-c", 1)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize("stop,processes", [("sigterm", 1), ("ctrl-c", 2), ("sigterm", 2)])
+def test_make_agents_stopped_preempts_the_run_and_leaves_no_process(tmp_path, stop, processes):
+    stop_make_agents(tmp_path, stop, processes)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize("processes", [1, pytest.param(2, marks=pytest.mark.slow)])
+def test_a_cancel_leaves_a_checkpoint_a_preempted_run_and_no_process(tmp_path, processes):
+    """``wandb sweep --cancel``: the agent SIGKILLs the launcher; its watcher SIGTERMs the program, which outlives
+    the launcher just long enough to checkpoint and mark its W&B run preempting."""
+    make, tag = start_make_agents(tmp_path, "cancel", processes)
+    out = finish(make, tag)
+    result = json.loads((tmp_path / "agent-result.json").read_text())
+    assert result["phase"] == "stopping" and not result["problem"], (result, out[-3000:])
+    assert result["codes"] == [-signal.SIGKILL], out[-3000:]
+    assert "the launcher was killed: SIGTERM to the run's process group" in out
+    the_run_was_preempted(tmp_path, result)

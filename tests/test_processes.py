@@ -3,7 +3,8 @@
 torch's elastic launcher (``torchrun --nproc_per_node 2``; on a machine without GPUs the processes join over
 gloo) starts a teacher and a student: each finishes with exit code 0, publishes one artifact version and writes
 one W&B run. ``python -m kd.sweep.launch`` with ``KD_NUM_PROCESSES=2`` starts two workers the same way; a
-SIGTERM to it checkpoints and exits 143, and a SIGKILL of it leaves no worker running. Every program accepts its
+SIGTERM to it checkpoints and exits 143, and after a SIGKILL of it its watcher stops the run: the workers
+checkpoint, and no process of the run is left. Every program accepts its
 own stored W&B config back as flags, as ``wandb agent`` passes it when it resumes a run.
 """
 
@@ -23,6 +24,7 @@ from kd.config import DistillConfig, TrainConfig
 from kd.flags import parse_flags
 from kd.wandb_runs import inspect_summary, offline_folders
 from tests.conftest import ROOT, TINY, offline_env, tiny
+from tests.fake_wandb_server import tagged
 
 pytestmark = pytest.mark.slow  # several processes each: minutes on two cores (make chaos runs them)
 
@@ -30,10 +32,10 @@ ELASTIC = [sys.executable, "-m", "kd.sweep.elastic", "--standalone", "--nproc_pe
 
 
 def env_for(folder: Path, **extra: str) -> dict:
-    env = {**os.environ, **offline_env(folder), **extra}
+    env = {**os.environ, **offline_env(folder)}
     for key in ("WANDB_RUN_ID", "WANDB_SERVICE", "KD_NUM_PROCESSES"):
         env.pop(key, None)
-    return env
+    return {**env, **extra}
 
 
 def run(cmd: list[str], folder: Path, **extra: str) -> subprocess.CompletedProcess:
@@ -94,15 +96,16 @@ def test_an_error_on_the_main_process_during_set_up_reaches_every_process(two_pr
 
 
 def workers_of(folder: Path) -> list[int]:
-    """Live processes whose command line runs train.py into ``folder``."""
+    """Live processes that run train.py itself (``python train.py ...``, not a launcher of it) into ``folder``."""
     pids = []
     for proc in Path("/proc").iterdir():
         if proc.name.isdigit():
             try:
-                cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+                argv = (proc / "cmdline").read_bytes().decode().split("\0")
             except OSError:
                 continue
-            if "train.py" in cmd and f"--out_dir={folder}" in cmd:
+            program = [a for a in argv[1:3] if not a.startswith("-")]  # `python [-u] train.py`, not `python -m ...`
+            if program == [str(ROOT / "train.py")] and f"--out_dir={folder}" in argv:
                 pids.append(int(proc.name))
     return pids
 
@@ -110,7 +113,7 @@ def workers_of(folder: Path) -> list[int]:
 def start_launcher(folder: Path) -> subprocess.Popen:
     args = [str(ROOT / "train.py"), *tiny(batch_size=16), "--epochs=50", f"--out_dir={folder / 'runs'}"]
     return subprocess.Popen([sys.executable, "-m", "kd.sweep.launch", *args], cwd=folder,
-                            env=env_for(folder, KD_NUM_PROCESSES="2", OMP_NUM_THREADS="1"),
+                            env=env_for(folder, KD_NUM_PROCESSES="2", OMP_NUM_THREADS="1", KD_TEST_TAG=folder.name),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -126,7 +129,7 @@ def wait_for_checkpoint(folder: Path, proc: subprocess.Popen, timeout: float = 1
 def test_the_launcher_runs_two_workers_and_a_stop_leaves_none(tmp_path, how):
     proc = start_launcher(tmp_path)
     wait_for_checkpoint(tmp_path, proc)
-    assert len(workers_of(tmp_path / "runs")) == 2  # the two workers (the elastic launcher runs no train.py)
+    assert len(workers_of(tmp_path / "runs")) == 2  # the two workers of torch's elastic launcher
     proc.send_signal(getattr(signal, f"SIG{how}"))
     out, err = proc.communicate(timeout=120)
     if how == "TERM":  # passed on: every worker checkpoints, the run exits 143
@@ -135,7 +138,9 @@ def test_the_launcher_runs_two_workers_and_a_stop_leaves_none(tmp_path, how):
         assert ckpt["step"] > 0 or ckpt["epoch"] > 0
     else:
         assert proc.returncode == -signal.SIGKILL
-    end = time.monotonic() + 60
-    while workers_of(tmp_path / "runs") and time.monotonic() < end:
+        assert "the launcher was killed: SIGTERM to the run's process group" in err  # its watcher stops the run
+    assert "interrupted by SIGTERM: checkpoint saved" in err, err[-3000:]  # the workers checkpointed, killed or not
+    end = time.monotonic() + 90
+    while tagged(tmp_path.name) and time.monotonic() < end:
         time.sleep(0.5)
-    assert workers_of(tmp_path / "runs") == [], "a worker outlived the launcher"
+    assert tagged(tmp_path.name) == [], "a process of the run outlived the launcher"

@@ -342,6 +342,46 @@ def test_two_runners_never_run_the_same_config(tmp_path):
     assert [r["status"] for r in state_of(tmp_path)["runs"]] == ["finished"] * 6
 
 
+def claimed_elsewhere(tmp_path, monkeypatch, capsys, slurm: dict | None) -> Path:
+    """A grid of two whose first run is held by a runner on another machine (under SLURM: ``slurm``)."""
+    path = make_sweep(tmp_path, {"x": {"values": [1, 2]}})
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    rc, _, err = cli(tmp_path, monkeypatch, capsys, path, "--count", "1")
+    assert rc == 0, err
+    (state_path,) = (tmp_path / "runs" / "sweeps").glob("*/state.json")
+    state = json.loads(state_path.read_text())
+    state["runs"][0].update(status="running", host="other-node", pid=1, pid_start=1, pgid=1, slurm=slurm)
+    state_path.write_text(json.dumps(state))
+    return path
+
+
+@pytest.mark.parametrize("job,restart,taken", [("7", "1", True), ("7", "0", False), ("8", "1", False)])
+def test_under_slurm_a_run_held_by_an_earlier_start_of_the_same_job_is_taken_over(tmp_path, monkeypatch, capsys,
+                                                                                   job, restart, taken):
+    """A requeued SLURM job starts again from the top, maybe on other nodes: a claim by its earlier start (which
+    SLURM ended before starting it again) is resumed; a claim by this start, or by another job, is left alone."""
+    path = claimed_elsewhere(tmp_path, monkeypatch, capsys, {"job": "7", "restart": 0})
+    monkeypatch.setenv("SLURM_JOB_ID", job)
+    monkeypatch.setenv("SLURM_RESTART_COUNT", restart)
+    rc, out, err = cli(tmp_path, monkeypatch, capsys, path)
+    assert rc == 0, err
+    first, second = state_of(tmp_path)["runs"]
+    assert second["status"] == "finished" and second["slurm"] == {"job": job, "restart": int(restart)}
+    if taken:
+        assert first["status"] == "finished" and first["attempts"] == 2 and "2/2 finished" in out
+    else:
+        assert first["status"] == "running" and first["host"] == "other-node"
+        assert "1 running in other runners (000-x1: pid 1 on other-node)" in out
+    assert "cut off" not in err  # another host's process group is never looked for here
+
+
+def test_without_slurm_a_run_held_on_another_machine_is_left_to_it(tmp_path, monkeypatch, capsys):
+    path = claimed_elsewhere(tmp_path, monkeypatch, capsys, None)
+    rc, out, err = cli(tmp_path, monkeypatch, capsys, path)
+    assert rc == 0, err
+    assert [r["status"] for r in state_of(tmp_path)["runs"]] == ["running", "finished"]
+
+
 def test_runs_do_not_share_the_runners_wandb_service(tmp_path, monkeypatch):
     """As `wandb agent` does: WANDB_SERVICE is not passed on, so each run has its own wandb-core, which dies with
     it; a shared one outlives a killed run and keeps its run id "in use" when the run is rerun."""

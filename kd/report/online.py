@@ -175,7 +175,7 @@ def read_online(study: str, entity: str, project: str, cache: OnlineCache) -> tu
     except api_errors() as e:
         raise api_failure(e, f"list the runs of {entity}/{project}", entity, project) from None
     runs, printed, pulled_n = got
-    pulled = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    pulled = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     cache.pending = {"version": CACHE_VERSION, "entity": entity, "project": project, "study": study,
                      "pulled_at": pulled, "fingerprint": printed, "runs": [asdict(r) for r in runs]}
     if cache.data is not None and not pulled_n:

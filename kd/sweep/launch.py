@@ -1,30 +1,38 @@
 """One run of a sweep: ``python -m kd.sweep.launch PROGRAM --key=value ...``, the command of every spec.
 
-``wandb agent`` starts a run's command with ``subprocess.Popen`` and stops it (sweep stop or cancel) with
-SIGTERM to that one process, SIGKILL 30 s later (``Agent._command_stop``; ``exit`` kills at once). Started as
-``accelerate launch``, that process is Accelerate's launcher, which neither passes SIGTERM on to the training
-nor waits for it: the training never checkpoints and keeps its GPU. This launcher instead:
+``wandb agent`` starts a run's command with ``subprocess.Popen`` in a process group of its own and stops it
+with signals to that one process: ``stop`` (a run stopped for the sweep) is SIGTERM, SIGKILL 30 s later
+(``Agent._command_stop``); ``exit`` (``wandb sweep --cancel``) is SIGKILL at once; with ``--forward-signals``
+every catchable signal the agent gets is sent on to it (``AgentProcess._forward_signal``), and a SIGTERM, SIGHUP
+or SIGQUIT (or Ctrl-C) then makes the agent wait for its run and end. Started as ``accelerate launch``, that
+process is Accelerate's launcher, which neither passes SIGTERM on to the training nor waits for it: the training
+never checkpoints and keeps its GPU. This launcher instead:
 
 * starts the program as its child in a process group of its own, with the arguments unchanged (W&B's resume
   keys among them: the programs' flag parser ignores those with a note);
-* passes SIGTERM, SIGINT and SIGHUP on to that whole group (SIGHUP as SIGTERM: the programs checkpoint on
-  SIGTERM and SIGINT), waits for it, and exits with the program's exit code (143 after SIGTERM when it
-  checkpointed, 130 after SIGINT; a program killed by signal N: 128 + N);
-* on Linux, ties the program's life to its own: if the launcher is SIGKILLed (the agent's ``kill``), the
-  kernel SIGKILLs the program too, instead of leaving it running with nobody waiting for it.
+* passes the first stop signal on to that whole group: SIGTERM, SIGHUP and SIGQUIT as SIGTERM (a preemption:
+  the programs checkpoint, mark the W&B run preempting and exit 143), SIGINT as SIGINT (a user's stop: a
+  checkpoint, exit 130); a later stop signal changes nothing (a scheduler may send one to every process, and
+  the agent passes its own on again), and SIGUSR1, SIGUSR2 and SIGALRM, which the agent forwards too, are no
+  stop and are ignored. It waits for the group and exits with the program's exit code (a program killed by
+  signal N: 128 + N);
+* forks a watcher (:func:`kd.sweep.processes.start_watch`) that outlives it: if the launcher is SIGKILLed (a
+  cancel, or the agent's kill after a stop), the watcher sends the program SIGTERM (unless a stop was passed
+  on already), so it checkpoints and marks its W&B run preempting itself, and SIGKILLs what is left 60 s after
+  the first stop (``KD_STOP_GRACE_S`` seconds, for checkpoints that take longer), so nothing runs on with
+  nobody waiting for it.
 
 Processes: one by default ("one agent per GPU": run as many ``wandb agent`` processes as GPUs, each with its
 own CUDA_VISIBLE_DEVICES, which is left as it is). ``KD_NUM_PROCESSES=N``, or an Accelerate config file (the
 one ``accelerate config`` writes) whose ``num_processes`` is above 1 (named in one line when the run starts),
 asks for more. One process runs the program directly (``python PROGRAM ARGS``). N processes run it under
-torch's elastic launcher, ``python -m torch.distributed.run --standalone --nproc_per_node N PROGRAM ARGS`` (what
-``accelerate launch`` runs for several GPUs; on a machine without GPUs the processes join over gloo, so the
-layout is the same on a CPU): the config file's other settings (gpu_ids among them) are not applied, so it
-never overrides an agent's CUDA_VISIBLE_DEVICES. The elastic launcher passes a SIGTERM on to its workers (each
-checkpoints and exits 143) and is stopped with SIGTERM when this launcher dies; each worker is stopped with
-SIGTERM when the elastic launcher dies (:func:`kd.accel.accelerator`), so a SIGKILL anywhere leaves no worker
-running. Stopped, a multi-process run exits 128 + the signal, as torch's launcher does not pass the programs'
-codes on.
+torch's elastic launcher, ``python -m kd.sweep.elastic --standalone --nproc_per_node N PROGRAM ARGS``
+(``torch.distributed.run``, what ``accelerate launch`` runs for several GPUs, exiting as its workers did; on a
+machine without GPUs the processes join over gloo, so the layout is the same on a CPU): the config file's other
+settings (gpu_ids among them) are not applied, so it never overrides an agent's CUDA_VISIBLE_DEVICES. The
+elastic launcher passes a SIGTERM on to its workers (each checkpoints and exits 143) and is stopped with SIGTERM
+by the watcher when this launcher dies; each worker is stopped with SIGTERM when the elastic launcher dies
+(:func:`kd.accel.accelerator`), so a SIGKILL anywhere leaves no worker running.
 """
 
 from __future__ import annotations
@@ -36,9 +44,11 @@ import sys
 from pathlib import Path
 
 from kd.errors import KDError, one_line
-from kd.sweep.processes import signal_group, wait_group
+from kd.sweep.processes import TERM_GRACE_S, signal_group, start_watch, tell, wait_group
 
-FORWARDED = {signal.SIGTERM: signal.SIGTERM, signal.SIGINT: signal.SIGINT, signal.SIGHUP: signal.SIGTERM}
+FORWARDED = {signal.SIGTERM: signal.SIGTERM, signal.SIGINT: signal.SIGINT, signal.SIGHUP: signal.SIGTERM,
+             signal.SIGQUIT: signal.SIGTERM}
+IGNORED = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGALRM)  # forwarded by the agent; their default would end it
 GROUP_GRACE_S = 30.0  # after the program exits, how long its group's other processes get to end
 USAGE = "usage: python -m kd.sweep.launch PROGRAM [--key=value ...] (the command of a sweep spec)"
 
@@ -72,6 +82,21 @@ def num_processes(config: Path | None) -> int:
     if value > MAX_PROCESSES:
         raise KDError(f"the Accelerate config {config} asks for num_processes: {value}, over {MAX_PROCESSES}: fix it "
                       "with `accelerate config`, or set KD_NUM_PROCESSES")
+    return value
+
+
+def stop_grace() -> float:
+    """KD_STOP_GRACE_S: how long a stopped run gets to checkpoint before its watcher SIGKILLs it."""
+    raw = os.environ.get("KD_STOP_GRACE_S", "").strip()
+    if not raw:
+        return TERM_GRACE_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 1 <= value <= 86400:
+        raise KDError(f"KD_STOP_GRACE_S={raw!r} must be a number of seconds from 1 to 86400 (how long a stopped "
+                      f"run gets to checkpoint): unset it for {TERM_GRACE_S:.0f}")
     return value
 
 
@@ -119,55 +144,64 @@ def child_argv(program: str, args: list[str]) -> list[str]:
     return [sys.executable, *ELASTIC, "--standalone", "--nproc_per_node", str(n), program, *args]
 
 
-def _die_with_parent(sig: int):
-    """preexec_fn: send this child ``sig`` when the launcher dies (Linux PR_SET_PDEATHSIG)."""
-    if not sys.platform.startswith("linux"):
-        return None
-    import ctypes
-
-    libc, parent = ctypes.CDLL(None, use_errno=True), os.getpid()
+def _tell_watcher(fd: int):
+    """preexec_fn: the program, started but not yet running, names its process group to the watcher."""
 
     def preexec():
-        libc.prctl(1, sig)  # 1 = PR_SET_PDEATHSIG
-        if os.getppid() != parent:  # the launcher died before the prctl
-            os._exit(128 + sig)
+        tell(fd, f"group {os.getpid()}")
 
     return preexec
+
+
+def _ignore(signum, frame) -> None:
+    pass
 
 
 class Launch:
     """The program as a child in its own process group, with the stop signals passed on to that group."""
 
-    def __init__(self, cmd: list[str]):
-        self.cmd = cmd
+    def __init__(self, cmd: list[str], grace: float = TERM_GRACE_S):
+        self.cmd, self.grace = cmd, grace
         self.child: subprocess.Popen | None = None
         self.got: list[int] = []
+        self.watcher: int | None = None
 
     def forward(self, signum, frame) -> None:
         self.got.append(signum)
         if self.child is None:
             return
+        name = signal.Signals(signum).name
+        if len(self.got) > 1:
+            print(f"kd.sweep.launch: {name}: the run is stopping already ({signal.Signals(self.got[0]).name})",
+                  file=sys.stderr, flush=True)
+            return
         sent = FORWARDED[signum]
-        print(f"kd.sweep.launch: {signal.Signals(signum).name}: passing {signal.Signals(sent).name} to the run's "
-              f"process group {self.child.pid} (it checkpoints, then exits)", file=sys.stderr, flush=True)
+        tell(self.watcher, "stop")
+        print(f"kd.sweep.launch: {name}: passing {signal.Signals(sent).name} to the run's process group "
+              f"{self.child.pid} (it checkpoints, then exits)", file=sys.stderr, flush=True)
         signal_group(self.child.pid, sent)
 
     def run(self) -> int:
-        """Start the program, pass stop signals on to its group, wait; the exit code."""
+        """Start the watcher and the program, pass the first stop signal on to its group, wait; the exit code."""
         previous = {s: signal.signal(s, self.forward) for s in FORWARDED}
+        previous.update({s: signal.signal(s, _ignore) for s in IGNORED})
         try:
             if self.got:  # stopped before anything started
                 return 128 + FORWARDED[self.got[0]]
-            elastic = self.cmd[1:3] == ELASTIC  # told to stop (it stops its workers), or the program: killed
-            death = signal.SIGTERM if elastic else signal.SIGKILL
-            self.child = subprocess.Popen(self.cmd, process_group=0, preexec_fn=_die_with_parent(death))
+            self.watcher = start_watch(self.grace)
+            self.child = subprocess.Popen(self.cmd, process_group=0, preexec_fn=_tell_watcher(self.watcher))
             if self.got:  # a signal came while it was starting
-                self.forward(self.got.pop(), None)
+                first = self.got[0]
+                self.got.clear()
+                self.forward(first, None)
             code = self.child.wait()
-            wait_group(self.child.pid, GROUP_GRACE_S)
+            if wait_group(self.child.pid, GROUP_GRACE_S):
+                tell(self.watcher, "done")  # else the watcher stops what is left of the group
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
+            if self.watcher is not None:
+                os.close(self.watcher)
         code = 128 - code if code < 0 else code
         return code
 
@@ -180,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not argv or argv[0].startswith("-"):
             raise KDError(f"the first argument must be the program, got {argv[0] if argv else 'none'}: {USAGE}")
-        return Launch(child_argv(argv[0], argv[1:])).run()
+        return Launch(child_argv(argv[0], argv[1:]), stop_grace()).run()
     except KDError as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 2

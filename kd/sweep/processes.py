@@ -1,8 +1,16 @@
-"""Processes of a sweep's runs: is a pid still the process it was, is a process group empty, stop a group.
+"""Processes of a sweep's runs: is a pid still the process it was, is a process group empty, stop a group, and
+the watcher that stops a run whose launcher was killed.
 
 Plain Python (no torch): the launcher (kd.sweep.launch) imports this on every run's start. On Linux the
 answers come from /proc (a pid's start time tells a reused pid from the old process; a zombie counts as
 gone); elsewhere from ``kill(pid, 0)``.
+
+The watcher (:func:`start_watch`) is a fork of the launcher in a session of its own, joined to it by a pipe.
+The launcher tells it the run's process group, whether a stop was passed on, and that the group ended. When
+the pipe closes without that last word (the launcher was SIGKILLed: ``wandb sweep --cancel``, or the agent's
+kill 30 s after a stop), the watcher stops the group itself: SIGTERM (the programs checkpoint and exit),
+then SIGKILL once ``TERM_GRACE_S`` has passed since the first stop signal. So a run outlives its launcher
+just long enough to save its checkpoint, and no process of it runs on unwatched.
 """
 
 from __future__ import annotations
@@ -10,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -93,3 +102,67 @@ def stop_group(pgid: int, grace: float = TERM_GRACE_S) -> None:
         if wait_group(pgid, wait):
             return
     raise KDError(f"process group {pgid} of a cut-off run survives SIGKILL: stop it by hand, then rerun")
+
+
+# -- the watcher
+WATCH_IGNORES = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
+
+
+def start_watch(grace: float = TERM_GRACE_S) -> int:
+    """Fork the watcher; the write end of its pipe (close-on-exec: the launcher alone holds it)."""
+    read, write = os.pipe()
+    if os.fork() == 0:  # the watcher
+        code = 0
+        try:
+            os.close(write)
+            os.setsid()  # signals to the launcher's process group (a runner's stop) do not reach it
+            for s in WATCH_IGNORES:  # nor a scheduler's SIGTERM to every process: the launcher's death is its cue
+                signal.signal(s, signal.SIG_IGN)
+            watch(read, grace)
+        except BaseException:  # a forked child never returns into the launcher's code
+            code = 1
+        finally:
+            os._exit(code)
+    os.close(read)
+    return write
+
+
+def tell(fd: int, word: str) -> None:
+    """One message to the watcher: ``group PGID``, ``stop``, ``done`` (a pipe write under 512 bytes is atomic)."""
+    with contextlib.suppress(OSError):  # no watcher (it failed): the launcher goes on
+        os.write(fd, f"{word}\n".encode())
+
+
+def _messages(fd: int):
+    """(word, argument, time received) of each message, until the pipe closes."""
+    pending = b""
+    while chunk := os.read(fd, 512):
+        pending += chunk
+        *lines, pending = pending.split(b"\n")
+        for line in lines:
+            word, _, arg = line.decode().partition(" ")
+            yield word, arg, time.monotonic()
+
+
+def watch(fd: int, grace: float) -> None:
+    pgid, stopped, done = None, None, False
+    for word, arg, at in _messages(fd):
+        if word == "group":
+            pgid, done = int(arg), False
+        elif word == "stop" and stopped is None:
+            stopped = at
+        elif word == "done":
+            done = True
+    if done or pgid is None or not group_alive(pgid):
+        return
+    if stopped is None:
+        print(f"kd.sweep.launch: the launcher was killed: SIGTERM to the run's process group {pgid} (it "
+              f"checkpoints, then exits; SIGKILL in {grace:.0f} s)", file=sys.stderr, flush=True)
+        signal_group(pgid, signal.SIGTERM)
+        stopped = time.monotonic()
+    if wait_group(pgid, stopped + grace - time.monotonic()):
+        return
+    print(f"kd.sweep.launch: the run's process group {pgid} still runs {grace:.0f} s after its stop: SIGKILL",
+          file=sys.stderr, flush=True)
+    signal_group(pgid, signal.SIGKILL)
+    wait_group(pgid, 10.0)

@@ -4,6 +4,13 @@ Each run is a child process in its own session, started in the repository root w
 first on PATH and the agent's environment (:meth:`Runner.child_env`). A run whose program exits 143 (it
 checkpointed on a SIGTERM it did not get from this runner: a preemption) is rerun at once under the same
 W&B run id, as W&B's agent reruns a preempting run; a run that fails is noted, and retried by the next call.
+
+Several runners share one spec's grid (one per GPU, on one machine or, under SLURM, on many sharing a file
+system: slurm/agents.sbatch): each claims the next run nobody holds and moves on past runs that others hold,
+so no run waits for another. A claim records its runner's host and pid, and under SLURM its job and restart
+count (``SLURM_JOB_ID``, ``SLURM_RESTART_COUNT``): a claim whose runner is gone (its pid, on this host; or an
+earlier start of this same SLURM job, on any host, since SLURM starts a requeued job only once the last start
+has ended) is taken over and its run resumed; a claim by a live runner elsewhere is left to it.
 """
 
 from __future__ import annotations
@@ -59,6 +66,15 @@ def fmt_duration(seconds: float) -> str:
     return f"{s // 3600}h{(s % 3600) // 60:02d}m"
 
 
+def slurm_job() -> dict | None:
+    """This process's SLURM job and how often SLURM started it before (requeues), where it runs in one."""
+    job = os.environ.get("SLURM_JOB_ID", "")
+    if not job:
+        return None
+    restart = os.environ.get("SLURM_RESTART_COUNT", "0")
+    return {"job": job, "restart": int(restart) if restart.isdigit() else 0}
+
+
 def _engine_state(status: str) -> str:
     return {"finished": "finished", "failed": "failed", "running": "running"}.get(status, "pending")
 
@@ -80,12 +96,19 @@ class Runner:
         self.failed: list[dict] = []
 
     # -- claiming, under the lock
+    def _gone(self, claim: dict) -> bool:
+        """Whether the runner that claimed a running run is gone."""
+        mine, theirs = slurm_job(), claim.get("slurm")
+        if mine and theirs and mine["job"] == theirs["job"]:
+            return theirs["restart"] < mine["restart"]  # an earlier start of this job: ended before this one began
+        return claim.get("host") == self.host and not pid_alive(claim["pid"], claim.get("pid_start"))
+
     def _pick(self, runs: list[dict]) -> tuple[dict | None, dict | None]:
         for r in runs:
             if r["key"] in self.tried:
                 continue
             if r["status"] == "running":
-                if r.get("host") != self.host or pid_alive(r["pid"], r.get("pid_start")):
+                if not self._gone(r):
                     continue  # another live runner owns it (or one on another host: left alone)
                 return r, dict(r)
             if r["status"] in CLAIMABLE:
@@ -102,7 +125,7 @@ class Runner:
                 if pick is None:
                     return None
             pick.update(status="running", pid=self.pid, pid_start=self.pid_start, host=self.host,
-                        started_at=now(), ended_at=None, returncode=None, pgid=None,
+                        slurm=slurm_job(), started_at=now(), ended_at=None, returncode=None, pgid=None,
                         attempts=pick.get("attempts", 0) + 1)
             pick["run_id"] = pick.get("run_id") or new_run_id()
             json_file = str(self.params_path(pick["run_id"], ".json"))
@@ -203,7 +226,7 @@ class Runner:
             if claimed is None:
                 break
             run, stale = claimed
-            if stale and stale.get("pgid") and group_alive(stale["pgid"]):
+            if stale and stale.get("pgid") and stale.get("host") == self.host and group_alive(stale["pgid"]):
                 print(f"run {run['key']} was cut off (runner pid {stale['pid']} is gone) but its program "
                       f"still runs: stopping process group {stale['pgid']} before rerunning", file=sys.stderr)
                 stop_group(stale["pgid"])
