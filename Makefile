@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-stamp
 STUDY  ?= demo
 SWEEPS ?= sweeps/$(STUDY)
 
-.PHONY: setup test lint chaos test-slurm demo figures report synthetic bench agent agents slurm slurm-requeue \
+.PHONY: setup test lint chaos test-slurm demo figures report synthetic docs bench agent agents slurm slurm-requeue \
 	slurm-stop clean
 
 setup: $(STAMP)
@@ -67,6 +67,10 @@ demo: setup
 # 50k CIFAR-10 images from the pretrained DDPM (covers every Figure 1 point: smaller pools are prefixes)
 synthetic: setup
 	$(PY) -m kd.synthetic generate --model=google/ddpm-cifar10-32 --dataset=cifar10 --num=50000 --scheduler=ddim --steps=100
+
+# The runs and needs of every study (python -m kd.sweep.plan), written into the <!-- plan --> blocks of the docs
+docs: setup
+	$(PY) -m kd.sweep.plan --write README.md docs/reference.md
 
 bench: setup
 	$(PY) -m kd.bench $(ARGS)

@@ -18,7 +18,7 @@ itself otherwise). The callable it returns:
 
 ``mode`` is torch.compile's: None (inductor's default), ``"reduce-overhead"`` (CUDA graphs: fewer kernel
 launches, the lever for small networks on GPUs) or ``"max-autotune-no-cudagraphs"``; ``python -m kd.bench``
-times them. train.py and distill.py compile with ``$KD_COMPILE_MODE`` (unset or empty: the default mode).
+times them. train.py and distill.py compile with ``--compile_mode`` (default: torch.compile's own).
 """
 
 from __future__ import annotations
@@ -93,7 +93,8 @@ class StaticCompiled:
 
 def compile_model(model: torch.nn.Module, cfg, mode: str | None = None):
     """The engine's forward: ``model`` itself unless ``cfg.compile``, else a :class:`StaticCompiled` (mode:
-    ``mode``, else ``$KD_COMPILE_MODE``, else torch.compile's default)."""
+    ``mode``, else ``cfg.compile_mode``; "default" is torch.compile's own)."""
     if not getattr(cfg, "compile", False):
         return model
-    return StaticCompiled(model, mode=mode or os.environ.get("KD_COMPILE_MODE") or None)
+    mode = mode or getattr(cfg, "compile_mode", "default")
+    return StaticCompiled(model, mode=None if mode == "default" else mode)

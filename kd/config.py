@@ -22,7 +22,7 @@ from kd.datasets import DATASETS
 from kd.errors import KDError, check_name
 from kd.flags import SEED_MAX, check_fields, fingerprint, identity, setting
 from kd.losses import LOSSES
-from kd.models import check_arch
+from kd.names import check_arch
 from kd.optim import OPTIMIZERS, SCHEDULES
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")

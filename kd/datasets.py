@@ -34,6 +34,7 @@ class DatasetSpec:
     n_train: int  # the standard split's sizes (a loader may return fewer, e.g. a test's tiny copy)
     n_test: int
     load: Callable[[Path], tuple] = None  # data folder -> (train_x, train_y, test_x, test_y) numpy arrays
+    download_bytes: int = 0  # the archive its loader downloads (kept beside the extracted files)
     family: str = ""  # whose generator recipes it trains with (empty: its own name)
     default_model: str = ""  # what `generate` samples when --model is empty (empty: generator-{name})
 
@@ -177,8 +178,8 @@ def _load_cifar(name: str, root: Path):
 
 
 register_dataset(DatasetSpec("cifar10", 10, 32, 4, True, 50_000, 10_000, lambda root: _load_cifar("cifar10", root),
-                             default_model="google/ddpm-cifar10-32"))
+                             download_bytes=170_498_071, default_model="google/ddpm-cifar10-32"))
 register_dataset(DatasetSpec("cifar100", 100, 32, 4, True, 50_000, 10_000,
-                             lambda root: _load_cifar("cifar100", root)))
+                             lambda root: _load_cifar("cifar100", root), download_bytes=169_001_437))
 register_dataset(DatasetSpec("digits", 10, 8, 1, False, 1437, 360, _load_digits))
 register_dataset(DatasetSpec("digits-hard", 10, 8, 1, False, HARD_TRAIN, 360, _load_digits_hard, family="digits"))

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-import torch.nn.functional as F
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,9 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     softmax is shift-invariant, so both give the same loss. ``temperature``: one for every row, or a tensor
     ``[B]`` of each row's (the authors' online synthetic rows have their own). No label term (alpha = 0).
     """
+    import torch
+    import torch.nn.functional as F
+
     t = torch.as_tensor(temperature, dtype=torch.float32, device=student_logits.device)
     t = t[:, None] if t.dim() == 1 else t
     p_teacher = F.softmax(teacher_logits.float() / t, dim=-1)
@@ -72,6 +76,8 @@ def _kd(student_logits: torch.Tensor, batch: dict, cfg) -> torch.Tensor:
 
 @register_loss("kd_nll", "(1 - alpha) x Eq. 1 + alpha x cross-entropy of the labels on the real rows", ("alpha",))
 def _kd_nll(student_logits: torch.Tensor, batch: dict, cfg) -> torch.Tensor:
+    import torch.nn.functional as F
+
     soft = kd_loss(student_logits, batch["target"], _tau(batch, cfg))
     y = batch["y"]
     real = y >= 0  # a generator's images have no label

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import re
 
+from kd.errors import KDError
+
 PROJECT = "kd-fidelity"  # the default W&B project of every command
 
 # ---- jobs (config key "job"; W&B job_type is JOB_TYPES[job])
@@ -67,3 +69,33 @@ def generator_artifact(dataset: str, generator: str = "ddpm") -> str:
     ``generator-{dataset}-{generator}`` for any other generator."""
     return f"generator-{dataset}" if generator == "ddpm" else f"generator-{dataset}-{generator}"
 
+
+# ---- architectures: preresnet{depth} (the authors' PreResNet) or timm:{name}
+PRERESNET = re.compile(r"^preresnet(\d+)$")
+
+
+def check_depth(depth: int) -> None:
+    """The one depth rule: bottleneck blocks from depth 44 ((depth - 2) % 9 == 0, up to 1001), basic blocks
+    below ((depth - 2) % 6 == 0, from 8)."""
+    ok = depth <= 1001 and (depth - 2) % 9 == 0 if depth >= 44 else depth >= 8 and (depth - 2) % 6 == 0
+    if not ok:
+        raise KDError(f"invalid PreResNet depth {depth}: use depth = 6n+2 below 44 (8, 14, 20, 26, 32, 38) "
+                      "or 9n+2 from 44 to 1001 (47, 56, 65, ..., 110)")
+
+
+def check_arch(arch: str) -> None:
+    """``preresnet{depth}`` with a valid depth, or ``timm:{name}`` of a model timm knows."""
+    m = PRERESNET.match(arch)
+    if m:
+        try:
+            check_depth(int(m.group(1)))
+        except KDError as e:
+            raise KDError(f"invalid depth in {arch!r}: {str(e).split(': ', 1)[1]}") from None
+        return
+    if arch.startswith("timm:"):
+        import timm
+
+        if arch[5:] not in timm.list_models():
+            raise KDError(f"unknown timm model {arch[5:]!r}: see timm.list_models() for the names")
+        return
+    raise KDError(f"unknown arch {arch!r}: use preresnet{{depth}} (e.g. preresnet56) or timm:{{name}}")

@@ -12,11 +12,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 
 def _sgd(params: Iterable, cfg) -> torch.optim.Optimizer:
+    import torch
+
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
                            weight_decay=cfg.weight_decay)
 

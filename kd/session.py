@@ -53,6 +53,13 @@ def room_needed(n_params: int, cache_bytes: int = 0) -> int:
     return 2 * 2 * weights + 2 * weights + 2 * weights + cache_bytes
 
 
+def kept_bytes(n_params: int) -> int:
+    """What a finished classifier run keeps: its last checkpoint (weights and momentum), the final weights and their
+    store copy, and the mirrored checkpoint in the store."""
+    weights = 4 * n_params
+    return 2 * weights + 2 * weights + 2 * weights
+
+
 class RunConfig(Protocol):
     resume: str
     store: str

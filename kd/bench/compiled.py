@@ -19,6 +19,7 @@ and reports what the child had written by then (it writes OUT.json after every p
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -33,8 +34,6 @@ from pathlib import Path
 
 from kd.bench.common import TEMPERATURE, Bench, Clock, Sizes, amp, interleave, random_data, ratio, teachers
 from kd.bench.table import note, row
-
-MODE_ENV = "KD_COMPILE_MODE"  # kd.accel reads it: the mode Session.fit compiles with
 
 
 class Counted:
@@ -76,7 +75,8 @@ def _sigterm(spec: dict, sizes: Sizes, device, data, cache, ens, root: Path) -> 
     from kd.optim import optimizer
     from kd.session import Session
 
-    session = Session(engine_cfg(sizes, device, "student", spec["batch"], root / "sigterm", True, 2), job="bench")
+    cfg = engine_cfg(sizes, device, "student", spec["batch"], root / "sigterm", True, 2)
+    session = Session(dataclasses.replace(cfg, compile_mode=spec["modes"][0]), job="bench")
     sent: list[float] = []
 
     def kill() -> None:
@@ -121,7 +121,7 @@ def _variant(engine, mode: str, n: int, clock: Clock, out: dict, save):
         if not clock.fits(estimate * 1.3 + 10):
             out.setdefault("skipped", []).append(mode)
             return float("nan")
-        os.environ[MODE_ENV] = "" if mode in ("eager", "default") else mode
+        engine.cfg = dataclasses.replace(engine.cfg, compile_mode="default" if mode == "eager" else mode)
         before = counters["stats"]["unique_graphs"]
         rate = engine.round()
         h = engine.history
@@ -162,7 +162,6 @@ def child(spec_path: str, out_path: str) -> None:
         out.write_text(json.dumps(result))
 
     if spec["sigterm"]:
-        os.environ[MODE_ENV] = "" if spec["modes"][0] == "default" else spec["modes"][0]
         result["sigterm"] = _sigterm(spec, sizes, device, data, cache, ens, Path(spec["root"]))
         if result["sigterm"].get("honoured"):
             result["compile_s"] = {spec["modes"][0]: result["sigterm"]["first_step_s"]}

@@ -6,14 +6,14 @@ figures, the CSV and the caches are written only once every check passed.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from kd import names
-from kd.errors import ArgumentParser, KDError, check_name, cli, first_line
+from kd.errors import KDError, check_name, cli, first_line
+from kd.flags import REQUIRED, check_fields, parse_flags, setting
 from kd.io import atomic_write, check_folder
 from kd.report.aggregate import (
     ARCH,
@@ -64,32 +64,34 @@ class Loaded:
     unreadable: dict[Path, str] = field(default_factory=dict)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = ArgumentParser(prog="python -m kd.report", allow_abbrev=False,
-                       description="Figures, a CSV and a W&B Report from the runs of one study.")
-    p.add_argument("--study", required=True, help="the --study label the runs were made with")
-    p.add_argument("--wandb_dir", "--wandb-dir", default=None,
-                   help="folder holding wandb/offline-run-* (default: $WANDB_DIR, else the current folder)")
-    p.add_argument("--out", default="figures", help="output folder for fig1.png, fig2.png, results.csv")
-    mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--online", dest="mode", action="store_const", const="online",
-                      help="read runs through the W&B API (default when logged in)")
-    mode.add_argument("--offline", dest="mode", action="store_const", const="offline",
-                      help="read offline runs from disk (default without a login)")
-    p.add_argument("--entity", default=None, help="online: W&B entity (default: $WANDB_ENTITY or yours)")
-    p.add_argument("--project", default=None, help=f"online: W&B project (default: $WANDB_PROJECT or "
-                   f"{names.PROJECT})")
-    p.add_argument("--publish", action="store_true",
-                   help="also save the study's W&B Report, over the one it has (needs `wandb login`)")
-    p.add_argument("--refresh", action="store_true", help="ignore the caches in .cache/report: read every run again")
-    p.add_argument("--expect", default=None, metavar="SWEEP_DIR",
-                   help="warn about each grid point of the student sweep specs there without a finished run")
-    p.add_argument("--expect-paper-grid", "--expect_paper_grid", dest="expect_paper_grid",
-                   action="store_true",
-                   help="also expect the paper's synthetic ratios 0, 0.25, 0.5, 0.75, 1.0 in Figure 1")
-    p.add_argument("--cache_dir", "--cache-dir", default=".cache/report",
-                   help="folder of the report's caches (default: .cache/report)")
-    return p.parse_args(argv)
+@dataclass
+class ReportSettings:
+    """python -m kd.report --study=S: figures, a CSV and a W&B Report from the runs of one study."""
+
+    study: str = setting(REQUIRED, "the --study label the runs were made with", name=True)
+    wandb_dir: str = setting("", "folder holding wandb/offline-run-*; empty: $WANDB_DIR, else the current folder")
+    out: str = setting("figures", "output folder for fig1.png, fig2.png, results.csv")
+    mode: str = setting("auto", "where the runs are read: online (the W&B API) | offline (the run folders on disk) | "
+                                "auto (online when logged in)", choices=("auto", "online", "offline"),
+                        switches=("online", "offline"))
+    entity: str = setting("", "online: W&B entity; empty: $WANDB_ENTITY, else yours")
+    project: str = setting("", f"online: W&B project; empty: $WANDB_PROJECT, else {names.PROJECT}")
+    publish: bool = setting(False, "also save the study's W&B Report, over the one it has (needs `wandb login`)",
+                            choices=(True, False))
+    refresh: bool = setting(False, "ignore the caches in --cache_dir: read every run again", choices=(True, False))
+    expect: str = setting("", "a folder of sweep specs (or one spec): warn about each grid point of its student "
+                              "sweeps without a finished run, and count only the runs of that grid")
+    expect_paper_grid: bool = setting(False, "also expect the paper's synthetic ratios 0, 0.25, 0.5, 0.75, 1.0 in "
+                                             "Figure 1", choices=(True, False))
+    cache_dir: str = setting(".cache/report", "folder of the report's caches")
+
+    def validate(self) -> None:
+        check_fields(self)
+        check_name(self.study, "study")
+
+
+def parse_args(argv: list[str] | None = None) -> ReportSettings:
+    return parse_flags(ReportSettings, argv)
 
 
 def _wandb_dir(args) -> Path:
@@ -167,9 +169,9 @@ def _publish(got: Loaded, study: str, dataset: str, arch: str, result: Result) -
     print(f"W&B Report ({done}): {result.url}")
 
 
-def run_report(args: argparse.Namespace) -> Result:
+def run_report(args: ReportSettings) -> Result:
     study = check_name(args.study, "study")
-    mode = args.mode or ("online" if wandb_mode() == "online" else "offline")
+    mode = args.mode if args.mode != "auto" else ("online" if wandb_mode() == "online" else "offline")
     if args.publish and mode != "online":
         raise KDError("--publish needs a W&B login: run `wandb login` (or set WANDB_API_KEY) and rerun; "
                       "nothing was written")

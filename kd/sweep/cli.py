@@ -10,9 +10,11 @@ import json
 import shlex
 import signal
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
-from kd.errors import ArgumentParser, Interrupted, KDError, one_line
+from kd.errors import Interrupted, KDError, one_line
+from kd.flags import REQUIRED, parse_flags, setting
 from kd.sweep.runner import Runner, raise_stop
 from kd.sweep.spec import Spec, build_argv, check_program_file, find_root, load_spec, sweeps_engine
 from kd.sweep.state import State
@@ -50,21 +52,18 @@ def dry_run(spec: Spec, state_dir: Path, root: Path, count: int | None) -> int:
     return 0
 
 
-def parser() -> ArgumentParser:
-    import kd.sweep
+@dataclass
+class SweepSettings:
+    """python -m kd.sweep SPEC: run a W&B sweep spec offline, the stand-in for `wandb sweep` + `wandb agent`."""
 
-    p = ArgumentParser(prog="python -m kd.sweep", description=kd.sweep.__doc__.split("\n\n")[0])
-    p.add_argument("spec", help="a W&B sweep spec (YAML), e.g. sweeps/demo/teachers.yaml")
-    p.add_argument("--dry-run", action="store_true", help="print each run's command; run nothing")
-    p.add_argument("--count", type=int, default=None, help="run at most N runs, then stop")
-    p.add_argument("--keep-going", action="store_true", help="go on after a failed run (exit 1)")
-    p.add_argument("--state-dir", default=None, help="default: runs/sweeps/<stem>-<sha8>")
-    return p
+    spec: str = setting(REQUIRED, "a W&B sweep spec (YAML), e.g. sweeps/demo/teachers.yaml", positional=True)
+    dry_run: bool = setting(False, "print each run's command; run nothing", choices=(True, False))
+    count: int = setting(0, "run at most N runs, then stop; 0: every run", lo=0, hi=10**9)
+    keep_going: bool = setting(False, "go on after a failed run (exit 1)", choices=(True, False))
+    state_dir: str = setting("", "state and logs; empty: runs/sweeps/<stem>-<sha8>")
 
 
-def run(args) -> int:
-    if args.count is not None and args.count < 1:
-        raise KDError(f"--count must be >= 1, got {args.count}")
+def run(args: SweepSettings) -> int:
     spec = load_spec(args.spec)
     root = find_root(spec)
     if root is None:
@@ -76,11 +75,12 @@ def run(args) -> int:
         check_program_file(spec, root)
     state_dir = Path(args.state_dir) if args.state_dir else root / "runs" / "sweeps" / spec.sweep_id
     state_dir = state_dir.resolve()
+    count = args.count or None
     if args.dry_run:
-        return dry_run(spec, state_dir, root, args.count)
-    if spec.grid is None and spec.total(args.count) is None:
+        return dry_run(spec, state_dir, root, count)
+    if spec.grid is None and spec.total(count) is None:
         raise KDError(never_ends(spec))
-    runner = Runner(spec, state_dir, root, args.count, args.keep_going)
+    runner = Runner(spec, state_dir, root, count, args.keep_going)
     previous = {s: signal.signal(s, raise_stop) for s in STOP_SIGNALS}
     try:
         return runner.loop()
@@ -90,9 +90,8 @@ def run(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
     try:
-        return run(args)
+        return run(parse_flags(SweepSettings, argv))
     except KDError as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 2

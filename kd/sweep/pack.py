@@ -30,11 +30,12 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+from dataclasses import dataclass
 
 from kd import names, student
 from kd.config import DistillConfig
-from kd.errors import AlreadyDone, ArgumentParser, KDError, cli
-from kd.flags import pack_key, parse_flags
+from kd.errors import AlreadyDone, KDError, cli
+from kd.flags import REQUIRED, pack_key, parse_flags, setting
 from kd.sweep.spec import load_spec
 
 
@@ -130,22 +131,21 @@ def run_pack(cfgs: list[DistillConfig], stacked: str) -> None:
             student.report(m.cfg, m.session, m.objective, final, path)
 
 
-def parser() -> ArgumentParser:
-    p = ArgumentParser(prog="python -m kd.sweep.pack", description=__doc__.split("\n\n")[0])
-    p.add_argument("spec", help="a W&B grid spec of distill.py runs, e.g. sweeps/demo/ensemble_size.yaml (16 runs, "
-                                "all at synthetic ratio 0: four packs of 4)")
-    p.add_argument("--pack", type=int, default=4, help="runs per pack (one process trains one pack at a time)")
-    p.add_argument("--stacked", default="auto", choices=("auto", "True", "False"),
-                   help="one stacked model (auto: on accelerators) or the members one after another")
-    p.add_argument("--dry-run", action="store_true", help="print the packs; run nothing")
-    return p
+@dataclass
+class PackSettings:
+    """python -m kd.sweep.pack SPEC: a grid of distill.py runs trained several to a process."""
+
+    spec: str = setting(REQUIRED, "a W&B grid spec of distill.py runs, e.g. sweeps/demo/ensemble_size.yaml (its dry "
+                                  "run lists the packs)", positional=True)
+    pack: int = setting(4, "runs per pack (one process trains one pack at a time)", lo=1, hi=1024)
+    stacked: str = setting("auto", "one stacked model (auto: on accelerators) or the members one after another",
+                           choices=("auto", "True", "False"))
+    dry_run: bool = setting(False, "print the packs; run nothing", choices=(True, False))
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
     with cli():
-        if args.pack < 1:
-            raise KDError(f"--pack must be >= 1, got {args.pack}")
+        args = parse_flags(PackSettings, argv)
         spec = load_spec(args.spec)
         configs = grid_configs(spec)
         packs = plan(configs, args.pack)
