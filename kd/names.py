@@ -34,6 +34,8 @@ FINAL = "final"  # summary: True once the run finished and published its weights
 # ---- config keys a student run adds to its flags
 JOB = "job"
 RUN_NAME = "run_name"
+SEED_USED = "seed_used"  # the seed a run drew its weights and data order from (a student's default: its trial's)
+INIT_SHA = "init_sha256"  # the sha256 of a classifier run's initial weights (students never share a teacher's)
 STUDY = "study"
 TEACHER_NAMES = "teacher_names"
 TEACHER_HASHES = "teacher_hashes"

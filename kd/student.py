@@ -112,7 +112,7 @@ def teacher_targets(cfg, session, ensemble, data, hashes):
 def prepare(cfg, session, data, model):
     """Teachers, pool, W&B config, cache and objective of one student, its W&B run started (online it starts
     first: teachers and pool are resolved through it). Returns (objective, extra config)."""
-    from kd.models import Ensemble, count_params
+    from kd.models import Ensemble, count_params, weights_sha256
     from kd.objectives import Distill
 
     if session.mode == "online":
@@ -126,6 +126,7 @@ def prepare(cfg, session, data, model):
         session.start_tracking()
     members, synthetic, extra = inputs(cfg, session, data)
     extra["n_params"] = count_params(model)
+    extra[names.INIT_SHA] = weights_sha256(model)  # before any step: the weights its seed drew
     if session.mode == "online":
         session.add_config(extra)
     else:
