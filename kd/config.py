@@ -123,8 +123,12 @@ class DistillConfig(TrainConfig):
     temperature: float = setting(1.0, "distillation temperature tau of Eq. 1", lo=0.01, hi=100, packs=True)
     synthetic_ratio: float = setting(0.0, "synthetic images per real image added (0.25 = +12.5k on CIFAR)",
                                      lo=0, hi=100)
-    synthetic_pool: str = setting("", "a pool file or a synthetic-* artifact name (needed when ratio > 0)",
+    synthetic_pool: str = setting("", "a pool (file or synthetic-* artifact): the run takes its trial's block of it "
+                                      "(a pool per trial's worth of images); or --synthetic_generator",
                                   identity=lambda cfg: cfg.synthetic_ratio > 0)  # real data only: any pool
+    synthetic_generator: str = setting("", "a generator (artifact or folder; NAME@stepN: an SN-GAN snapshot): the run "
+                                           "samples its own images from it, by its seed (the paper's way); or "
+                                           "--synthetic_pool", identity=lambda cfg: cfg.synthetic_ratio > 0)
     teacher_cache: bool = setting(True, "reuse teacher outputs over the enumerable views (exact)",
                                   choices=(True, False), identity=False)
     cache_dtype: str = setting("float32", "storage of cached teacher log-probs",
@@ -146,6 +150,12 @@ class DistillConfig(TrainConfig):
                           "distinct teachers")
         for name in listed:
             check_name(name, "teacher name")
+        if self.synthetic_ratio and bool(self.synthetic_pool) == bool(self.synthetic_generator):
+            given = "both --synthetic_pool and --synthetic_generator" if self.synthetic_pool else "neither"
+            raise KDError(f"--synthetic_ratio={self.synthetic_ratio} needs one source of synthetic images, got "
+                          f"{given}: pass --synthetic_generator=ARTIFACT (the run samples its own images; e.g. "
+                          "`python -m kd.synthetic import` the authors' SN-GAN) or --synthetic_pool=POOL (`python -m "
+                          "kd.synthetic generate`)")
         reads = set(LOSSES[self.loss].params)
         for other in LOSSES.values():
             for key in set(other.params) - reads:

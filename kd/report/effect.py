@@ -23,7 +23,7 @@ from kd.report.aggregate import FIG1_SIZES, Group, fig1_temperature, source_fid,
 
 DELTAS = {"d_acc": names.TEST_ACC, "d_agreement": names.TEST_AGREEMENT}
 WHAT = {"d_acc": "student test accuracy", "d_agreement": "test agreement"}
-STEP_MARK = "@step"  # kd.synthetic.config.STEP_MARK: how a pool of a snapshot names its model
+STEP_MARK = names.STEP_MARK
 FAMILY_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 LEVEL = 0.95
 

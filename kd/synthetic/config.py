@@ -18,7 +18,7 @@ from kd.synthetic.families import FAMILIES, family
 
 SCHEDULERS = ("ddpm", "ddim", "dpm")
 _SEED_MAX = 2**63 - 1
-STEP_MARK = "@step"  # a pool of G at step N names its model "{model}@stepN" (the report's generator family)
+STEP_MARK = names.STEP_MARK
 
 
 @dataclass
