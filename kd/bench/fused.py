@@ -3,16 +3,21 @@ the vmapped pack (:class:`kd.stacking.StackedModel`), in one process, and the op
 
     python -m kd.bench.fused                               # preresnet56, 32 px, 100 classes, batch 128, k = 1 2 4 8
     python -m kd.bench.fused --ks 1 2 --batch 32 --rounds 1
-    python -m kd.bench.fused --device=cuda --bf16          # what the GPU pays
+    python -m kd.bench.fused --device=cuda --bf16 --ks 1 2 4 8 16 [--compile]   # what a GPU gains
 
 Every variant takes the students' step: each member its own batch and soft targets, the losses summed and
 backpropagated once (separately for the separate runs), SGD with the study's hyperparameters; channels_last
 unless ``--nchw``; bf16 autocast with ``--bf16``. Per k the variants run interleaved, one untimed step each
 first, then ``--rounds`` rounds of ``--steps`` steps in rotating order; a figure is the median over rounds of a
 step's seconds. A variant whose memory would not fit (its k=1 peak times k, against MemAvailable) is skipped
-and named. Op counts (``torch.profiler`` on the CPU): aten ops that reach a kernel (leaf ops that are not
-views or allocations) in one training-mode forward and in one whole step. ``--pointwise`` also times a
-bottleneck's 1x1 convolutions as grouped convolutions and as batched matmuls.
+and named. Op counts (``torch.profiler`` on the CPU, batch 16): kernel ops (aten ops that do work themselves,
+not views or allocations) and top-level aten ops in one training-mode forward and in one whole step.
+``--pointwise`` also times a bottleneck's 1x1 convolutions as grouped convolutions and as batched matmuls.
+
+On the CPU, glibc's malloc returns large freed blocks to the system and page-faults them in again on the
+next allocation, which costs a fused step (k times larger activations) more than k separate ones; running
+with ``MALLOC_MMAP_THRESHOLD_=4000000000 MALLOC_TRIM_THRESHOLD_=40000000000`` keeps them (a GPU's caching
+allocator does so anyway).
 """
 
 from __future__ import annotations
@@ -52,9 +57,12 @@ class Pack:
             model = build_model(args.arch, args.classes).to(device).to(memory_format=fmt).train()
             self.models.append(model)
             self.opts.append(torch.optim.SGD(model.parameters(), **SGD))
+        compiled = (lambda m: torch.compile(m, dynamic=False)) if args.compile else (lambda m: m)
+        self.forwards = [compiled(m) for m in self.models]
         if variant == "fused":
             self.fused = FusedPreResNet.from_members(self.models)
             self.opt = fuse_optimizer(self.fused, self.models, self.opts)
+            self.forward = compiled(self.fused)
         elif variant == "vmapped":
             self.stacked = StackedModel(self.models)
             self.opt = stack_optimizer(self.stacked, self.opts)
@@ -65,17 +73,17 @@ class Pack:
 
     def logits(self) -> list[torch.Tensor]:
         if self.variant == "fused":
-            return list(self.fused(self.xs).unbind(0))
+            return list(self.forward(self.xs).unbind(0))
         if self.variant == "vmapped":
             return list(self.stacked(torch.stack(self.xs)).unbind(0))
-        return [m(x) for m, x in zip(self.models, self.xs)]
+        return [f(x) for f, x in zip(self.forwards, self.xs)]
 
     def step(self) -> None:
         amp = torch.autocast(self.device.type, torch.bfloat16, enabled=self.bf16)
         if self.variant == "separate":  # one run after another: each its own graph, backward and step
-            for model, opt, x, t in zip(self.models, self.opts, self.xs, self.ts):
+            for forward, opt, x, t in zip(self.forwards, self.opts, self.xs, self.ts):
                 with amp:
-                    loss = F.cross_entropy(model(x), t)
+                    loss = F.cross_entropy(forward(x), t)
                 loss.backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
@@ -94,10 +102,21 @@ def peak_bytes(device: torch.device) -> int:
 
 
 def available_bytes(device: torch.device) -> int:
+    """Free device memory; on the CPU MemAvailable plus what this process holds beyond its start (freed
+    tensors that malloc kept: ``MALLOC_TRIM_THRESHOLD_`` below)."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
     with open("/proc/meminfo") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable"))
+        free = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable"))
+    return free + max(_rss() - START_RSS, 0)
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+START_RSS = _rss()
 
 
 def time_k(k: int, args, device: torch.device, memory: dict, skipped: list) -> dict[str, float]:
@@ -132,21 +151,34 @@ def time_k(k: int, args, device: torch.device, memory: dict, skipped: list) -> d
 
 
 def kernel_ops(fn) -> tuple[int, int]:
-    """(kernel-reaching aten ops, all top-level aten ops) that ``fn()`` runs, by torch.profiler on the CPU."""
+    """(kernel ops, top-level aten ops) that ``fn()`` runs, by torch.profiler on the CPU: a kernel op is an
+    aten op that does work itself (not a view or an allocation) and calls no aten op that does."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         fn()
     events = [e for e in prof.events() if e.name.startswith("aten::")]
-    leaves = [e for e in events if not any(c.name.startswith("aten::") for c in e.cpu_children)]
+    work: dict[int, bool] = {}
+
+    def below(e) -> list:
+        return [c for c in e.cpu_children if c.name.startswith("aten::")]
+
+    def does_work(e) -> bool:  # e, or an aten op it calls, does work
+        if id(e) not in work:
+            work[id(e)] = e.name not in NO_KERNEL or any(does_work(c) for c in below(e))
+        return work[id(e)]
+
+    kernels = sum(e.name not in NO_KERNEL and not any(does_work(c) for c in below(e)) for e in events)
     top = [e for e in events if e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")]
-    return sum(e.name not in NO_KERNEL for e in leaves), len(top)
+    return kernels, len(top)
 
 
 def op_counts(k: int, args) -> dict[str, tuple[int, int]]:
-    """Forward and whole-step op counts of one model and of the fused and vmapped packs of k, on the CPU."""
+    """Forward and whole-step op counts of one model and of the fused and vmapped packs of k, on the CPU, at
+    batch 16 (the counts do not depend on the batch from 16 on; below it the CPU runs 1x1 convolutions by
+    another path)."""
     cpu, out = torch.device("cpu"), {}
-    small = argparse.Namespace(**{**vars(args), "batch": 8})  # the counts do not depend on the batch
+    small = argparse.Namespace(**{**vars(args), "batch": 16, "compile": False})
     for variant, kk in (("separate", 1), ("fused", k), ("vmapped", k)):
         pack = Pack(variant, kk, small, cpu)
         pack.step()
@@ -194,6 +226,7 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads on the CPU (0: torch's default)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast")
     p.add_argument("--nchw", action="store_true", help="NCHW instead of channels_last")
+    p.add_argument("--compile", action="store_true", help="torch.compile the fused and separate forwards")
     p.add_argument("--pointwise", action="store_true", help="also time 1x1 convolutions: grouped vs bmm")
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -201,7 +234,8 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
     print(f"{args.arch}, {args.hw} px, {args.classes} classes, batch {args.batch} a member, "
           f"{'NCHW' if args.nchw else 'channels_last'}, {'bf16 autocast' if args.bf16 else 'float32'}, "
-          f"{device.type} ({torch.get_num_threads()} threads), {args.rounds} rounds of {args.steps} step(s)")
+          f"{device.type} ({torch.get_num_threads()} threads), {args.rounds} rounds of {args.steps} step(s)"
+          + (", compiled" if args.compile else ""))
     memory, skipped = {}, []
     print(f"{'k':>3} | " + " | ".join(f"{v:>12}" for v in VARIANTS) + " | fused vs separate | fused vs vmapped")
     for k in args.ks:
@@ -212,7 +246,7 @@ def main(argv=None) -> None:
         print(f"{k:>3} | {cells} | {vs[0]} | {vs[1]}", flush=True)
     print("(seconds per step of all k members; 'x' = how many times faster the fused step is)")
     for name, (kernels, top) in op_counts(max(args.ks), args).items():
-        print(f"ops {name:>26}: {kernels:5d} kernel-reaching aten ops, {top:5d} top-level aten ops")
+        print(f"ops {name:>26}: {kernels:5d} kernel ops, {top:5d} top-level aten ops")
     if args.pointwise:
         for k in (1, max(args.ks)):
             for shape, grouped, bmm in pointwise(k, min(args.batch, 64)):
