@@ -45,16 +45,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from kd.errors import KDError
-from kd.models import Bottleneck, PreResNet
-from kd.names import PRERESNET, valid_preresnet_depth
+from kd.models import PRERESNET, Bottleneck, PreResNet
 
 Inputs = torch.Tensor | Sequence[torch.Tensor]
 
 
 def can_fuse(arch: str) -> bool:
-    """Whether runs of ``arch`` fuse into a :class:`FusedPreResNet` (``preresnet{depth}``; not ``timm:*``)."""
-    m = PRERESNET.match(arch)
-    return bool(m) and valid_preresnet_depth(int(m.group(1)))
+    """Whether runs of ``arch`` fuse into a :class:`FusedPreResNet`: ``preresnet{depth}`` do, ``timm:*`` do not
+    (whether the depth is valid is :func:`kd.models.check_arch`'s to say)."""
+    return bool(PRERESNET.match(arch))
 
 
 def check_fusable(arch: str) -> None:
@@ -206,6 +205,8 @@ class FusedPreResNet(nn.Module):
         if isinstance(x, (list, tuple)):
             if len(x) != self.k:
                 raise ValueError(f"expected {self.k} batches, one a member, got {len(x)}")
+            if len({tuple(t.shape) for t in x}) != 1:
+                raise ValueError(f"the members' batches differ in shape: {[tuple(t.shape) for t in x]}")
             return torch.cat(list(x), dim=1)
         if x.dim() != 5 or x.shape[0] != self.k:
             raise ValueError(f"expected inputs [k={self.k}, B, 3, H, W], got {tuple(x.shape)}")
