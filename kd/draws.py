@@ -32,6 +32,11 @@ def draw_seed(run_seed: int, n: int) -> int:
     return derived_seed("synthetic-draw", run_seed, n)
 
 
+def pool_images_needed(n: int, trial: int) -> int:
+    """The images a pool must hold for trial ``trial`` to draw its own block of ``n`` (:func:`from_pool`)."""
+    return (trial + 1) * n
+
+
 def _sha(t: torch.Tensor) -> str:
     return hashlib.sha256(t.detach().to("cpu").contiguous().numpy().tobytes()).hexdigest()
 
@@ -39,7 +44,7 @@ def _sha(t: torch.Tensor) -> str:
 def from_pool(images: torch.Tensor, pool_sha: str, n: int, trial: int, name: str) -> tuple[torch.Tensor, dict]:
     """Trial ``trial``'s block of ``n`` images of a pool, in the order of the permutation of (pool, n)."""
     total = images.shape[0]
-    if (trial + 1) * n > total:
+    if pool_images_needed(n, trial) > total:
         raise KDError(f"pool {name} holds {total} images, but trial {trial} draws {n} images apart from the other "
                       f"trials' (the images {trial * n} to {(trial + 1) * n - 1} of its permutation for {n}): generate "
                       f"a pool of {(trial + 1) * n} images or more (--num), one block per trial")

@@ -149,7 +149,7 @@ def _same(value, want) -> bool:
 def _holds(run: Run, allowed: dict[str, list]) -> bool:
     real_only = _same(run.config.get("synthetic_ratio", DEFAULTS.get("synthetic_ratio", 0.0)), 0.0)
     for key, values in allowed.items():
-        if key == "synthetic_pool" and real_only:  # a real-only run does not depend on the pool a spec names
+        if key in ("synthetic_pool", "synthetic_generator") and real_only:  # real data only: no synthetic source
             continue
         value = run.config.get(key, _CONFIG_DEFAULTS.get(key, _MISSING))
         if value is _MISSING or not any(_same(value, v) for v in values):
