@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-stamp
 STUDY  ?= demo
 SWEEPS ?= sweeps/$(STUDY)
 
-.PHONY: setup test lint chaos test-slurm demo figures report synthetic docs bench agent agents slurm slurm-requeue \
+.PHONY: setup test lint chaos test-slurm demo figures report synthetic docs bench sweep agent agents slurm slurm-requeue \
 	slurm-stop clean
 
 setup: $(STAMP)
@@ -100,6 +100,12 @@ define agents_loop
 	) rc=0; for p in $$pids; do wait $$p; s=$$?; while kill -0 $$p 2>/dev/null; do wait $$p; s=$$?; done; \
 	[ $$s -eq 0 ] || rc=$$s; done; exit $${code:-$$rc}
 endef
+# A W&B sweep from a spec, once every run's inputs exist (teachers, pools, generators: python -m kd.sweep.prereqs,
+# in the W&B project with a login, else in the local store); prints the sweep's ID for `make agents`
+sweep: setup
+	@test -n "$(SPEC)" || { echo "error: pass SPEC=sweeps/<study>/<spec>.yaml" >&2; exit 2; }
+	$(PY) -m kd.sweep.prereqs $(SPEC) && $(VENV)/bin/wandb sweep $(SPEC)
+
 need_sweep = @test -n "$(SWEEP)" || { echo "error: pass SWEEP=entity/project/sweep_id (printed by wandb sweep)" >&2; exit 2; }
 
 # One agent:  CUDA_VISIBLE_DEVICES=0 make agent SWEEP=entity/kd-fidelity/abc123 [ARGS=--count=5]

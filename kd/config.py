@@ -52,6 +52,9 @@ class TrainConfig:
     weight_decay: float = setting(1e-4, "L2 weight decay on every parameter", lo=0, hi=1, hi_open=True)
     mixed_precision: str = setting("no", "autocast through Accelerate", choices=("no", "bf16", "fp16"))
     channels_last: bool = setting(True, "NHWC memory format (faster convolutions on GPUs)", choices=(True, False))
+    sync_bn: bool = setting(True, "several processes: BatchNorm statistics over the whole batch of every process "
+                                  "(the numbers of one process; kd.syncbn); False: each process's own part",
+                            choices=(True, False), identity="non_default")
     compile: bool = setting(False, "torch.compile the model", choices=(True, False), identity=False)
     compile_mode: str = setting("default", "torch.compile mode with --compile=True", choices=COMPILE_MODES,
                                 identity=False)

@@ -12,13 +12,17 @@ depend only on its own state, so this is what an uninterrupted run computes.
 
 The per-epoch randomness depends on (seed, epoch) only, so a resumed run continues exactly (bitwise on CPU).
 W&B steps are epochs. SIGTERM or SIGINT: every member checkpoints at the next step, then
-:class:`~kd.errors.Interrupted` (exit 143 / 130).
+:class:`~kd.errors.Interrupted` (exit 143 / 130). With several processes a stop is agreed (:class:`StopVote`): a
+signal to any one rank (the W&B UI's stop reaches rank 0 only) stops every rank after the same step, each with the
+same exit code; a rank never leaves the loop through a failed collective.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import signal
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -34,6 +38,43 @@ from kd.optim import lr_at
 from kd.steppers import Stepper
 
 CHECK_EVERY = 25  # steps between checks that the loss is finite (a host sync)
+
+
+class StopVote:
+    """Whether the ranks stop after this step, the same answer on every rank: the largest signal number any rank
+    caught (0: none), all-reduced once per step. The reduction of step s is started at step s and read at step
+    s + 1 (one step of slack, no host sync on the step's own work); every rank reads the same steps' votes, so all
+    leave the loop after the same step. One process: the local signal list, nothing reduced."""
+
+    def __init__(self, acc, stops: list):
+        self.stops, self.pending = stops, None
+        self.several = acc.num_processes > 1
+        self.device = acc.device
+
+    def _mine(self) -> int:
+        return int(self.stops[0]) if self.stops else 0
+
+    def __call__(self) -> int:
+        """Called once per step on every rank: the agreed signal number after the previous step's vote, or 0."""
+        if not self.several:
+            return self._mine()
+        import torch.distributed as dist
+
+        agreed = 0
+        if self.pending is not None:
+            work, flag = self.pending
+            work.wait()
+            agreed = int(flag.item())
+        flag = torch.tensor([self._mine()], dtype=torch.int64, device=self.device)
+        self.pending = (dist.all_reduce(flag, op=dist.ReduceOp.MAX, async_op=True), flag)
+        return agreed
+
+    def settle(self) -> None:
+        """At the end of a segment: the last vote is read (and ignored; the next segment votes anew), so no
+        reduction is left in flight."""
+        if self.pending is not None:
+            self.pending[0].wait()
+            self.pending = None
 
 
 class Objective(Protocol):
@@ -122,6 +163,7 @@ def train_segment(group: list[Member], epoch: int, start: int, stop: int, steppe
     stepper.train()
     streams = [m.objective.batches(epoch, start) for m in group]
     t0, n_img = time.perf_counter(), 0
+    vote = StopVote(acc, stops)
     for step in range(start, stop):
         batches = [next(s) for s in streams]
         with acc.autocast():
@@ -141,11 +183,17 @@ def train_segment(group: list[Member], epoch: int, start: int, stop: int, steppe
                     for m in group]
             bar.set_postfix(epoch=epoch + 1, loss=f"{sum(mean) / len(mean):.3f}",
                             img_s=f"{n_img * len(group) / (time.perf_counter() - t0):.0f}")
-        if stops:
+        if signum := vote():
+            vote.settle()
             stepper.close()
             for m in group:
                 m.checkpoint(last=True)
-            raise Interrupted(stops[0])
+            if acc.num_processes > 1:  # every rank leaves once the checkpoint is written, with the same code
+                acc.wait_for_everyone()
+                print(f"rank {acc.process_index}: stopped by {signal.Signals(signum).name} after epoch {epoch + 1} "
+                      f"step {step + 1}", file=sys.stderr, flush=True)
+            raise Interrupted(signum)
+    vote.settle()
     stepper.close()
     if stop == group[0].objective.steps(epoch):
         img_per_s = n_img * acc.num_processes / max(time.perf_counter() - t0, 1e-9)

@@ -88,6 +88,10 @@ class Session:
         self.mode = wandb_runs.wandb_mode()
         self.accelerator = accelerator(cfg.mixed_precision, cfg.cpu)
         self.device = self.accelerator.device
+        n, batch = self.accelerator.num_processes, getattr(cfg, "batch_size", None)
+        if batch is not None and batch % n:  # started by torchrun or accelerate launch, not kd.sweep.launch
+            raise KDError(f"--batch_size={batch} is the batch of all {n} processes together, and {n} does not "
+                          f"divide it: pass a multiple of {n}, or start fewer processes")
         self.main = self.accelerator.is_main_process
         self.run_dir = Path(cfg.run_dir())
         self.folder = RunFolder(self.run_dir, cfg.identity(), cfg.resume, layout, main=self.main)
@@ -241,6 +245,10 @@ class Session:
     def member(self, model, optimizer, objective, compile: bool = True) -> Member:
         """``model`` (on the device, with ``optimizer`` over its parameters: :func:`kd.optim.optimizer`) through
         Accelerate for the engine's loop, resumed from the run's checkpoint."""
+        if self.accelerator.num_processes > 1 and self.cfg.sync_bn:  # the global batch's statistics (kd.syncbn)
+            from kd.syncbn import synchronise
+
+            model = synchronise(model, self.device)
         model, optimizer = self.accelerator.prepare(model, optimizer)
         m = Member(self, model, optimizer, objective, compile_model(model, self.cfg) if compile else model)
         if self.ckpt:

@@ -338,6 +338,19 @@ def test_kd_num_processes_outside_its_range_is_refused(value, monkeypatch, capsy
     assert line.startswith(f"error: KD_NUM_PROCESSES={value.strip()!r} must be a whole number >= 1 and <= 1024")
 
 
+def test_a_batch_the_processes_cannot_split_evenly_is_refused_before_any_worker(monkeypatch, capsys, tmp_path):
+    """--batch_size is the batch of all processes together: 2 processes and a batch of 7 is one line, exit 2,
+    before the launcher starts a worker (nothing written)."""
+    from kd.sweep import launch
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("KD_NUM_PROCESSES", "2")
+    assert launch.main([str(ROOT / "train.py"), "--dataset=digits", "--batch_size=7"]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("error: --batch_size=7 is the batch of all 2 processes together, and 2 does not divide")
+    assert "pass a multiple of 2 (e.g. 6)" in line and list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("argv", [["generate", "--dataset=digits", "--threads=100000000"],
                                   ["train", "--dataset=digits", "--threads=100000000"]])
 def test_threads_outside_their_range_are_refused(argv, workdir, capsys):

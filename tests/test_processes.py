@@ -144,3 +144,88 @@ def test_the_launcher_runs_two_workers_and_a_stop_leaves_none(tmp_path, how):
     while tagged(tmp_path.name) and time.monotonic() < end:
         time.sleep(0.5)
     assert tagged(tmp_path.name) == [], "a process of the run outlived the launcher"
+
+
+def rank_of(pid: int) -> int:
+    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return int(next(e for e in environ if e.startswith(b"RANK=")).split(b"=", 1)[1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the workers' environments in /proc")
+@pytest.mark.parametrize("sig,rank", [("TERM", 1), ("INT", 0)])  # a scheduler's stop of one worker; W&B UI's: rank 0
+def test_a_stop_on_one_rank_stops_both_at_the_same_step(tmp_path, sig, rank):
+    """A signal to one worker only: both ranks leave the loop after the same step (each says where), the
+    checkpoint is written, and the run exits as stopped by that signal (143 / 130), not through a failed
+    collective."""
+    proc = start_launcher(tmp_path)
+    wait_for_checkpoint(tmp_path, proc)
+    workers = {rank_of(pid): pid for pid in workers_of(tmp_path / "runs")}
+    assert sorted(workers) == [0, 1]
+    os.kill(workers[rank], getattr(signal, f"SIG{sig}"))
+    out, err = proc.communicate(timeout=180)
+    assert proc.returncode == 128 + getattr(signal, f"SIG{sig}"), err[-3000:]
+    import re
+
+    # (a worker's line may follow the other's progress bar on the same terminal line)
+    where = dict(re.findall(r"rank (\d): stopped by (SIG\w+ after epoch \d+ step \d+)", err))
+    assert sorted(where) == ["0", "1"] and len(set(where.values())) == 1, err[-3000:]
+    assert where["0"].startswith(f"SIG{sig} ")
+    epoch, step = (int(w) for w in re.findall(r"\d+", where["0"]))
+    ckpt = json.loads(next(tmp_path.glob("runs/*/checkpoint.json")).read_text())
+    assert (ckpt["epoch"], ckpt["step"]) == (epoch - 1, step)  # saved where both stopped
+    assert "Traceback" not in err and "ChildFailedError" not in err
+
+
+SYNC_BN = r'''
+import json, os, sys
+import torch
+import torch.distributed as dist
+from kd.models import build_model
+from kd.syncbn import synchronise
+
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+torch.manual_seed(0)
+model = build_model("preresnet8", 10).double()
+x = torch.randn(16, 3, 8, 8, dtype=torch.float64)
+w = torch.randn(16, 10, dtype=torch.float64)
+part = slice(rank * 16 // world, (rank + 1) * 16 // world)
+if world > 1 and not os.environ.get("NO_SYNC"):
+    model = synchronise(model, torch.device("cpu"))
+model.train()
+loss = (model(x[part]) * w[part]).sum() / 16  # this rank's share of the global batch's mean loss
+loss.backward()
+grads = [p.grad.clone() for p in model.parameters()]
+if world > 1:
+    for g in grads:
+        dist.all_reduce(g)
+if rank == 0:
+    state = {k: v.tolist() for k, v in model.state_dict().items() if "running" in k}
+    state["grads"] = [g.flatten().tolist() for g in grads]
+    with open(sys.argv[1], "w") as fh:
+        json.dump(state, fh)
+dist.destroy_process_group()
+'''
+
+
+def test_two_processes_compute_one_processs_batchnorm_statistics_and_gradients(tmp_path):
+    """kd.syncbn on 2 processes (gloo): each takes half of a batch of 16; the running statistics after the step
+    and the summed gradients equal one process's on the whole batch (float64: to rounding)."""
+    (tmp_path / "syncbn.py").write_text(SYNC_BN)
+    one = [sys.executable, "-m", "kd.sweep.elastic", "--standalone", "--nproc_per_node", "1"]
+    run([*one, str(tmp_path / "syncbn.py"), str(tmp_path / "one.json")], tmp_path, PYTHONPATH=str(ROOT))
+    run([*ELASTIC, str(tmp_path / "syncbn.py"), str(tmp_path / "two.json")], tmp_path, PYTHONPATH=str(ROOT))
+    a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    assert a.keys() == b.keys() and len(a) > 2
+    import torch
+
+    eps = torch.finfo(torch.float64).eps
+    for key in a:
+        for x, y in zip(a[key], b[key]):
+            x, y = torch.tensor(x, dtype=torch.float64), torch.tensor(y, dtype=torch.float64)
+            assert torch.allclose(x, y, rtol=1e3 * eps, atol=1e3 * eps), key  # a few ulps of a 1024-term sum
+    run([*ELASTIC, str(tmp_path / "syncbn.py"), str(tmp_path / "own.json")], tmp_path, PYTHONPATH=str(ROOT),
+        NO_SYNC="1")  # each process's own statistics: another model
+    own = json.loads((tmp_path / "own.json").read_text())
+    key = next(k for k in a if k.endswith("running_var"))
+    assert not torch.allclose(torch.tensor(own[key]), torch.tensor(a[key]), rtol=1e-3)

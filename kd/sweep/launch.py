@@ -119,16 +119,22 @@ def check_processes(n: int, why: str) -> None:
                       f"most {cores} (or KD_NUM_PROCESSES=1)")
 
 
-def check_flags(program: str, args: list[str]) -> None:
+def check_flags(program: str, args: list[str], n: int = 1) -> None:
     """The program's flags, parsed once here as the program would parse them: a bad flag is one line before any
-    worker starts, instead of one line per worker and a launcher's failure report."""
+    worker starts, instead of one line per worker and a launcher's failure report. ``n`` processes split each
+    step's batch (--batch_size, all processes together) into equal parts, so n must divide it."""
     from kd.flags import parse_flags
     from kd.sweep.spec import ENTRY_POINTS
 
     classes = {p.name: cls for p, cls in ENTRY_POINTS.items()}
     cls = classes.get(Path(program).name)
     if cls is not None and not {"-h", "--help"} & set(args):
-        parse_flags(cls, args, notes=False)
+        cfg = parse_flags(cls, args, notes=False)
+        batch = getattr(cfg, "batch_size", None)
+        if batch is not None and batch % n:
+            raise KDError(f"--batch_size={batch} is the batch of all {n} processes together, and {n} does not divide "
+                          f"it: pass a multiple of {n} (e.g. {batch - batch % n or n}), or KD_NUM_PROCESSES to a "
+                          "divisor of it")
 
 
 def child_argv(program: str, args: list[str]) -> list[str]:
@@ -138,7 +144,7 @@ def child_argv(program: str, args: list[str]) -> list[str]:
         return [sys.executable, program, *args]
     why = "KD_NUM_PROCESSES" if os.environ.get("KD_NUM_PROCESSES", "").strip() else f"the Accelerate config {config}"
     check_processes(n, why)
-    check_flags(program, args)
+    check_flags(program, args, n)
     print(f"kd.sweep.launch: {n} processes ({why}; KD_NUM_PROCESSES=1 for one), under torch's elastic launcher",
           file=sys.stderr, flush=True)
     return [sys.executable, *ELASTIC, "--standalone", "--nproc_per_node", str(n), program, *args]
