@@ -8,12 +8,14 @@ newest version (a store shared between machines, e.g. ``KD_STORE`` on a network 
 offline), and, online, into the run's W&B project, where the ``latest`` alias moves to it. A run whose folder
 holds no checkpoint first looks for that artifact (online in W&B, else in the store), copies its files into the
 folder (the tensors first, the pointer last: the pointer commits) and resumes from it, in the same W&B run
-(the pointer records its id).
+(the pointer records its id). Once a run finished (:meth:`kd.session.Session.finish`), :func:`prune_online` deletes
+every older version of it from W&B, so a finished run keeps one checkpoint there, as in the store.
 """
 
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
 
 from kd import artifacts
@@ -87,3 +89,26 @@ def _download(name: str, project: str, store) -> Path | None:
         raise KDError(f"cannot download this run's mirrored checkpoint {name} from W&B ({type(e).__name__}: "
                       f"{first_line(e)}): check the network and the free space of "
                       "the store, or run offline with WANDB_MODE=offline") from None
+
+
+def prune_online(run_dir: Path, project: str) -> int:
+    """Online, after the run finished: every version of its mirrored checkpoint in W&B but the newest (``latest``)
+    is deleted (its files and aliases), so W&B holds one checkpoint per finished run; returns how many. A failure is
+    a warning (the run did finish; the versions can be deleted in the W&B UI), never the run's failure."""
+    import os
+
+    import wandb
+
+    name = artifact_name(run_dir)
+    try:
+        api = wandb.Api()
+        entity = os.environ.get("WANDB_ENTITY") or api.default_entity
+        where = f"{entity}/{os.environ.get('WANDB_PROJECT') or project}/{name}"
+        old = [a for a in api.artifacts(TYPE, where) if "latest" not in a.aliases]
+        for art in old:
+            art.delete(delete_aliases=True)
+        return len(old)
+    except (wandb.errors.Error, ValueError, OSError) as e:
+        print(f"warning: the older versions of the checkpoint artifact {name} were not deleted from W&B "
+              f"({first_line(e)}): delete them in the W&B UI if they take room", file=sys.stderr, flush=True)
+        return 0

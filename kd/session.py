@@ -100,6 +100,7 @@ class Session:
         self.extra_state: dict = {}
         self._published: dict = {}
         self._mirrored = time.monotonic()
+        self._mirrored_online = False  # a checkpoint went to W&B: its older versions go once the run finished
         self.model = None
         if torch.cuda.is_available():
             torch.backends.cudnn.benchmark = True
@@ -201,6 +202,8 @@ class Session:
         that stopped where it was told to (a generator's ``--max_steps``) ends its W&B run and stays unfinished."""
         self.tracker.summary(summary)
         self.tracker.end()
+        if done and self.main and self.mode == "online" and self._mirrored_online:
+            mirror.prune_online(self.run_dir, self.cfg.project)
         if done:
             self.folder.mark_done({**self._published, "run_id": self.tracker.run_id, "wandb": self.tracker.where(),
                                    "summary": summary})
@@ -229,6 +232,7 @@ class Session:
             mirror.publish(self.run_dir, checkpoints.folder / self.ckpt["file"], checkpoints.pointer, self.ckpt,
                            run=self.tracker.run if self.mode == "online" else None, store=self.cfg.store)
             self._mirrored = time.monotonic()
+            self._mirrored_online = self._mirrored_online or self.mode == "online"
 
     def _fetch_checkpoint(self) -> None:
         """A run folder with no checkpoint (a run requeued onto another machine) takes the mirrored one."""

@@ -45,3 +45,47 @@ def test_a_stop_ends_the_wandb_run_as_preempted(workdir, monkeypatch):
     assert inspect_summary(folder)["run_id"] == session.tracker.run_id
     assert any(r.get("type") == "preempting" or "preempting" in r for r in leet_records(folder))
     assert not session.folder.finished  # a stopped run is not finished: its rerun resumes it
+
+
+def test_a_finished_runs_older_checkpoint_versions_are_deleted_from_wandb(monkeypatch, tmp_path, capsys):
+    """kd.mirror.prune_online: of the run's checkpoint versions in W&B, all but ``latest`` are deleted with their
+    aliases (wandb's Api with its credentials check answered and its version listing replaced); a W&B failure is
+    a warning, not an error."""
+    import wandb
+    from wandb.apis.public import Api
+    from wandb.apis.public.service_api import ServiceApi
+    from wandb.proto import wandb_api_pb2 as apb
+
+    from kd import mirror
+
+    class Version:
+        def __init__(self, version, aliases):
+            self.version, self.aliases, self.deleted = version, aliases, None
+
+        def delete(self, delete_aliases=False):
+            self.deleted = delete_aliases
+
+    versions = [Version("v0", []), Version("v1", ["run-abc"]), Version("v2", ["latest"])]
+    listed = []
+
+    def artifacts(self, type_name, name, **kw):
+        listed.append((type_name, name))
+        return iter(versions)
+
+    monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
+    monkeypatch.setenv("WANDB_ENTITY", "me")
+    monkeypatch.delenv("WANDB_PROJECT", raising=False)
+    monkeypatch.delenv("WANDB_BASE_URL", raising=False)
+    monkeypatch.setattr(ServiceApi, "send_api_request", lambda *a, **k: apb.ApiResponse())
+    monkeypatch.setattr(Api, "artifacts", artifacts)
+    assert mirror.prune_online(tmp_path / "student-x-abc123", "kd-fidelity") == 2
+    assert listed == [("checkpoint", "me/kd-fidelity/checkpoint-student-x-abc123")]
+    assert [v.deleted for v in versions] == [True, True, None]  # the newest stays
+
+    def broken(self, type_name, name, **kw):
+        raise wandb.errors.CommError("connection refused")
+
+    monkeypatch.setattr(Api, "artifacts", broken)
+    assert mirror.prune_online(tmp_path / "student-x-abc123", "kd-fidelity") == 0
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("warning: the older versions of the checkpoint artifact checkpoint-student-x-abc123")
