@@ -13,7 +13,7 @@ itself otherwise). The callable it returns:
 * runs eval mode (evaluation, teacher predictions) eagerly too: the graph is traced in train mode only;
 * never blocks on anything but the compilation itself: a SIGTERM that arrives while the first step compiles
   is recorded by :func:`kd.errors.stop_requests` and honoured when that step ends (the loop checks after
-  every step), which ``python -m kd.bench`` measures. A larger batch than any before (a resumed run with a
+  every step). A larger batch than any before (a resumed run with a
   larger batch, say) compiles once more, since a batch shape is part of the graph.
 
 ``mode`` is torch.compile's: None (inductor's default), ``"reduce-overhead"`` (CUDA graphs: fewer kernel
