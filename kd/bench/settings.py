@@ -25,7 +25,7 @@ class BenchSettings:
     spec: str = setting("sweeps/cifar100/self_distill.yaml", "a distill.py sweep spec: its runs' settings are "
                         "timed, the specs of its folder are projected")
     budget_s: float = setting(-1.0, "seconds for the whole run; later sections that no longer fit are skipped "
-                              "(-1: 420 on CUDA, 45 with --smoke, none on the CPU; 0: none)", lo=-1, hi=86_400)
+                              "(-1: 45 with --smoke, else 420; 0: none)", lo=-1, hi=86_400)
     out: str = setting("bench/results.json", "the JSON, rewritten after every section")
     smoke: bool = setting(False, "every section on the CPU at tiny sizes (checks the bench, measures nothing "
                           "of the study)", choices=(True, False))

@@ -146,6 +146,8 @@ def section_steps(ctx, kind: str, only: list | None = None) -> dict:
     arch, batch = (w.arch, w.batch) if kind == "student" else (w.teacher_arch, w.teacher_batch)
     run, left = variants(ctx)
     out = {"arch": arch, "batch": batch, "variants": {}, "left_out": dict(left)}
+    for v in [v for v in run if only is not None and v.name not in only]:
+        out["left_out"][v.name] = "not the student's fastest: the teacher times the eager steps and that one"
     for v in run if only is None else [v for v in run if v.name in only]:
         need = NEED_S[v.mode] * ctx.scale
         if not ctx.clock.fits(need):
