@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-stamp
 STUDY  ?= demo
 SWEEPS ?= sweeps/$(STUDY)
 
-.PHONY: setup test lint chaos test-slurm demo figures report synthetic docs bench sweep agent agents slurm slurm-requeue \
+.PHONY: setup test lint chaos test-gpu test-slurm demo figures report synthetic docs bench sweep agent agents slurm slurm-requeue \
 	slurm-stop clean
 
 setup: $(STAMP)
@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 XDIST := -n 2 --dist loadfile
 
 test: setup
-	$(PY) -m pytest -m "not chaos and not slow" $(XDIST)
+	$(PY) -m pytest -m "not chaos and not slow and not gpu" $(XDIST)
 
 # ruff, and the layering contract in pyproject.toml (import-linter: a lower layer never imports a higher one)
 lint: setup
@@ -29,7 +29,16 @@ lint: setup
 # the SLURM tests (marked slow too) need slurmctld and slurmd: deselected where they are not installed
 SLURM_TESTS := $(if $(shell command -v slurmctld 2>/dev/null),,and not slurm)
 chaos: setup
-	$(PY) -m pytest -m "(chaos or slow) $(SLURM_TESTS)" $(XDIST)
+	$(PY) -m pytest -m "(chaos or slow) and not gpu $(SLURM_TESTS)" $(XDIST)
+
+# The CUDA tests (tests/test_gpu.py, marked gpu): the compiled and CUDA-graph steps against eager, a fused pack
+# against its plain runs in bf16, a run stopped and resumed on CUDA, and (marked gpus2, where two GPUs are
+# visible) two processes over NCCL. Without a CUDA device: one line, nothing run, exit 0.
+test-gpu: setup
+	@gpus=$$($(PY) -c "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)"); \
+	if [ "$$gpus" = 0 ]; then echo "make test-gpu: no CUDA device, nothing ran"; exit 0; fi; \
+	if [ "$$gpus" -lt 2 ]; then echo "make test-gpu: 1 GPU visible, the two-process NCCL test needs 2"; fi; \
+	$(PY) -m pytest -m "gpu$$( [ "$$gpus" -ge 2 ] || echo ' and not gpus2')" tests/test_gpu.py $(ARGS)
 
 # The SLURM tests on a one-node cluster of this machine (slurm/local-cluster.sh, in a temporary folder, stopped
 # afterwards whatever happens); installs Debian's slurm-wlm and munge first where they are absent.

@@ -13,12 +13,13 @@ itself otherwise). The callable it returns:
 * runs eval mode (evaluation, teacher predictions) eagerly too: the graph is traced in train mode only;
 * never blocks on anything but the compilation itself: a SIGTERM that arrives while the first step compiles
   is recorded by :func:`kd.errors.stop_requests` and honoured when that step ends (the loop checks after
-  every step), which ``python -m kd.bench`` measures. A larger batch than any before (a resumed run with a
+  every step). A larger batch than any before (a resumed run with a
   larger batch, say) compiles once more, since a batch shape is part of the graph.
 
 ``mode`` is torch.compile's: None (inductor's default), ``"reduce-overhead"`` (CUDA graphs: fewer kernel
-launches, the lever for small networks on GPUs) or ``"max-autotune-no-cudagraphs"``; ``python -m kd.bench``
-times them. train.py and distill.py compile with ``--compile_mode`` (default: torch.compile's own).
+launches, the lever for small networks on GPUs), ``"max-autotune"`` or ``"max-autotune-no-cudagraphs"``;
+``python -m kd.bench`` times them. train.py and distill.py compile with ``--compile_mode`` (auto: reduce-overhead
+on CUDA, where ``--compile`` is on by default; :func:`kd.config.resolve_device_defaults`).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import os
 
 import torch
 
-MODES = (None, "reduce-overhead", "max-autotune-no-cudagraphs")
+MODES = (None, "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def accelerator(mixed_precision: str, cpu: bool):
@@ -94,7 +95,7 @@ class StaticCompiled:
 def compile_model(model: torch.nn.Module, cfg, mode: str | None = None):
     """The engine's forward: ``model`` itself unless ``cfg.compile``, else a :class:`StaticCompiled` (mode:
     ``mode``, else ``cfg.compile_mode``; "default" is torch.compile's own)."""
-    if not getattr(cfg, "compile", False):
+    if str(getattr(cfg, "compile", False)) != "True":
         return model
     mode = mode or getattr(cfg, "compile_mode", "default")
     return StaticCompiled(model, mode=None if mode == "default" else mode)

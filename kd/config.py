@@ -25,11 +25,43 @@ from kd.losses import LOSSES
 from kd.names import check_arch
 from kd.optim import OPTIMIZERS, SCHEDULES
 
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
+COMPILE_MODES = ("auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# What an "auto" setting becomes: (on CUDA, elsewhere). On CUDA: bf16 autocast over float32 master weights, the
+# static-shape step compiled with CUDA graphs, a test-set evaluation every 5 epochs (and the last), a checkpoint
+# every 600 s (and at the last epoch and every stop); elsewhere the float32 eager loop, evaluating and
+# checkpointing every epoch. --mixed_precision=fp32 keeps the authors' float32 arithmetic on any device.
+AUTO = {"mixed_precision": "auto", "compile": "auto", "compile_mode": "auto", "eval_every": 0,
+        "checkpoint_every_s": -1.0}
+DEVICE_DEFAULTS = {"mixed_precision": ("bf16", "no"), "compile": ("True", "False"),
+                   "compile_mode": ("reduce-overhead", "default"), "eval_every": (5, 1),
+                   "checkpoint_every_s": (600.0, 0.0)}
 # Seeds: a teacher's is its --seed, below STUDENT_SEEDS; a student's default is STUDENT_SEEDS + its trial, so no
 # student starts from a teacher's initial weights or replays a teacher's data order and augmentation draws (the
 # authors drew a random seed per run). An explicit --seed of a student still wins.
 STUDENT_SEEDS = 1_000_000
+
+
+def on_cuda(cfg) -> bool:
+    """Whether ``cfg`` runs on a CUDA device on this machine."""
+    import torch
+
+    return torch.cuda.is_available() and not cfg.cpu
+
+
+def precision(value: str, cuda: bool) -> str:
+    """Accelerate's mixed_precision for ``value``: auto resolved, fp32 as Accelerate's "no"."""
+    value = DEVICE_DEFAULTS["mixed_precision"][0 if cuda else 1] if value == "auto" else value
+    return "no" if value == "fp32" else value
+
+
+def resolve_device_defaults(cfg, cuda: bool | None = None):
+    """``cfg`` with its ``auto`` settings (:data:`AUTO`) resolved for CUDA (``cuda``) or not; None: this machine."""
+    if not isinstance(cfg, TrainConfig):
+        return cfg  # the generators' configs resolve their own
+    cuda = on_cuda(cfg) if cuda is None else cuda
+    changes = {k: DEVICE_DEFAULTS[k][0 if cuda else 1] for k, auto in AUTO.items() if getattr(cfg, k) == auto}
+    changes["mixed_precision"] = precision(cfg.mixed_precision, cuda)
+    return dataclasses.replace(cfg, **changes)
 
 
 @dataclass
@@ -50,18 +82,26 @@ class TrainConfig:
     momentum: float = setting(0.9, "SGD momentum", lo=0, hi=1, hi_open=True)
     nesterov: bool = setting(False, "Nesterov momentum", choices=(True, False))
     weight_decay: float = setting(1e-4, "L2 weight decay on every parameter", lo=0, hi=1, hi_open=True)
-    mixed_precision: str = setting("no", "autocast through Accelerate", choices=("no", "bf16", "fp16"))
+    mixed_precision: str = setting("auto", "autocast through Accelerate over float32 weights; auto: bf16 on CUDA, "
+                                   "fp32 elsewhere; fp32 (or no): none, the authors' arithmetic",
+                                   choices=("auto", "fp32", "no", "bf16", "fp16"),
+                                   resolve=lambda cfg: precision(cfg.mixed_precision, on_cuda(cfg)))
     channels_last: bool = setting(True, "NHWC memory format (faster convolutions on GPUs)", choices=(True, False))
     sync_bn: bool = setting(True, "several processes: BatchNorm statistics over the whole batch of every process "
                                   "(the numbers of one process; kd.syncbn); False: each process's own part",
                             choices=(True, False), identity="non_default")
-    compile: bool = setting(False, "torch.compile the model", choices=(True, False), identity=False)
-    compile_mode: str = setting("default", "torch.compile mode with --compile=True", choices=COMPILE_MODES,
+    compile: str = setting("auto", "torch.compile the static-shape step; auto: on CUDA only",
+                           choices=("auto", "True", "False"), identity=False)
+    compile_mode: str = setting("auto", "torch.compile mode of the compiled step; auto: reduce-overhead (CUDA "
+                                "graphs) on CUDA, torch.compile's default elsewhere", choices=COMPILE_MODES,
                                 identity=False)
     cpu: bool = setting(False, "force the CPU even where a GPU exists", choices=(True, False), identity=False,
                         packs=False)
-    eval_every: int = setting(1, "epochs between test-set evaluations (the last epoch always)", lo=1, hi=10_000,
-                              identity=False)
+    eval_every: int = setting(0, "epochs between test-set evaluations (the last epoch always); 0: auto, 5 on "
+                              "CUDA, 1 elsewhere", lo=0, hi=10_000, identity=False)
+    checkpoint_every_s: float = setting(-1.0, "seconds between checkpoints at epoch ends (the last epoch and a "
+                                        "stop always); 0: every epoch; -1: auto, 600 on CUDA, 0 elsewhere", lo=-1,
+                                        hi=1e7, identity=False)
     data_dir: str = setting("data", "folder of the CIFAR archives (downloaded there when missing)",
                             identity=False, packs=False)
     out_dir: str = setting("runs", "folder of run folders (checkpoints, final weights)", identity=False)

@@ -109,6 +109,7 @@ class Member:
     step: int = 0
     sums: dict = field(default_factory=dict)
     history: list = field(default_factory=list)
+    saved_at: float = field(default_factory=time.monotonic)  # when its last checkpoint was written (or it began)
 
     @property
     def cfg(self):
@@ -122,6 +123,7 @@ class Member:
         """Model, optimizer and position; ``last``: the run stops here (a stop signal, or its final epoch), so the
         checkpoint is mirrored too."""
         session = self.session
+        self.saved_at = time.monotonic()
         if not session.main:
             return
         tensors, info = state_tensors(session.accelerator.unwrap_model(self.model), self.optimizer)
@@ -210,7 +212,9 @@ def end_epoch(m: Member, epoch: int, lr: float, img_per_s: float, bar) -> None:
         row.update(m.objective.evaluate(m.model))
     m.history.append(row)
     m.epoch, m.step, m.sums = epoch + 1, 0, {}
-    m.checkpoint(last=m.epoch == cfg.epochs)
+    last = m.epoch == cfg.epochs
+    if last or cfg.checkpoint_every_s <= 0 or time.monotonic() - m.saved_at >= cfg.checkpoint_every_s:
+        m.checkpoint(last=last)
     faults.point("epoch-saved")
     m.session.tracker.log(row, step=epoch + 1)
     faults.point("epoch-logged")

@@ -42,7 +42,7 @@ def fingerprint(identity: dict) -> str:
 
 def setting(default, help: str, *, lo=None, hi=None, lo_open: bool = False, hi_open: bool = False,
             choices=None, name: bool = False, identity=True, packs: bool | None = None, positional: bool = False,
-            switches: tuple = ()):
+            switches: tuple = (), resolve=None):
     """A field with its documentation and allowed values (checked by :func:`check_fields`).
 
     ``choices``: the allowed values (a registry dict allows its keys, read when checked: a name registered later
@@ -52,9 +52,12 @@ def setting(default, help: str, *, lo=None, hi=None, lo_open: bool = False, hi_o
     the config (e.g. the pool of a real-data-only run does not count). ``packs``: True, the members of one pack
     may differ in it (a seed, a temperature); False, they must agree (the default of an identity field; a field
     outside the identity, such as the device, is ignored unless declared False). ``switches``: choice values that are
-    also flags of their own (``--online`` for ``--mode=online``)."""
+    also flags of their own (``--online`` for ``--mode=online``). ``resolve``: a function of the config giving the
+    value the identity records (an ``auto`` resolved for this machine), so a fingerprint is the same whether
+    computed before or after the config's ``auto`` values are resolved."""
     meta = {"help": help, "lo": lo, "hi": hi, "lo_open": lo_open, "hi_open": hi_open, "choices": choices,
-            "name": name, "identity": identity, "packs": packs, "positional": positional, "switches": switches}
+            "name": name, "identity": identity, "packs": packs, "positional": positional, "switches": switches,
+            "resolve": resolve}
     if default is REQUIRED:
         return field(metadata=meta)
     return field(default=default, metadata=meta)
@@ -105,7 +108,7 @@ def identity(cfg) -> dict:
             continue
         if callable(rule) and not rule(cfg):
             continue
-        out[f.name] = value
+        out[f.name] = f.metadata["resolve"](cfg) if f.metadata.get("resolve") else value
     return out
 
 

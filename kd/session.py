@@ -84,6 +84,9 @@ class Session:
         """``layout``: how the run folder keeps its checkpoints (a classifier's by default)."""
         from accelerate.utils import set_seed
 
+        from kd.config import resolve_device_defaults
+
+        cfg = resolve_device_defaults(cfg)  # the "auto" settings as this machine runs them
         self.cfg, self.job = cfg, job
         self.mode = wandb_runs.wandb_mode()
         self.accelerator = accelerator(cfg.mixed_precision, cfg.cpu)

@@ -34,6 +34,7 @@ OUTSIDE = {
 
 
 def settings_classes() -> list:
+    from kd.bench.settings import BenchSettings
     from kd.config import DistillConfig, TrainConfig
     from kd.report.cli import ReportSettings
     from kd.sweep.cli import SweepSettings
@@ -42,14 +43,12 @@ def settings_classes() -> list:
     from kd.synthetic.gnosis import ImportConfig
 
     return [TrainConfig, DistillConfig, GenerateConfig, GeneratorTrainConfig, ImportConfig, SweepSettings,
-            PackSettings, ReportSettings]
+            PackSettings, ReportSettings, BenchSettings]
 
 
 def known_flags() -> set[str]:
     known = {f.name for cls in settings_classes() for f in dataclasses.fields(cls)}
     known |= {s for cls in settings_classes() for f in dataclasses.fields(cls) for s in f.metadata.get("switches", ())}
-    bench = "".join(p.read_text() for p in sorted((ROOT / "kd" / "bench").glob("*.py")))  # their argparse options
-    known |= {m.replace("-", "_") for m in re.findall(r'add_argument\("--([a-z][a-z0-9_-]*)"', bench)}
     return known | {"help"}
 
 

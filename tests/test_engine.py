@@ -50,3 +50,17 @@ def test_a_loss_that_is_not_finite_is_one_error_naming_where(workdir, one_thread
     with pytest.raises(KDError, match=r"the training loss became nan in epoch 1 \(step 23\): lower --lr"):  # its end
         fit([m])
     assert m.epoch == 0 and not m.history  # nothing of the diverged epoch was recorded
+
+
+@pytest.mark.parametrize("every_s,saved", [(0.0, [1, 2, 3]), (1e6, [3])])
+def test_checkpoints_follow_their_cadence_in_seconds_and_the_last_epoch_always(workdir, one_thread, monkeypatch,
+                                                                               every_s, saved):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    cfg = TrainConfig(dataset="digits", arch="preresnet8", batch_size=512, epochs=3, checkpoint_every_s=every_s)
+    session, m = _member(cfg)
+    epochs, save = [], session.save_checkpoint
+    monkeypatch.setattr(session, "save_checkpoint", lambda tensors, info, **kw: (epochs.append(info["epoch"]),
+                                                                                save(tensors, info, **kw)))
+    fit([m])
+    assert epochs == saved and session.folder.checkpoints.load("")["epoch"] == 3
+    assert all(names.TEST_ACC in row for row in m.history)  # eval_every auto: every epoch on the CPU

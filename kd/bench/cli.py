@@ -1,138 +1,139 @@
-"""``python -m kd.bench``: flags, the sections in order under the run's budget, the tables and the JSON."""
+"""``python -m kd.bench``: the sections in priority order under the run's budget, the JSON after every one."""
 
 from __future__ import annotations
 
 import os
 import sys
 import tempfile
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from kd.bench.common import CLASSES, CPU, CUDA, SMOKE, TEMPERATURE, Bench, Clock, machine, machine_line, process_seconds
-from kd.bench.table import note, summary_table, table
-from kd.errors import ArgumentParser, KDError, cli
+from kd.bench.settings import BenchSettings, Workload, find_spec, workload
+from kd.bench.timing import Clock, Record, Timer, machine
+from kd.errors import KDError, cli
 
-SECTIONS = ("train", "distill", "pack", "cache", "ensemble", "synthetic", "compile")
-NEED_S = {"train": 20, "distill": 45, "pack": 30, "cache": 15, "ensemble": 8, "synthetic": 25,
-          "compile": 45}  # on a GPU
-
-
-def parse(argv):
-    import kd.bench
-
-    p = ArgumentParser(prog="python -m kd.bench", description=kd.bench.__doc__.split("\n")[0])
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--out", default="bench/results.json")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch intra-op threads; 0: torch's default (default: 1 on the CPU, see above)")
-    p.add_argument("--rounds", type=int, default=0, help="interleaved rounds per comparison (0: the preset's)")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the student (engine and bare) and, on the CPU, run the compile section")
-    p.add_argument("--smoke", action="store_true", help="tiny sizes: checks that every section runs, no more")
-    p.add_argument("--skip", default="", help=f"comma-separated sections to skip: {','.join(SECTIONS)}")
-    p.add_argument("--budget", type=float, default=None,
-                   help="seconds for the whole run, sections that no longer fit are skipped (default: 210 on "
-                        "a GPU, none on the CPU; 0: none)")
-    return p.parse_args(argv)
+# (name, seconds it needs on a GPU at the study's sizes, before it starts): the order is the priority
+SECTIONS = (("student", 20), ("teacher", 20), ("packs", 40), ("processes", 0), ("epoch", 60), ("cache", 30))
+SMOKE_SCALE = 0.05  # the smoke sizes' share of those seconds
 
 
-def setup(args) -> tuple:
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise KDError("--device=cuda but torch sees no GPU: run on a GPU machine, or without --device")
-    threads = (1 if args.device == "cpu" else 0) if args.threads is None else args.threads
-    if threads < 0 or args.rounds < 0 or (args.budget or 0) < 0:
-        raise KDError("--threads, --rounds and --budget must be >= 0")
-    if threads > 1024:
-        raise KDError(f"--threads must be <= 1024, got {threads}: 0 takes torch's default")
-    skip = set(filter(None, args.skip.split(",")))
-    if skip - set(SECTIONS):
-        raise KDError(f"--skip: unknown sections {sorted(skip - set(SECTIONS))}; choose from {','.join(SECTIONS)}")
-    if threads:
-        torch.set_num_threads(threads)
-    device = torch.device(args.device)
-    sizes = SMOKE if args.smoke else CPU if device.type == "cpu" else CUDA
-    if args.rounds:
-        sizes = replace(sizes, rounds=args.rounds)
-    if args.budget is not None:
-        sizes = replace(sizes, budget_s=args.budget)
-    if device.type == "cpu" and not args.compile:
-        skip.add("compile")  # a CPU compiles for minutes: only when asked
-    os.environ["WANDB_MODE"] = "disabled"  # the engine runs here only to be timed
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    return device, sizes, skip
+@dataclass
+class Context:
+    settings: BenchSettings
+    workload: Workload
+    device: torch.device
+    timer: Timer
+    clock: Clock
+    root: Path  # a temporary folder: checkpoints, cache files
+    record: Record
+    scale: float  # sizes' seconds relative to a GPU at the study's sizes
+
+    def partial(self, name: str, result: dict) -> None:
+        """A section's measurements so far, saved (a run killed inside the section keeps them)."""
+        self.record.data["sections"][name] = {**result, "partial": True}
+        self.record.save()
+
+    def say(self, line: str) -> None:
+        print(f"[{self.clock.elapsed():5.0f} s] {line}", flush=True)
 
 
-def run_sections(b: Bench, skip: set) -> tuple[dict, list]:
-    from kd.bench import cachebuild, compiled, packs, sampler, sections
+def resolve(s: BenchSettings) -> tuple[torch.device, float, float]:
+    """(device, budget seconds, timed seconds a measurement) for the flags on this machine."""
+    want = "cpu" if s.smoke else s.device
+    if want == "cuda" and not torch.cuda.is_available():
+        raise KDError("--device=cuda but torch sees no CUDA device: run on a GPU machine, or with --device=cpu")
+    if s.smoke and s.device == "cuda":
+        raise KDError("--smoke runs on the CPU: leave out --device=cuda, or --smoke")
+    device = torch.device("cuda" if want == "auto" and torch.cuda.is_available() else want.replace("auto", "cpu"))
+    budget = s.budget_s if s.budget_s >= 0 else 45.0 if s.smoke else 420.0
+    min_s = s.min_s if s.min_s >= 0 else 0.05 if s.smoke else 2.0 if device.type == "cuda" else 1.0
+    return device, budget, min_s
 
-    results: dict = {}
-    runs = {"train": ("training", sections.bench_training), "distill": ("distillation", sections.bench_distill),
-            "pack": ("packs", packs.bench_packs),
-            "cache": ("cache", cachebuild.bench_cache_build), "ensemble": ("ensemble", sections.bench_ensemble),
-            "synthetic": ("synthetic", sampler.bench_synthetic),
-            "compile": ("compile", lambda b: compiled.bench_compile(b, results.get("packs")))}
-    for name in SECTIONS:
-        if name in skip:
+
+def run_section(ctx: Context, name: str) -> dict:
+    from kd.bench import epoch, packs, steps
+
+    done = ctx.record.data["sections"]
+    if name == "student":
+        return steps.section_steps(ctx, name)
+    if name == "teacher":  # the eager variants and the student's fastest: one more compilation at most
+        best = (done.get("student") or {}).get("best")
+        return steps.section_steps(ctx, name, only=[steps.FP32.name, steps.BF16.name, best])
+    if name == "packs":
+        return packs.section_packs(ctx)
+    if name == "processes":
+        return packs.section_processes(ctx, done.get("student"))
+    if name == "epoch":
+        return epoch.section_epoch(ctx, done.get("student"))
+    return epoch.section_cache(ctx)
+
+
+def need_s(ctx: Context, name: str, need: float) -> float:
+    """Seconds the section needs: from the measured step rates where they exist (the epoch: a real-size pass
+    at the student's best rate, twice where it compiles first; the cache: its teacher forwards at a third of a
+    teacher step's cost), else the default ``need`` at the run's sizes."""
+    done, w = ctx.record.data["sections"], ctx.workload
+    rate = {k: (done.get(k) or {}).get("variants", {}).get((done.get(k) or {}).get("best") or "", {})
+            for k in ("student", "teacher")}
+    if name == "epoch" and rate["student"]:
+        passes = 1 if (done["student"]["best"] or "").endswith("eager") else 2
+        return passes * -(-w.n_train // w.batch) * rate["student"]["s_per_step"] + need * ctx.scale / 4
+    if name == "cache" and rate["teacher"]:
+        return 1.5 * w.cache_images * 162 * rate["teacher"]["s_per_step"] / w.teacher_batch / 3 + need * ctx.scale / 4
+    return need * ctx.scale
+
+
+def run_all(ctx: Context) -> None:
+    for name, need in SECTIONS:
+        need_s_ = need_s(ctx, name, need)
+        if not ctx.clock.fits(need_s_):
+            reason = f"over budget: {ctx.clock.left():.0f} s of {ctx.clock.budget:.0f} s left, needs about " \
+                     f"{need_s_:.0f} s"
+            ctx.record.skip(name, reason)
+            ctx.say(f"{name}: skipped, {reason}")
             continue
-        if not b.clock.fits(NEED_S[name]):
-            b.skipped.append(name)
-            b.add(note(f"{name}: skipped", "over budget", f"{b.clock.elapsed():.0f} s used"))
-            continue
-        key, fn = runs[name]
-        results[key] = fn(b)
-    return results, b.skipped
-
-
-def report(b: Bench, info: dict, results: dict, skipped: list, args) -> dict:
-    from kd.bench.projection import projection_notes, projection_table, projection_title
-    from kd.bench.summary import TITLE, summarise
-
-    rows = b.rows
-    checks = [r for r in rows if r.get("min")]
-    print(f"\n{machine_line(info)}; {info['seconds']:.0f} s\n{table(rows)}")
-    held = sum(r["holds"] == "yes" for r in checks)
-    print(f"targets: {held} of {len(checks)} hold" + "".join(
-        f"\n  {r['what']}: {r['ratio']} (target {r['target']})" for r in checks if r["holds"] != "yes"))
-    if skipped:
-        print("skipped, over the run's budget: " + ", ".join(skipped))
-    summary, proj = summarise(results, b.sizes, {**info, "skipped": skipped})
-    print(f"\n{TITLE} ({info.get('gpu') or 'CPU ' + info['cpu']}):\n{summary_table(summary)}")
-    proj_table = ""
-    if proj:
-        proj_table = projection_table(proj)
-        print(f"\n{projection_title(proj)}:\n{proj_table}\n{projection_notes(proj)}")
-    else:
-        print("\nno projection: it needs the train, distill, cache and synthetic sections")
-    return {"machine": info, "sizes": asdict(b.sizes), "compile": args.compile, "smoke": args.smoke, "rows": rows,
-            "targets": {r["what"]: {"ratio": r["value"], "min": r["min"], "holds": r["holds"] == "yes"}
-                        for r in checks},
-            "results": results, "table": table(rows), "summary": summary, "summary_table": summary_table(summary),
-            "projection": proj, "projection_table": proj_table, "skipped": skipped}
+        ctx.say(f"{name} ...")
+        result = run_section(ctx, name)
+        ctx.record.section(name, {**result, "seconds": ctx.clock.elapsed()})
 
 
 def main(argv=None) -> None:
-    from kd.io import write_json
+    from kd.bench.projection import project, table
+    from kd.flags import parse_flags
 
-    args = parse(argv)
     with cli():
-        device, sizes, skip = setup(args)
-        info = machine(device)
-        print(f"kd.bench on {machine_line(info)}", flush=True)
-        print(f"student and teachers {sizes.arch}, 32 px, {CLASSES} classes; teacher batch {sizes.teacher_batch}, "
-              f"distillation batch {sizes.distill_batch} (tau {TEMPERATURE:g}); {sizes.rounds} rounds"
-              + (f"; budget {sizes.budget_s:.0f} s" if sizes.budget_s else ""), flush=True)
-        print(table([]), flush=True)
-        clock = Clock(sizes.budget_s)
+        s = parse_flags(BenchSettings, argv)
+        device, budget, min_s = resolve(s)
+        w = workload(s)
+        threads = s.threads or (1 if s.smoke else 0)  # tiny networks run fastest on one thread
+        if threads and device.type == "cpu":
+            torch.set_num_threads(threads)
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        os.environ["WANDB_MODE"] = "disabled"
+        record = Record(s.out, {"machine": machine(device), "settings": asdict(s), "workload": asdict(w),
+                                "budget_s": budget, "min_s": min_s})
+        record.save()
+        clock = Clock(budget)
+        print(f"kd.bench on {record.data['machine'].get('gpu') or record.data['machine']['cpu']}: student "
+              f"{w.arch} batch {w.batch}, teacher {w.teacher_arch} batch {w.teacher_batch}"
+              + (f"; budget {budget:.0f} s" if budget else ""), flush=True)
+        scale = SMOKE_SCALE if s.smoke else 1.0
         with tempfile.TemporaryDirectory(prefix="kd-bench-") as tmp:
-            b = Bench(sizes, device, Path(tmp), args.compile, clock, [])
-            results, skipped = run_sections(b, skip)
-        info["load_avg_end"] = os.getloadavg()[0]
-        info["seconds"] = clock.elapsed()
-        info["process_seconds"] = process_seconds() or info["seconds"]  # with the imports before the clock
-        out = Path(args.out)
-        write_json(out, report(b, info, results, skipped, args))
-        print(f"wrote {out}")
+            timer = Timer(device, min_s, warmup=1, span=2, min_spans=2) if s.smoke else Timer(device, min_s)
+            ctx = Context(s, w, device, timer, clock, Path(tmp), record, scale)
+            run_all(ctx)
+        from kd.datasets import DATASETS
+
+        proj = project(find_spec(s.spec), record.data["sections"], DATASETS[w.dataset].n_train)
+        if s.smoke:
+            proj["note"] = "--smoke: the rates of the smoke sizes, not the study's"
+        record.data["projection"] = proj
+        record.data["seconds"] = clock.elapsed()
+        record.save()
+        print(table(proj))
+        print(f"wrote {s.out} in {clock.elapsed():.0f} s" + (
+            f"; skipped: {', '.join(record.data['skipped'])}" if record.data["skipped"] else ""))
         sys.stdout.flush()
