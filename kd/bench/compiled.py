@@ -34,6 +34,7 @@ from pathlib import Path
 
 from kd.bench.common import TEMPERATURE, Bench, Clock, Sizes, amp, interleave, random_data, ratio, teachers
 from kd.bench.table import note, row
+from kd.metadata import OBJECT, read_json
 
 
 class Counted:
@@ -143,7 +144,7 @@ def child(spec_path: str, out_path: str) -> None:
     from kd.models import Ensemble
     from kd.teacher_cache import all_view_targets
 
-    spec = json.loads(Path(spec_path).read_text())
+    spec = read_json(spec_path, OBJECT)
     out = Path(out_path)
     clock = Clock(spec["deadline_s"])
     os.environ["WANDB_MODE"] = "disabled"
@@ -238,7 +239,7 @@ def run_child(b: Bench, spec: dict) -> tuple[dict, str]:
         os.killpg(proc.pid, signal.SIGKILL)  # the child and its compile workers
         proc.communicate()
         how = f"stopped at the run's budget ({timeout:.0f} s)"
-    return (json.loads(out_path.read_text()) if out_path.exists() else {}), how
+    return (read_json(out_path, OBJECT) if out_path.exists() else {}), how
 
 
 def bench_compile(b: Bench, packs: dict | None = None) -> dict:
