@@ -12,7 +12,8 @@ depend only on its own state, so this is what an uninterrupted run computes.
 
 The per-epoch randomness depends on (seed, epoch) only, so a resumed run continues exactly (bitwise on CPU).
 W&B steps are epochs. SIGTERM or SIGINT: every member checkpoints at the next step, then
-:class:`~kd.errors.Interrupted` (exit 143 / 130).
+:class:`~kd.errors.Interrupted` (exit 143 / 130); one that arrives after the last step (during the last epoch's
+evaluation or checkpoint) stops the run after that checkpoint, before anything is published.
 """
 
 from __future__ import annotations
@@ -109,6 +110,8 @@ def fit(members: list[Member], stepper: Callable[[list[Member]], Stepper] = loop
                 group = [m for m in todo if m.position == pos]
                 ahead = [m.step for m in todo if m.epoch == pos[0] and m.step > pos[1]]
                 train_segment(group, pos[0], pos[1], min(ahead, default=steps(pos[0])), stepper(group), stops, bar)
+            if stops:  # a stop during the last epoch's evaluation or checkpoint: saved, and still a stop
+                raise Interrupted(stops[0])
         finally:
             bar.close()
 
