@@ -201,3 +201,29 @@ def test_a_flag_value_that_is_not_utf8_is_refused():
     raw = os.fsdecode(b"runs-\xff")  # as sys.argv holds a path of other bytes
     with pytest.raises(KDError, match="not UTF-8"):
         parse_flags(DistillConfig, [f"--out_dir={raw}"])
+
+
+class _GoneService:
+    """A W&B run whose service process already exited (as after a stop that signals every process)."""
+
+    def mark_preempting(self):
+        raise ConnectionResetError("connection reset by peer")
+
+    def finish(self, exit_code=None):
+        raise BrokenPipeError("broken pipe")
+
+
+def test_a_stop_is_a_preemption_when_the_wandb_service_is_gone(capsys, monkeypatch):
+    import wandb
+
+    from kd.tracker import Tracker
+
+    monkeypatch.setattr(wandb, "teardown", lambda *a, **k: None)
+    stopped = Tracker(mode="offline")
+    stopped.run, stopped.run_id = _GoneService(), "abc"
+    stopped.end(143)  # one warning, the exit code stays
+    assert "could not be marked preempting" in capsys.readouterr().err
+    finished = Tracker(mode="offline")
+    finished.run, finished.run_id = _GoneService(), "abc"
+    with pytest.raises(KDError, match="run the same command again"):
+        finished.end(0)  # a normal end W&B does not take: not marked done
