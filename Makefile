@@ -49,7 +49,8 @@ test-slurm: setup
 # The whole pipeline offline on digits-hard (digits with noise, occlusion and 360 training images, so teachers
 # err): teachers, generator + pool, Figure 1 and ensemble-size sweeps (2 trials each), figures. Started again,
 # every step reuses what is done. One torch thread per process: tiny models run fastest so, and another job on
-# the machine slows the demo down less. (360 pool images = synthetic ratio 1.0 of the 360 training images)
+# the machine slows the demo down less. (720 pool images: each of the 2 trials draws its own block, up to synthetic
+# ratio 1.0 of the 360 training images)
 DEMO_ENV := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 define step
 	@echo "== demo step $(1): $(2)"; t0=$$(date +%s); $(DEMO_ENV) $(3) && echo "== demo step $(1) done in $$(( $$(date +%s) - t0 )) s"
@@ -58,15 +59,19 @@ endef
 demo: setup
 	$(call step,1/7,4 teachers,$(PY) -m kd.sweep sweeps/demo/teachers.yaml)
 	$(call step,2/7,a small DDPM on digits-hard,$(PY) -m kd.synthetic train --dataset=digits-hard --threads=1)
-	$(call step,3/7,a pool of 360 synthetic images,$(PY) -m kd.synthetic generate --model=generator-digits-hard --dataset=digits-hard --num=360 --scheduler=dpm --steps=25 --threads=1)
+	$(call step,3/7,a pool of 720 synthetic images,$(PY) -m kd.synthetic generate --model=generator-digits-hard --dataset=digits-hard --num=720 --scheduler=dpm --steps=25 --threads=1)
 	$(call step,4/7,Figure 1a students (10),$(PY) -m kd.sweep sweeps/demo/self_distill.yaml)
 	$(call step,5/7,Figure 1b students (10),$(PY) -m kd.sweep sweeps/demo/ensemble_distill.yaml)
 	$(call step,6/7,ensemble-size students (4 more),$(PY) -m kd.sweep sweeps/demo/ensemble_size.yaml)
 	$(call step,7/7,figures,$(PY) -m kd.report --study=demo --expect=sweeps/demo)
 
-# 50k CIFAR-10 images from the pretrained DDPM (covers every Figure 1 point: smaller pools are prefixes)
+# The CIFAR generators: the authors' SN-GAN checkpoints (epochs 100-500, both datasets; Figure 1 samples epoch
+# 500 per run) and 150k CIFAR-10 images of the pretrained DDPM (sweeps/cifar10/generator_quality_ddpm.yaml: a
+# block of 50k per trial)
 synthetic: setup
-	$(PY) -m kd.synthetic generate --model=google/ddpm-cifar10-32 --dataset=cifar10 --num=50000 --scheduler=ddim --steps=100
+	for d in cifar10 cifar100; do for e in 100 200 300 400 500; do \
+	  $(PY) -m kd.synthetic import --source=gnosis --dataset=$$d --epoch=$$e || exit $$?; done; done
+	$(PY) -m kd.synthetic generate --model=google/ddpm-cifar10-32 --dataset=cifar10 --num=150000 --scheduler=ddim --steps=100
 
 # The runs and needs of every study (python -m kd.sweep.plan), written into the <!-- plan --> blocks of the docs
 docs: setup

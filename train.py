@@ -23,7 +23,7 @@ def main(argv=None) -> None:
             return
         with session.tracked():
             from kd.data import load_dataset
-            from kd.models import build_model, count_params, to_device
+            from kd.models import build_model, count_params, to_device, weights_sha256
             from kd.objectives import Supervised
             from kd.optim import optimizer
 
@@ -31,7 +31,8 @@ def main(argv=None) -> None:
             model = to_device(build_model(cfg.arch, data.spec.num_classes), session.device, cfg.channels_last)
             session.check_outputs(room_needed(count_params(model)))
             objective = Supervised.from_config(cfg, data, session.accelerator)
-            session.start_tracking({"n_params": count_params(model), "n_train": data.n_train})
+            session.start_tracking({"n_params": count_params(model), "n_train": data.n_train,
+                                    names.INIT_SHA: weights_sha256(model)})
             history = session.fit(model, optimizer(model.parameters(), cfg), objective)
             final = history[-1]
             meta = {"kind": names.TEACHER, "arch": cfg.arch, "dataset": cfg.dataset, "seed": cfg.seed,

@@ -26,6 +26,10 @@ from kd.names import check_arch
 from kd.optim import OPTIMIZERS, SCHEDULES
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
+# Seeds: a teacher's is its --seed, below STUDENT_SEEDS; a student's default is STUDENT_SEEDS + its trial, so no
+# student starts from a teacher's initial weights or replays a teacher's data order and augmentation draws (the
+# authors drew a random seed per run). An explicit --seed of a student still wins.
+STUDENT_SEEDS = 1_000_000
 
 
 @dataclass
@@ -34,8 +38,8 @@ class TrainConfig:
 
     dataset: str = setting("cifar10", "training data", choices=DATASETS)
     arch: str = setting("preresnet56", "network: preresnet{depth} (the authors' PreResNet) or timm:{name}")
-    seed: int = setting(0, "seed of weights and data order (teacher i of an ensemble uses seed i)", lo=0,
-                        hi=SEED_MAX, packs=True)
+    seed: int = setting(0, "seed of weights and data order (teacher i of an ensemble uses seed i; students' seeds "
+                           f"start at {STUDENT_SEEDS})", lo=0, hi=STUDENT_SEEDS - 1, packs=True)
     epochs: int = setting(200, "passes over the real training data", lo=1, hi=10_000)
     batch_size: int = setting(256, "images per optimizer step (all processes together)", lo=1, hi=65_536)
     optimizer: str = setting("sgd", "optimizer (kd.optim.OPTIMIZERS)", choices=OPTIMIZERS, identity="non_default")
@@ -97,7 +101,8 @@ class TrainConfig:
 class DistillConfig(TrainConfig):
     """Student distillation; defaults are the paper's student recipe (App. A.3, Eq. 1)."""
 
-    seed: int = setting(-1, "student seed; -1: the trial number", lo=-1, hi=SEED_MAX, packs=True)
+    seed: int = setting(-1, f"student seed; -1: {STUDENT_SEEDS} + the trial (a space of its own: never a teacher's "
+                            "seed)", lo=-1, hi=SEED_MAX, packs=True)
     epochs: int = setting(300, "passes over the real training data", lo=1, hi=10_000)
     batch_size: int = setting(128, "images per optimizer step, real + synthetic", lo=1, hi=65_536)
     lr: float = setting(0.05, "peak learning rate", lo=0, hi=10, lo_open=True)
@@ -118,8 +123,12 @@ class DistillConfig(TrainConfig):
     temperature: float = setting(1.0, "distillation temperature tau of Eq. 1", lo=0.01, hi=100, packs=True)
     synthetic_ratio: float = setting(0.0, "synthetic images per real image added (0.25 = +12.5k on CIFAR)",
                                      lo=0, hi=100)
-    synthetic_pool: str = setting("", "a pool file or a synthetic-* artifact name (needed when ratio > 0)",
+    synthetic_pool: str = setting("", "a pool (file or synthetic-* artifact): the run takes its trial's block of it "
+                                      "(a pool per trial's worth of images); or --synthetic_generator",
                                   identity=lambda cfg: cfg.synthetic_ratio > 0)  # real data only: any pool
+    synthetic_generator: str = setting("", "a generator (artifact or folder; NAME@stepN: an SN-GAN snapshot): the run "
+                                           "samples its own images from it, by its seed (the paper's way); or "
+                                           "--synthetic_pool", identity=lambda cfg: cfg.synthetic_ratio > 0)
     teacher_cache: bool = setting(True, "reuse teacher outputs over the enumerable views (exact)",
                                   choices=(True, False), identity=False)
     cache_dtype: str = setting("float32", "storage of cached teacher log-probs",
@@ -141,6 +150,12 @@ class DistillConfig(TrainConfig):
                           "distinct teachers")
         for name in listed:
             check_name(name, "teacher name")
+        if self.synthetic_ratio and bool(self.synthetic_pool) == bool(self.synthetic_generator):
+            given = "both --synthetic_pool and --synthetic_generator" if self.synthetic_pool else "neither"
+            raise KDError(f"--synthetic_ratio={self.synthetic_ratio} needs one source of synthetic images, got "
+                          f"{given}: pass --synthetic_generator=ARTIFACT (the run samples its own images; e.g. "
+                          "`python -m kd.synthetic import` the authors' SN-GAN) or --synthetic_pool=POOL (`python -m "
+                          "kd.synthetic generate`)")
         reads = set(LOSSES[self.loss].params)
         for other in LOSSES.values():
             for key in set(other.params) - reads:
@@ -150,7 +165,7 @@ class DistillConfig(TrainConfig):
 
     @property
     def student_seed(self) -> int:
-        return self.trial if self.seed < 0 else self.seed
+        return STUDENT_SEEDS + self.trial if self.seed < 0 else self.seed
 
     @property
     def run_seed(self) -> int:
@@ -170,7 +185,7 @@ class Axis:
 
     ``tag`` writes it into run names (``-T4``); ``named`` says when: "always" (the paper's axes, so every run
     name holds them) or "non_default" (an axis added later: existing run names stay as they were); the ensemble
-    size and trial are written together as ``m{m}-t{t}`` (``n{k}`` for named teachers). ``group``: a report
+    size and trial are written together as ``m{m}-t{t}`` (``n{k}-t{t}`` for k named teachers). ``group``: a report
     group holds the runs that agree in every group axis (the trial is the replicate within a group)."""
 
     key: str
@@ -218,13 +233,14 @@ AXIS = {a.key: a for a in STUDENT_AXES}
 
 
 def student_run_name(cfg: DistillConfig) -> str:
-    """``student-{dataset}-{arch}-m{m}-t{t}-r{ratio}-T{tau}[-{tag}{value} ...]-s{seed}`` (``n{k}`` for named
-    teachers), the axes in :data:`STUDENT_AXES` order."""
-    who = f"m{cfg.ensemble_size}-t{cfg.trial}" if not cfg.teachers else f"n{len(cfg.teacher_names())}"
-    parts = [f"student-{cfg.dataset}-{names.arch_slug(cfg.arch)}-{who}"]
+    """``student-{dataset}-{arch}-m{m}-t{t}-r{ratio}-T{tau}[-{tag}{value} ...][-s{seed}]`` (``n{k}`` for k named
+    teachers), the axes in :data:`STUDENT_AXES` order; ``-s{seed}`` only for an explicit ``--seed`` (the default
+    seed is the trial's, :data:`STUDENT_SEEDS`)."""
+    who = f"m{cfg.ensemble_size}" if not cfg.teachers else f"n{len(cfg.teacher_names())}"
+    parts = [f"student-{cfg.dataset}-{names.arch_slug(cfg.arch)}-{who}-t{cfg.trial}"]
     for a in STUDENT_AXES:
         value = getattr(cfg, a.key)
         if a.key in ("ensemble_size", "trial") or (a.named == "non_default" and value == a.default):
             continue
         parts.append(f"{a.tag}{a.text(value)}")
-    return "-".join(parts) + f"-s{cfg.student_seed}"
+    return "-".join(parts) + (f"-s{cfg.seed}" if cfg.seed >= 0 else "")

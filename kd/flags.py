@@ -31,7 +31,9 @@ SEED_MAX = 2**32 - 1  # numpy's and torch's generators take seeds up to this
 REQUIRED = dataclasses.MISSING  # the default of a setting that must be given
 # keys W&B hands back on resume (the stored config) that the programs add themselves: ignored, with one line
 RUN_KEYS = {names.JOB, names.RUN_NAME, names.TEACHER_NAMES, names.TEACHER_HASHES, names.TEACHER_VERSIONS,
-            names.SYNTHETIC_POOL_SHA, names.SYNTHETIC_SOURCE, names.SYNTHETIC_FID, "n_real", "n_synthetic",
+            names.SYNTHETIC_POOL_SHA, names.SYNTHETIC_SOURCE, names.SYNTHETIC_FID, names.SYNTHETIC_DRAW,
+            names.SYNTHETIC_FID_AUTHORS, names.SEED_USED,
+            names.INIT_SHA, "n_real", "n_synthetic",
             "n_params", "n_train", "wandb_version", "recipe"}  # recipe: a generator run's resolved preset
 
 

@@ -190,5 +190,18 @@ def to_device(model: nn.Module, device, channels_last: bool = True) -> nn.Module
     return model.to(memory_format=torch.channels_last) if channels_last else model
 
 
+def weights_sha256(model: nn.Module) -> str:
+    """The sha256 of a model's state (every tensor's name, dtype, shape and bytes, in state_dict order): equal for
+    equal weights, whatever device holds them."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for key, t in model.state_dict().items():
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{key}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())

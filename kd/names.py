@@ -34,6 +34,8 @@ FINAL = "final"  # summary: True once the run finished and published its weights
 # ---- config keys a student run adds to its flags
 JOB = "job"
 RUN_NAME = "run_name"
+SEED_USED = "seed_used"  # the seed a run drew its weights and data order from (a student's default: its trial's)
+INIT_SHA = "init_sha256"  # the sha256 of a classifier run's initial weights (students never share a teacher's)
 STUDY = "study"
 TEACHER_NAMES = "teacher_names"
 TEACHER_HASHES = "teacher_hashes"
@@ -41,6 +43,9 @@ TEACHER_VERSIONS = "teacher_versions"  # name:version of each teacher, as resolv
 SYNTHETIC_POOL_SHA = "synthetic_pool_sha256"
 SYNTHETIC_SOURCE = "synthetic_source"
 SYNTHETIC_FID = "synthetic_fid"  # the pool's FID (a float; absent or None when unknown)
+SYNTHETIC_FID_AUTHORS = "synthetic_fid_authors"  # an imported generator's FID by the authors' own measure
+STEP_MARK = "@step"  # a pool or draw of an SN-GAN at G step N names its model "{model}@stepN" (one family)
+SYNTHETIC_DRAW = "synthetic_draw"  # the run's own draw of synthetic images: how, from what, its sha256 (kd.draws)
 
 
 # ---- artifact names

@@ -164,7 +164,8 @@ class Session:
 
     # ----------------------------------------------------------------------------------------- W&B
     def config(self) -> dict:
-        return {**to_dict(self.cfg), names.JOB: self.job, names.RUN_NAME: self.cfg.run_name(), **self.extra_config}
+        return {**to_dict(self.cfg), names.JOB: self.job, names.RUN_NAME: self.cfg.run_name(),
+                names.SEED_USED: self.cfg.run_seed, **self.extra_config}
 
     def start_tracking(self, extra_config: dict | None = None, tags: list[str] | None = None) -> None:
         self.extra_config = extra_config or {}

@@ -19,10 +19,30 @@ from kd.pools import load_pool, pool_file
 
 
 def synthetic_images(cfg, data, session):
-    """The first round(r * n_real) images of the pool, checked against the dataset's image shape; (None, {})
-    for a real-data-only run."""
+    """The run's own draw of round(r * n_real) synthetic images (:mod:`kd.draws`): sampled from
+    ``--synthetic_generator`` by its seed, or its trial's block of ``--synthetic_pool``; checked against the
+    dataset. (None, {}) for a real-data-only run; else (uint8 images, the config keys they add)."""
+    from kd.draws import draw_seed, from_generator, from_pool
+
     if not cfg.synthetic_ratio:
         return None, {}
+    n = round(cfg.synthetic_ratio * data.n_train)
+    if cfg.synthetic_generator:
+        sampler, label, fids = _generator(cfg, data, session)
+        images, draw = from_generator(sampler, n, draw_seed(cfg.run_seed, n), data.spec.image_size,
+                                      cfg.synthetic_generator, progress=session.main)
+        info = {names.SYNTHETIC_SOURCE: label, **fids}
+    else:
+        pool, meta = _pool(cfg, data, session)
+        images, draw = from_pool(pool, meta["sha256"], n, cfg.trial, cfg.synthetic_pool)
+        info = {names.SYNTHETIC_POOL_SHA: meta["sha256"], names.SYNTHETIC_SOURCE: meta.get("model", ""),
+                names.SYNTHETIC_FID: meta.get("fid")}
+    if session.main:
+        print(f"synthetic: {n} images, {draw['kind']} of {draw['source']}, sha256 {draw['sha256'][:12]}", flush=True)
+    return images, {**info, names.SYNTHETIC_DRAW: draw}
+
+
+def _pool(cfg, data, session):
     file = session.main_first(lambda: str(pool_file(cfg.synthetic_pool, cfg.store, session.tracker.run)))
     images, meta = load_pool(file, store=cfg.store)
     classes = meta.get("num_classes", data.spec.num_classes)
@@ -34,15 +54,30 @@ def synthetic_images(cfg, data, session):
     if images.dtype != torch.uint8 or tuple(images.shape[1:]) != want:
         raise KDError(f"pool {cfg.synthetic_pool} holds {images.dtype} images of shape {tuple(images.shape[1:])}, "
                       f"but {cfg.dataset} needs uint8 {want}: generate a pool with --dataset={cfg.dataset}")
-    n = round(cfg.synthetic_ratio * data.n_train)
-    if n > images.shape[0]:
-        raise KDError(f"--synthetic_ratio={cfg.synthetic_ratio} needs {n} synthetic images but the pool "
-                      f"{cfg.synthetic_pool} has {images.shape[0]}: generate a larger pool (--num={n} or more)")
-    if session.main:
-        print(f"pool: {cfg.synthetic_pool} ({file}), {n} of its {images.shape[0]} images, sha256 "
-              f"{meta.get('sha256', '')[:12]}", flush=True)
-    return images[:n], {names.SYNTHETIC_POOL_SHA: meta.get("sha256", ""),
-                        names.SYNTHETIC_SOURCE: meta.get("model", ""), names.SYNTHETIC_FID: meta.get("fid")}
+    return images, meta
+
+
+def _generator(cfg, data, session):
+    """The sampler of ``--synthetic_generator`` (``NAME@stepN``: an SN-GAN's snapshot at G step N), resolved on the
+    main process (online through the W&B run: lineage), its label and FID for the report."""
+    from types import SimpleNamespace
+
+    from kd.generators import load_sampler
+    from kd.generators.sampling import model_path
+
+    ref, mark, step = cfg.synthetic_generator.partition(names.STEP_MARK)
+    if mark and not step.isdigit():
+        raise KDError(f"--synthetic_generator={cfg.synthetic_generator}: write NAME{names.STEP_MARK}N with N a G step")
+    folder = session.main_first(lambda: str(model_path(ref, cfg.store, session.tracker.run, cfg.dataset)))
+    settings = SimpleNamespace(dataset=cfg.dataset, scheduler="ddim", steps="auto", step=int(step or 0),
+                               model_ref=lambda: ref)
+    sampler = load_sampler(folder, settings, session.device, store=cfg.store)
+    if sampler.kind != "sngan" and session.main:
+        print(f"note: {ref} is a {sampler.kind} generator: every run samples its own images from it (slow for a "
+              "diffusion model); a pool (--synthetic_pool) is made once", flush=True)
+    meta = getattr(sampler, "info", {}) or {}
+    return sampler, cfg.synthetic_generator, {names.SYNTHETIC_FID: meta.get("fid"),
+                                              names.SYNTHETIC_FID_AUTHORS: meta.get("authors_fid")}
 
 
 def room(cfg, data, model) -> int:
@@ -61,11 +96,6 @@ def inputs(cfg, session, data):
     """Teachers and pool (checked against a resumed run's), and the config keys they add."""
     from kd.teachers import choose_teachers, load_teachers, resolve_teachers, study_alias
 
-    if cfg.synthetic_ratio and not cfg.synthetic_pool:
-        raise KDError(
-            f"--synthetic_ratio={cfg.synthetic_ratio} needs --synthetic_pool=FILE_OR_ARTIFACT: make one with "
-            f"`python -m kd.synthetic generate --dataset={cfg.dataset} --num=N` (see README, synthetic data)"
-        )
     run, alias = session.tracker.run, study_alias(cfg)
     teachers = session.main_first(lambda: choose_teachers(cfg, run))
     folders = session.main_first(lambda: resolve_teachers(teachers, alias, run, cfg.store))
@@ -76,7 +106,8 @@ def inputs(cfg, session, data):
     synthetic, syn_info = synthetic_images(cfg, data, session)
     hashes = [m["sha256"] for m in metas]
     session.folder.check_inputs({"teacher_hashes": hashes,
-                                 "synthetic_pool_sha256": syn_info.get(names.SYNTHETIC_POOL_SHA)})
+                                 "synthetic_pool_sha256": syn_info.get(names.SYNTHETIC_POOL_SHA),
+                                 "synthetic_draw_sha256": syn_info.get(names.SYNTHETIC_DRAW, {}).get("sha256")})
     extra = {names.TEACHER_NAMES: teachers, names.TEACHER_HASHES: hashes, names.TEACHER_VERSIONS: versions,
              "n_real": data.n_train, "n_synthetic": 0 if synthetic is None else len(synthetic), **syn_info}
     return members, synthetic, extra
@@ -112,7 +143,7 @@ def teacher_targets(cfg, session, ensemble, data, hashes):
 def prepare(cfg, session, data, model):
     """Teachers, pool, W&B config, cache and objective of one student, its W&B run started (online it starts
     first: teachers and pool are resolved through it). Returns (objective, extra config)."""
-    from kd.models import Ensemble, count_params
+    from kd.models import Ensemble, count_params, weights_sha256
     from kd.objectives import Distill
 
     if session.mode == "online":
@@ -126,6 +157,7 @@ def prepare(cfg, session, data, model):
         session.start_tracking()
     members, synthetic, extra = inputs(cfg, session, data)
     extra["n_params"] = count_params(model)
+    extra[names.INIT_SHA] = weights_sha256(model)  # before any step: the weights its seed drew
     if session.mode == "online":
         session.add_config(extra)
     else:

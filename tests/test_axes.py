@@ -26,17 +26,18 @@ from tests.conftest import TINY, float_tol, run_main
 
 def test_the_papers_run_names_and_fingerprints_are_unchanged_by_later_axes():
     cfg = DistillConfig(dataset="cifar100", ensemble_size=3, trial=2, synthetic_ratio=0.25, temperature=4.0)
-    assert cfg.run_name() == "student-cifar100-preresnet56-m3-t2-r0.25-T4-s2"
+    assert cfg.run_name() == "student-cifar100-preresnet56-m3-t2-r0.25-T4" and cfg.student_seed == 1_000_002
+    assert dataclasses.replace(cfg, seed=7).run_name() == "student-cifar100-preresnet56-m3-t2-r0.25-T4-s7"
     assert "loss" not in cfg.identity() and "alpha" not in cfg.identity()  # at their defaults: left out
     named = DistillConfig(teachers="teacher-a-s0,teacher-a-s1")
-    assert named.run_name() == "student-cifar10-preresnet56-n2-r0-T1-s0"
+    assert named.run_name() == "student-cifar10-preresnet56-n2-t0-r0-T1"
     assert TrainConfig(arch="timm:resnet18", seed=3).run_name() == "teacher-cifar10-timm-resnet18-s3"  # no ':'
 
 
 def test_an_added_axis_enters_the_name_the_identity_and_the_pack_rule():
     base = DistillConfig(ensemble_size=3)
     mixed = dataclasses.replace(base, loss="kd_nll", alpha=0.5)
-    assert mixed.run_name() == "student-cifar10-preresnet56-m3-t0-r0-T1-Lkd_nll-a0.5-s0"
+    assert mixed.run_name() == "student-cifar10-preresnet56-m3-t0-r0-T1-Lkd_nll-a0.5"
     assert mixed.fingerprint() != base.fingerprint() and mixed.run_dir() != base.run_dir()
     assert {"loss", "alpha", "temperature", "seed", "trial"}.isdisjoint(pack_keys(DistillConfig))
     assert {"synthetic_ratio", "batch_size", "arch", "lr", "cpu"} <= set(pack_keys(DistillConfig))
@@ -109,5 +110,5 @@ def test_a_student_with_the_new_loss_trains_under_its_own_name(teachers_dir, tmp
     env = {"KD_STORE": str(teachers_dir / "artifacts"), "WANDB_MODE": "disabled"}
     args = [*TINY, "--epochs=1", "--teachers=teacher-digits-preresnet8-s0", "--loss=kd_nll", "--alpha=0.5"]
     assert run_main("distill.py", *args, cwd=tmp_path, env=env) == 0
-    (run_dir,) = (tmp_path / "runs").glob("student-digits-preresnet8-n1-r0-T1-Lkd_nll-a0.5-s0-*")
+    (run_dir,) = (tmp_path / "runs").glob("student-digits-preresnet8-n1-t0-r0-T1-Lkd_nll-a0.5-*")
     assert (run_dir / "done.json").exists()

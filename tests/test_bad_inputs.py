@@ -55,7 +55,7 @@ import train  # noqa: E402
     (["--momentum=7"], "--momentum must be a finite number >= 0 and < 1"),
     (["--epochs=1000000000"], "--epochs must be >= 1 and <= 10000"),
     (["--arch=preresnet100001"], "invalid depth in 'preresnet100001'"),
-    (["--seed=10000000000000"], "--seed must be >= 0 and <= 4294967295"),
+    (["--seed=10000000000000"], "--seed must be >= 0 and <= 999999"),
     (["--weight_decay=5"], "--weight_decay must be a finite number >= 0 and < 1"),
     (["--batch_size=100000000"], "--batch_size must be >= 1 and <= 65536"),
     (["--dataset=imagenet"], "unknown dataset"),
@@ -160,7 +160,7 @@ def store(workdir):
     (["--ensemble_size=0"], "--ensemble_size must be >= 1"),
     (["--synthetic_ratio=-0.5"], "--synthetic_ratio must be"),
     (["--synthetic_ratio=lots"], "--synthetic_ratio expects a number"),
-    (["--synthetic_ratio=0.5"], "needs --synthetic_pool"),
+    (["--synthetic_ratio=0.5"], "needs one source of synthetic images, got neither"),
     (["--temperature=0"], "--temperature must be"),
     (["--teachers=teacher-digits-preresnet8-s9"], "no teacher 'teacher-digits-preresnet8-s9'"),
     (["--teachers=../../etc/passwd"], "invalid teacher name"),
@@ -174,7 +174,7 @@ def test_distill_refuses_a_pool_of_the_wrong_shape_or_too_small(store, workdir, 
     from kd.io import save_tensors, write_json
 
     for folder, images, needle in (("p16", torch.zeros(900, 3, 16, 16, dtype=torch.uint8), "needs uint8 (3, 8, 8)"),
-                                   ("p8", torch.zeros(10, 3, 8, 8, dtype=torch.uint8), "generate a larger pool")):
+                                   ("p8", torch.zeros(10, 3, 8, 8, dtype=torch.uint8), "a pool of 718 images or more")):
         pool = workdir / folder
         pool.mkdir()
         digest = save_tensors(pool / "pool.safetensors", {"images": images})

@@ -46,7 +46,7 @@ pytestmark = pytest.mark.chaos
 TRAIN = [*TINY, "--epochs=3", "--seed=3"]  # 1437 images / 128 = 12 steps an epoch, 36 in all
 TEACHER = "teacher-digits-preresnet8-s3"
 DISTILL = [*TINY, "--epochs=2", f"--teachers={TEACHER}", "--trial=0", "--temperature=2"]  # the teacher above
-STUDENT = "student-digits-preresnet8-n1-r0-T2-s0"
+STUDENT = "student-digits-preresnet8-n1-t0-r0-T2"
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # tiny models on a busy machine: far faster; the same in every process
 
 

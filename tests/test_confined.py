@@ -252,12 +252,12 @@ def test_names_with_control_characters_are_refused(flag, workdir, capsys):
 
 
 # ------------------------------------------------------------------------------------------------ one run, once
-def test_the_repositorys_figure_1_specs_pack_each_run_once():
+def test_the_repositorys_grid_specs_pack_each_run_once():
     from kd.sweep.pack import grid_configs, plan
     from kd.sweep.spec import load_spec
 
-    for spec, runs in (("sweeps/cifar10/self_distill.yaml", 27), ("sweeps/cifar10/ensemble_distill.yaml", 27),
-                       ("sweeps/demo-generators/self_distill.yaml", None)):
+    for spec, runs in (("sweeps/cifar10/generator_quality.yaml", 42), ("sweeps/cifar100/generator_quality.yaml", 42),
+                       ("sweeps/demo-generators/self_distill_sngan.yaml", 12)):
         configs = grid_configs(load_spec(str(ROOT / spec)))
         packed = [cfg.run_dir() for pack in plan(configs, 4) for cfg in pack]
         assert len(packed) == len(set(packed)) == len({cfg.run_dir() for cfg in configs}), spec

@@ -109,6 +109,12 @@ def test_distill_end_to_end_with_ensemble_and_synthetic_pool(tmp_path, teachers_
     assert "synthetic_fid" in stored and stored["teacher_versions"][0] == "teacher-digits-preresnet8-s0:v0"
     flags = create_sweep_command_args({"args": {k: {"value": v} for k, v in stored.items()}})["args"]
     assert parse_flags(DistillConfig, flags).run_name() == done["artifact"]
+    # the student started from weights of its own: its initial weights differ from each teacher's (as trained)
+    teacher_meta = [json.loads(next((teachers_dir / "artifacts" / n).glob("v*/meta.json")).read_text())["config"]
+                    for n in meta["teachers"]]
+    assert len(stored["init_sha256"]) == 64 and all(len(m["init_sha256"]) == 64 for m in teacher_meta)
+    assert stored["init_sha256"] not in {m["init_sha256"] for m in teacher_meta}
+    assert stored["seed_used"] == 1_000_000 and stored["seed_used"] not in {m["seed_used"] for m in teacher_meta}
 
 
 def test_trial_picks_contiguous_block_modulo_n():

@@ -48,8 +48,8 @@ def settings_classes() -> list:
 def known_flags() -> set[str]:
     known = {f.name for cls in settings_classes() for f in dataclasses.fields(cls)}
     known |= {s for cls in settings_classes() for f in dataclasses.fields(cls) for s in f.metadata.get("switches", ())}
-    bench = (ROOT / "kd" / "bench" / "cli.py").read_text()  # the benchmark's argparse options
-    known |= {m.replace("-", "_") for m in re.findall(r'add_argument\("--([a-z_-]+)"', bench)}
+    bench = "".join(p.read_text() for p in sorted((ROOT / "kd" / "bench").glob("*.py")))  # their argparse options
+    known |= {m.replace("-", "_") for m in re.findall(r'add_argument\("--([a-z][a-z0-9_-]*)"', bench)}
     return known | {"help"}
 
 

@@ -22,8 +22,9 @@ import torch.nn as nn
 
 from kd import synthetic as syn
 from kd.errors import KDError
-from kd.synthetic import gnosis, oil, sngan
-from kd.synthetic.sampling import image_generators, to_pixels
+from kd.generators import sngan
+from kd.generators.sampling import image_generators, to_pixels
+from kd.synthetic import gnosis, oil
 from tests.conftest import assert_close_as, no_inception_download, run_main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -33,7 +34,7 @@ NAME = "generator-cifar100-gnosis-e500"
 
 # ---------------------------------------------------------------- olive-oil-ml's Generator, as its code builds it
 # oil/architectures/img_gen/resnetgan.py at mfinzi/olive-oil-ml e5bd8f7 (nearest upsampling; from 1adceb8 on the
-# same modules with mode="bilinear"), written out here independently of kd.synthetic.sngan.
+# same modules with mode="bilinear"), written out here independently of kd.generators.sngan.
 
 
 class Expression(nn.Module):
@@ -412,7 +413,7 @@ def test_a_pool_of_the_imported_generator_feeds_distillation(authors, workdir, m
     assert run_main("train.py", *tiny, "--seed=0", cwd=workdir) == 0
     assert run_main("distill.py", *tiny, "--teachers=teacher-cifar100-preresnet8-s0", "--synthetic_ratio=0.25",
                     f"--synthetic_pool={pool}", cwd=workdir) == 0
-    (config,) = workdir.glob("runs/student-cifar100-preresnet8-n1-r0.25-*/config.json")
+    (config,) = workdir.glob("runs/student-cifar100-preresnet8-n1-t0-r0.25-*/config.json")
     config = json.loads(config.read_text())
     assert config["n_synthetic"] == 16 and config["synthetic_source"] == NAME
     assert config["synthetic_pool_sha256"] == hashlib.sha256(pool.read_bytes()).hexdigest()

@@ -63,7 +63,7 @@ def two_process_runs(tmp_path_factory):
 
 def test_two_process_teacher_and_student_finish_publish_once_and_log_once(two_process_runs):
     folder, teacher, student = two_process_runs
-    for out, name in ((teacher, "teacher-digits-preresnet8-s0"), (student, "student-digits-preresnet8-n1-r0-T1-s0")):
+    for out, name in ((teacher, "teacher-digits-preresnet8-s0"), (student, "student-digits-preresnet8-n1-t0-r0-T1")):
         assert sorted(p.name for p in (folder / "artifacts" / name).glob("v*")) == ["v0"], out.stdout[-1000:]
         assert out.stdout.count("W&B: offline") == 1  # only the main process speaks to W&B
     assert "teacher cache (built" in student.stdout  # built once, by the main process

@@ -5,7 +5,7 @@ they train, distil, generate and report like the built-in ones, and every rerun 
   loader a function of this file (:func:`kd.datasets.register_dataset`);
 * the generator family ``toy``: a "generator" that learns the mean training image and samples it with noise
   (:func:`kd.synthetic.families.register_family`: a preset, a :class:`~kd.synthetic.families.GeneratorJob`, a
-  :class:`~kd.synthetic.families.Sampler`, and how its export folder is recognised).
+  :class:`~kd.generators.Sampler` and how its export folder is recognised, :func:`kd.generators.register_sampler`).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import torch
 
 from kd import report
 from kd.datasets import DATASETS, DatasetSpec, register_dataset
+from kd.generators import SAMPLERS, SamplerKind
 from kd.io import OBJECT, read_json, save_tensors, sha256_file, write_json
 from kd.synthetic.families import FAMILIES, Family
 from kd.wandb_runs import inspect_summary, offline_folders
@@ -120,7 +121,7 @@ class ToySampler:
         return "the toy family's mean image with noise"
 
     def __call__(self, ids, seed: int) -> torch.Tensor:
-        from kd.synthetic.sampling import image_generators
+        from kd.generators.sampling import image_generators
 
         noise = torch.stack([torch.randn(3, 8, 8, generator=g) for g in image_generators(ids, seed)])
         return (self.mean + self.info["noise"] * noise).clamp(-1, 1)
@@ -137,9 +138,9 @@ def _toy_folder(path: Path) -> Path | None:
 def registered(monkeypatch):
     """Both registered for the test only (the registries are plain dicts)."""
     monkeypatch.setitem(DATASETS, STRIPES, DatasetSpec(STRIPES, 3, 8, 1, False, 96, 48, _stripes, family="digits"))
-    toy = Family("toy", "a test's stand-in", lambda: {"toy": ToyPreset()}, lambda dataset: "toy", ToyJob, ToySampler,
-                 detect=_toy_folder)
+    toy = Family("toy", "a test's stand-in", lambda: {"toy": ToyPreset()}, lambda dataset: "toy", ToyJob)
     monkeypatch.setitem(FAMILIES, "toy", toy)
+    monkeypatch.setitem(SAMPLERS, "toy", SamplerKind("toy", ToySampler, _toy_folder))
     yield
     assert register_dataset  # the public way to add one outside a test
 
@@ -174,7 +175,7 @@ def test_a_new_dataset_and_generator_family_go_through_the_whole_pipeline(regist
     assert [p.name for p in gen.parent.glob("v*")] == ["v0"]
 
     # the student's names, its pool's source and the report's groups and CSV
-    (student,) = (tmp_path / "runs").glob(f"student-{STRIPES}-preresnet8-m2-t0-r0.5-T1-s0-*")
+    (student,) = (tmp_path / "runs").glob(f"student-{STRIPES}-preresnet8-m2-t0-r0.5-T1-*")
     configs = [inspect_summary(f)["config"] for f in offline_folders(tmp_path)]
     synthetic = [c for c in configs if c.get("job") == "student" and c.get("synthetic_ratio") == 0.5]
     assert [c["synthetic_source"] for c in synthetic] == [f"generator-{STRIPES}-toy"]

@@ -641,3 +641,60 @@ def test_effect_figure_draws_intervals_against_fid_one_marker_per_family(tmp_pat
     assert len(ticks) == 4 and all("FID unknown" in t for t in ticks)
     assert ticks[0].startswith("generator-cifar10-sngan\nstep 10") and "final" in ticks[2]
     assert len(_drawn_points(fig.axes[0])) == len(rows)
+
+
+def test_effect_of_the_authors_epochs_is_one_family_on_their_fid_axis():
+    """The authors' imported snapshots (generator-X-gnosis-eN) are one family ordered by epoch; with no standard
+    FID known but the authors' own for every source, the x axis is the authors' measure and says so; the CSV
+    carries both FIDs."""
+    from kd.report.effect import family_of, figure_effect, snapshot_label, step_of
+
+    assert family_of("generator-cifar100-gnosis-e300") == "generator-cifar100-gnosis"
+    assert family_of("generator-cifar100-gnosis-e300-bilinear") == "generator-cifar100-gnosis-bilinear"
+    assert (step_of("generator-cifar100-gnosis-e300"), snapshot_label("generator-cifar100-gnosis-e300")) == (
+        300, "epoch 300")
+    assert (step_of("generator-cifar100-sngan"), snapshot_label("generator-cifar100-sngan")) == (None, "final")
+    authors = {100: 96.26, 300: 40.5, 500: 26.2}
+    runs = [_effect_run(f"b{t}", 1, 0.0, t, *BASE[t]) for t in BASE]
+    for epoch, fid in authors.items():
+        for t in BASE:
+            run = _effect_run(f"e{epoch}-{t}", 1, 1.0, t, BASE[t][0] - fid / 1000, BASE[t][1] + fid / 2000,
+                              f"generator-cifar10-gnosis-e{epoch}", None)
+            run.config["synthetic_fid_authors"] = fid
+            runs.append(run)
+    groups = report.group_students(runs, [])
+    rows = sorted(report.synthetic_effects(groups), key=lambda r: r["step"])
+    assert [(r["family"], r["step"], r["fid"], r["fid_authors"]) for r in rows] == [
+        ("generator-cifar10-gnosis", e, None, f) for e, f in authors.items()]
+    fig = figure_effect(groups, "s", "cifar10", "preresnet56")
+    ax = fig.axes[0]
+    assert "authors' own measure" in ax.get_xlabel() and "not comparable" in ax.get_xlabel()
+    points = _drawn_points(ax)
+    for r in rows:
+        assert any(abs(x - r["fid_authors"]) < 1.0 and y == pytest.approx(100 * r["d_acc"]) for x, y, _ in points)
+    assert len({m for _, _, m in points}) == 1  # one family, one marker
+    csv_text = report.results_csv(groups, "s", "cifar10", "preresnet56")
+    header, *lines = csv_text.splitlines()
+    col = header.split(",").index("synthetic_fid_authors")
+    assert sorted(float(v) for line in lines if (v := line.split(",")[col])) == sorted(authors.values())
+
+
+@pytest.mark.parametrize("band", ["std", "minmax"])
+def test_figure1_band_is_mean_plus_minus_std_or_the_range(band):
+    """The shading of Figure 1 is mean ± 1 std over trials (the paper's captions) by default, the trials' range
+    with --band=minmax; the legend says which."""
+    from kd.report.figures import BANDS, figure1
+
+    accs = {0.0: [0.70, 0.74, 0.80], 0.5: [0.60, 0.66, 0.65]}
+    runs = [_run(f"r{r}-{t}", 1, r, t, 1.0, a, source="gan" if r else None) for r, vals in accs.items()
+            for t, a in enumerate(vals)]
+    groups = report.group_students(runs, [])
+    fig = figure1(groups, STUDY, "cifar10", "preresnet56", source="gan", band=band)
+    right = [ax for ax in fig.axes if ax.get_ylabel() == "test accuracy (%)"][0]
+    ys = [y for c in right.collections for path in c.get_paths() for y in path.vertices[:, 1]]  # the bands
+    for vals in accs.values():
+        mean, sd = statistics.fmean(vals), statistics.stdev(vals)
+        lo, hi = (mean - sd, mean + sd) if band == "std" else (min(vals), max(vals))
+        assert any(y == pytest.approx(100 * lo) for y in ys) and any(y == pytest.approx(100 * hi) for y in ys)
+    assert BANDS[band] in fig.legends[0].get_title().get_text()
+    assert report.parse_args(["--study=s", f"--band={band}"]).band == band

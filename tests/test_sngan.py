@@ -1,4 +1,4 @@
-"""kd.synthetic.sngan (the paper's SN-GAN) and kd.synthetic.quality (FID through torchmetrics), on the CPU, offline,
+"""kd.generators.sngan (the paper's SN-GAN) and kd.synthetic.quality (FID through torchmetrics), on the CPU, offline,
 in seconds; then the SN-GAN through the commands: trained, killed and resumed bitwise, sampled into pools (sharded,
 resumable, bit-identical, FID recorded) that distill.py takes."""
 
@@ -21,10 +21,11 @@ from torch.nn.utils import parametrize
 
 from kd import synthetic as syn
 from kd.errors import KDError
+from kd.generators import sngan
+from kd.generators.sngan import GAN_PRESETS, build_gan, d_hinge_loss, g_hinge_loss, sample, to_uint8
 from kd.io import sha256_file
-from kd.synthetic import quality, sngan
+from kd.synthetic import quality
 from kd.synthetic.quality import QualityUnavailable, fid, inception_score
-from kd.synthetic.sngan import GAN_PRESETS, build_gan, d_hinge_loss, g_hinge_loss, sample, to_uint8
 from tests.conftest import TINY, assert_close_as, no_inception_download, run_main, run_script
 
 
@@ -142,7 +143,7 @@ def test_bad_sizes_are_refused():
 
 # The two reference architectures as their authors' code builds them, one entry per layer that has parameters:
 # ("linear", in, out, bias), ("conv", k, in, out) (always with a bias), ("bn", channels). Transcribed from the code
-# (module by module), not from kd.synthetic.sngan, so the counts below are an independent check.
+# (module by module), not from kd.generators.sngan, so the counts below are an independent check.
 
 
 def _gnosis_layers(z: int = 128, k_g: int = 256, k_d: int = 128, img: int = 3) -> tuple[list, list]:
@@ -792,7 +793,7 @@ def test_sngan_pool_feeds_distill(gan_store, teachers_dir):
                      "--synthetic_ratio=0.1", f"--synthetic_pool={pool}", cwd=gan_store,
                      env={"KD_STORE": str(teachers_dir / "artifacts")})
     assert "student test acc" in out.stdout
-    (config,) = gan_store.glob("runs/student-digits-preresnet8-n1-r0.1-*/config.json")
+    (config,) = gan_store.glob("runs/student-digits-preresnet8-n1-t0-r0.1-*/config.json")
     config = json.loads(config.read_text())
     assert config["n_synthetic"] == 144 and config["synthetic_pool_sha256"] == sha256_file(pool)
     assert config["synthetic_source"] == "generator-digits-sngan"

@@ -27,22 +27,25 @@ from kd.sweep import spec as sweep_spec
 REPO = Path(__file__).resolve().parents[1]
 SPECS = sorted((REPO / "sweeps").glob("*/*.yaml"))
 STUDY = {"cifar10": "cifar10-paper", "cifar100": "cifar100-paper", "demo": "demo", "demo-generators": "demo-generators"}
-POOL = {"cifar10": "synthetic-cifar10-ddpm-cifar10-32", "cifar100": "synthetic-cifar100-generator-cifar100",
-        "demo": "synthetic-digits-hard-generator-digits-hard", "demo-generators": "synthetic-digits-generator-digits"}
-# the generator axis: Figure 1 sweeps also take the SN-GAN's pool
-SNGAN_POOL = {"cifar10": "synthetic-cifar10-generator-cifar10-sngan",
-              "cifar100": "synthetic-cifar100-generator-cifar100-sngan"}
-# sample quality within one family: the generator comparisons take the SN-GAN at three steps or more (its
-# snapshots' pools, "-stepN") besides its final pool and the diffusion model's
-QUALITY_SPECS = {("cifar10", "generator_quality"), ("cifar100", "generator_quality"),
-                 ("demo-generators", "self_distill")}
-SNGAN_FAMILY = {**SNGAN_POOL, "demo-generators": "synthetic-digits-generator-digits-sngan"}
-RUNS = {("cifar10", "teachers"): 12, ("cifar10", "self_distill"): 30, ("cifar10", "ensemble_distill"): 30,
-        ("cifar10", "ensemble_size"): 54, ("cifar10", "generator_quality"): 60, ("demo", "teachers"): 4,
+# where the synthetic images come from: Figure 1 and the ensemble-size sweeps sample the authors' own SN-GAN
+# (epoch 500, imported) per run; the demos take their DDPM's pool
+GENERATOR = {"cifar10": "generator-cifar10-gnosis-e500", "cifar100": "generator-cifar100-gnosis-e500"}
+POOL = {"demo": "synthetic-digits-hard-generator-digits-hard", "demo-generators": "synthetic-digits-generator-digits"}
+# sample quality within one family: the authors' epochs 100..500 and an SN-GAN retrained here; the diffusion
+# family as a pool of its own spec (a block of it per trial)
+QUALITY = {"cifar10": [f"generator-cifar10-gnosis-e{e}" for e in (100, 200, 300, 400, 500)] + [
+               "generator-cifar10-sngan"],
+           "cifar100": [f"generator-cifar100-gnosis-e{e}" for e in (100, 200, 300, 400, 500)] + [
+               "generator-cifar100-sngan"],
+           "demo-generators": ["generator-digits-sngan@step100", "generator-digits-sngan@step200",
+                               "generator-digits-sngan"]}
+DDPM_POOL = {"cifar10": "synthetic-cifar10-ddpm-cifar10-32", "cifar100": "synthetic-cifar100-generator-cifar100"}
+RUNS = {("cifar10", "teachers"): 12, ("cifar10", "self_distill"): 15, ("cifar10", "ensemble_distill"): 15,
+        ("cifar10", "ensemble_size"): 54, ("cifar10", "generator_quality"): 72,
+        ("cifar10", "generator_quality_ddpm"): 12, ("demo", "teachers"): 4,
         ("demo", "self_distill"): 10, ("demo", "ensemble_distill"): 10, ("demo", "ensemble_size"): 8,
-        ("demo-generators", "teachers"): 1, ("demo-generators", "self_distill"): 24,
-        # CIFAR-100's Figure 1 uses the paper's generator only (the authors' SN-GAN): 5 amounts x 3 trials
-        ("cifar100", "self_distill"): 15, ("cifar100", "ensemble_distill"): 15}
+        ("demo-generators", "teachers"): 1, ("demo-generators", "self_distill"): 6,
+        ("demo-generators", "self_distill_sngan"): 18}
 LAUNCH = ["${env}", "${interpreter}", "-m", "kd.sweep.launch", "${program}", "${args}"]
 
 PROGRAM = r'''
@@ -128,8 +131,8 @@ def test_every_spec_is_there():
     assert {(p.parent.name, p.stem) for p in SPECS} == {
         (d, s) for d in STUDY if d != "demo-generators"
         for s in ("teachers", "self_distill", "ensemble_distill", "ensemble_size")} | {
-        ("demo-generators", "teachers"), ("demo-generators", "self_distill"),
-        ("cifar10", "generator_quality"), ("cifar100", "generator_quality")}
+        ("demo-generators", "teachers"), ("demo-generators", "self_distill"), ("demo-generators", "self_distill_sngan"),
+        *((d, s) for d in ("cifar10", "cifar100") for s in ("generator_quality", "generator_quality_ddpm"))}
 
 
 @pytest.mark.parametrize("path", SPECS, ids=lambda p: f"{p.parent.name}/{p.name}")
@@ -149,23 +152,37 @@ def test_spec_is_valid_for_wandb_and_the_program(path):
     assert config["metric"] == {"name": "test/acc" if teacher else "test/agreement", "goal": "maximize"}
     if folder not in ("demo", "demo-generators"):
         assert params["arch"] == {"value": "preresnet56"} and params["dataset"] == {"value": folder}
-        assert len(spec.grid) == RUNS.get((folder, kind), RUNS[("cifar10", kind)])
+    assert len(spec.grid) == RUNS.get((folder, kind), RUNS.get(("cifar10", kind)))
+    source = {k: params[k] for k in ("synthetic_pool", "synthetic_generator") if k in params}
+    if teacher:
+        assert not source
+    elif kind == "generator_quality" or kind == "self_distill_sngan":
+        assert source == {"synthetic_generator": {"values": QUALITY[folder]}}  # one family, 3+ qualities
+    elif kind == "generator_quality_ddpm":
+        assert source == {"synthetic_pool": {"value": DDPM_POOL[folder]}}
+    elif folder in GENERATOR:
+        assert source == {"synthetic_generator": {"value": GENERATOR[folder]}}  # the paper's generator
     else:
-        assert len(spec.grid) == RUNS[(folder, kind)]
-    if (folder, kind) in QUALITY_SPECS:
-        pools = params["synthetic_pool"]["values"]
-        steps = [p for p in pools if p.startswith(SNGAN_FAMILY[folder] + "-step")]
-        assert len(steps) >= 2 and SNGAN_FAMILY[folder] in pools and POOL[folder] in pools  # 3+ qualities + DDPM
+        assert source == {"synthetic_pool": {"value": POOL[folder]}}
+    if kind.startswith(("generator_quality", "self_distill_sngan")) or folder == "demo-generators" and not teacher:
         assert params["synthetic_ratio"] == {"values": [0.0, 1.0]} and len(params["trial"]["values"]) >= 3
-    elif not teacher and folder == "cifar100" and kind != "ensemble_size":
-        assert params["synthetic_pool"] == {"value": SNGAN_POOL[folder]}  # the paper's generator
-    elif not teacher and folder in SNGAN_POOL and kind != "ensemble_size":
-        assert params["synthetic_pool"] == {"values": [POOL[folder], SNGAN_POOL[folder]]}
-    elif not teacher:
-        assert params["synthetic_pool"] == {"value": POOL[folder]}
-    if kind in ("self_distill", "ensemble_distill") and folder != "demo-generators":
+    elif kind in ("self_distill", "ensemble_distill"):
         assert params["synthetic_ratio"] == {"values": [0.0, 0.25, 0.5, 0.75, 1.0]}
         assert params["ensemble_size"] == {"value": 1 if kind == "self_distill" else 3}
+
+
+@pytest.mark.parametrize("folder", sorted({p.parent.name for p in SPECS}))
+def test_no_student_of_a_study_shares_a_seed_with_a_teacher(folder):
+    """The seed rule over every spec: students' seeds (weights and data order) lie outside every teacher's."""
+    from kd.sweep.plan import runs_of
+
+    specs = [sweep_spec.load_spec(p) for p in SPECS if p.parent.name == folder]
+    runs = [(s.program, cfg) for s in specs for cfg in runs_of(s).values()]
+    teacher_seeds = {cfg.run_seed for program, cfg in runs if program == "train.py"}
+    student_seeds = {cfg.run_seed for program, cfg in runs if program == "distill.py"}
+    assert teacher_seeds and student_seeds and teacher_seeds.isdisjoint(student_seeds)
+    trials = {cfg.trial for program, cfg in runs if program == "distill.py"}
+    assert len(student_seeds) == len(trials)  # one seed per trial: a grid point's trials differ, its axes do not
 
 
 def test_demo_fits_in_minutes():

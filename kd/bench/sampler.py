@@ -16,8 +16,8 @@ from kd.bench.table import note
 
 def synthetic_api():
     """(denoise, scheduler_class, PRESETS) of kd.synthetic, imported only when this section runs."""
+    from kd.generators.presets import PRESETS
     from kd.synthetic import denoise, scheduler_class
-    from kd.synthetic.presets import PRESETS
 
     return denoise, scheduler_class, PRESETS
 
@@ -52,6 +52,6 @@ def bench_synthetic(b: Bench) -> dict:
         sched, steps, batch = name.split("-")
         b.add(note(f"synthetic {sched}, {steps} steps", f"{statistics.median(v):.1f} img/s",
                    f"{side} px, batch {batch}"))
-    return {"samples_img_s": s, "unet": f"kd.synthetic.presets.PRESETS[{sizes.unet!r}]",
+    return {"samples_img_s": s, "unet": f"kd.generators.presets.PRESETS[{sizes.unet!r}]",
             "params": sum(p.numel() for p in unet.parameters()), "batch": sizes.gen_batch,
             "big_batch": sizes.gen_big_batch, "dtype": str(dtype), "timed": "kd.synthetic.denoise"}

@@ -111,7 +111,8 @@ class Group:
     n_real: int | None
     n_synthetic: int | None
     synthetic_source: str | None = None  # None: real data only (ratio 0), in every generator's panel
-    synthetic_fid: float | None = None
+    synthetic_fid: float | None = None  # the standard FID of the source, where the runs recorded one
+    synthetic_fid_authors: float | None = None  # an imported generator's FID by its authors' own measure
 
     def get(self, key: str):
         return self.values.get(key, DEFAULTS[key])
@@ -149,12 +150,13 @@ def _count(runs: list[Run], key: str, what: str, warnings: list[str]) -> int | N
     return vals[len(vals) // 2] if vals else None
 
 
-def fid_of(runs: list[Run], what: str, warnings: list[str]) -> float | None:
-    """The pool's FID the runs recorded (config ``synthetic_fid``); None when none did."""
-    vals = sorted({float(v) for r in runs if isinstance(v := r.config.get(names.SYNTHETIC_FID), (int, float))
+def fid_of(runs: list[Run], what: str, warnings: list[str], key: str = names.SYNTHETIC_FID) -> float | None:
+    """The source's FID the runs recorded (config ``key``: ``synthetic_fid``, or ``synthetic_fid_authors``); None
+    when none did."""
+    vals = sorted({float(v) for r in runs if isinstance(v := r.config.get(key), (int, float))
                    and not isinstance(v, bool) and math.isfinite(v)})
     if len(vals) > 1:
-        warn(warnings, f"{what}: runs disagree on {names.SYNTHETIC_FID} ({', '.join(f'{v:g}' for v in vals)}); "
+        warn(warnings, f"{what}: runs disagree on {key} ({', '.join(f'{v:g}' for v in vals)}); "
              "showing the median")
     return vals[len(vals) // 2] if vals else None
 
@@ -185,7 +187,8 @@ def group_students(students: list[Run], warnings: list[str]) -> list[Group]:
         groups.append(Group(values, runs=runs, stats=_stats_of(runs, what, warnings),
                             n_real=_count(runs, names.N_REAL, what, warnings),
                             n_synthetic=_count(runs, names.N_SYNTHETIC, what, warnings),
-                            synthetic_source=key[-1], synthetic_fid=fid_of(runs, what, warnings)))
+                            synthetic_source=key[-1], synthetic_fid=fid_of(runs, what, warnings),
+                            synthetic_fid_authors=fid_of(runs, what, warnings, names.SYNTHETIC_FID_AUTHORS)))
     return groups
 
 
@@ -215,8 +218,10 @@ def for_source(groups: list[Group], source: str | None) -> list[Group]:
     return [g for g in groups if g.synthetic_source is None or source is None or g.synthetic_source == source]
 
 
-def source_fid(groups: list[Group], source: str) -> float | None:
-    fids = sorted({g.synthetic_fid for g in groups if g.synthetic_source == source and g.synthetic_fid is not None})
+def source_fid(groups: list[Group], source: str, authors: bool = False) -> float | None:
+    """The source's standard FID (``authors``: its authors' own measure), None when unknown."""
+    field = "synthetic_fid_authors" if authors else "synthetic_fid"
+    fids = sorted({v for g in groups if g.synthetic_source == source and (v := getattr(g, field)) is not None})
     return fids[len(fids) // 2] if fids else None
 
 

@@ -28,7 +28,7 @@ from kd.report.aggregate import (
     sources,
 )
 from kd.report.effect import figure_effect
-from kd.report.figures import fig1_names, figure1, figure2, save_figure, slug
+from kd.report.figures import BANDS, DEFAULT_BAND, fig1_names, figure1, figure2, save_figure, slug
 from kd.report.grid import check_grid, spec_files, split_by_grid
 from kd.report.online import OnlineCache, api_errors, default_entity, read_online
 from kd.report.runs import InspectCache, Run, read_offline, unreadable_note, warn
@@ -84,6 +84,8 @@ class ReportSettings:
     expect_paper_grid: bool = setting(False, "also expect the paper's synthetic ratios 0, 0.25, 0.5, 0.75, 1.0 in "
                                              "Figure 1", choices=(True, False))
     cache_dir: str = setting(".cache/report", "folder of the report's caches")
+    band: str = setting(DEFAULT_BAND, "the shading around each mean line: std (mean ± 1 std over trials, as the "
+                                      "paper's captions) | minmax (the trials' range)", choices=tuple(BANDS))
 
     def validate(self) -> None:
         check_fields(self)
@@ -134,7 +136,8 @@ def _no_runs(args, study: str, got: Loaded, teachers: list[Run]) -> KDError:
     return KDError(f"{head}: run the sweeps first, see README{unreadable_note(got.unreadable)}")
 
 
-def write_outputs(groups: list[Group], study: str, dataset: str, arch: str, out: Path) -> dict[str, Path]:
+def write_outputs(groups: list[Group], study: str, dataset: str, arch: str, out: Path,
+                  band: str = DEFAULT_BAND) -> dict[str, Path]:
     """Per facet (:func:`kd.report.aggregate.facets`: one for a study whose runs agree in every axis beyond the
     figures' own; the first without a suffix, the others ``-{facet}``): Figure 1 per synthetic source, Figure 2,
     synthetic_effect.png (two sources or more); then the CSV of every group."""
@@ -144,9 +147,9 @@ def write_outputs(groups: list[Group], study: str, dataset: str, arch: str, out:
         suffix = f"-{slug(label or 'default')}" if i else ""
         for source, stem in fig1_names(mine).items():
             paths[stem + suffix] = out / f"{stem}{suffix}.png"
-            save_figure(figure1(mine, study, dataset, arch, source, label), paths[stem + suffix])
+            save_figure(figure1(mine, study, dataset, arch, source, label, band), paths[stem + suffix])
         paths["fig2" + suffix] = out / f"fig2{suffix}.png"
-        save_figure(figure2(mine, study, dataset, arch, label), paths["fig2" + suffix])
+        save_figure(figure2(mine, study, dataset, arch, label, band), paths["fig2" + suffix])
         if len(sources(mine)) > 1:
             paths["synthetic_effect" + suffix] = out / f"synthetic_effect{suffix}.png"
             save_figure(figure_effect(mine, study, dataset, arch), paths["synthetic_effect" + suffix])
@@ -205,7 +208,7 @@ def run_report(args: ReportSettings) -> Result:
     groups = group_students(students, warnings)
     missing = check_grid(students, groups, args, warnings)
     text = table(groups, teachers)
-    paths = write_outputs(groups, study, dataset, arch, Path(args.out))
+    paths = write_outputs(groups, study, dataset, arch, Path(args.out), args.band)
     for cache in got.caches:
         cache.save()
     print(f"study {study} ({dataset}, {arch}): {len(students)} student runs, {len(teachers)} teacher runs "

@@ -16,6 +16,7 @@ the figure says so: the effect is still shown, only not against sample quality.
 from __future__ import annotations
 
 import math
+import re
 import statistics
 
 from kd import names
@@ -23,21 +24,42 @@ from kd.report.aggregate import FIG1_SIZES, Group, fig1_temperature, source_fid,
 
 DELTAS = {"d_acc": names.TEST_ACC, "d_agreement": names.TEST_AGREEMENT}
 WHAT = {"d_acc": "student test accuracy", "d_agreement": "test agreement"}
-STEP_MARK = "@step"  # kd.synthetic.config.STEP_MARK: how a pool of a snapshot names its model
+STEP_MARK = names.STEP_MARK
 FAMILY_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 LEVEL = 0.95
 
 
-def family_of(source: str) -> str:
-    """The generator family of a source: ``generator-cifar100-sngan@step10000`` -> ``generator-cifar100-sngan``."""
+def _snapshot(source: str) -> tuple[str, str, int] | None:
+    """(family, unit, position) of a snapshot source: ``generator-cifar100-sngan@step10000`` is step 10000 of
+    ``generator-cifar100-sngan``; the authors' imported ``generator-cifar100-gnosis-e300`` is epoch 300 of
+    ``generator-cifar100-gnosis`` (``-bilinear`` stays in the family's name); None for any other source."""
     base, mark, step = source.rpartition(STEP_MARK)
-    return base if mark and step.isdigit() else source
+    if mark and step.isdigit():
+        return base, "step", int(step)
+    match = re.fullmatch(r"(.*-gnosis)-e(\d+)(-bilinear)?", source)
+    if match:
+        return match[1] + (match[3] or ""), "epoch", int(match[2])
+    return None
+
+
+def family_of(source: str) -> str:
+    """The generator family of a source: ``generator-cifar100-sngan@step10000`` -> ``generator-cifar100-sngan``,
+    ``generator-cifar100-gnosis-e300`` -> ``generator-cifar100-gnosis``."""
+    snap = _snapshot(source)
+    return source if snap is None else snap[0]
 
 
 def step_of(source: str) -> int | None:
-    """The G step of a snapshot source, None for a final (or any other) generator."""
-    _, mark, step = source.rpartition(STEP_MARK)
-    return int(step) if mark and step.isdigit() else None
+    """The position of a snapshot source in its training (G step, or the authors' epoch), None for a final (or
+    any other) generator."""
+    snap = _snapshot(source)
+    return None if snap is None else snap[2]
+
+
+def snapshot_label(source: str) -> str:
+    """``step 10000``, ``epoch 300``, or ``final``."""
+    snap = _snapshot(source)
+    return "final" if snap is None else f"{snap[1]} {snap[2]}"
 
 
 def t_interval(values: list[float], level: float = LEVEL) -> tuple[float | None, float | None, float | None]:
@@ -82,6 +104,7 @@ def synthetic_effects(groups: list[Group]) -> list[dict]:
                 continue
             for top in sorted(own, key=lambda g: g.synthetic_ratio):
                 row = {"source": src, "family": family_of(src), "step": step_of(src), "fid": source_fid(groups, src),
+                       "fid_authors": source_fid(groups, src, authors=True),
                        "ensemble_size": m, "ratio": top.synthetic_ratio, "n_synthetic": top.n_synthetic}
                 for key, metric in DELTAS.items():
                     changes = paired_changes(base[0], top, metric)
@@ -103,11 +126,10 @@ def _amount(row: dict) -> str:
     return f"ratio {row['ratio']:g}" + (f" (+{n:,} images)" if n else "")
 
 
-def _tick(src: str, fid: float | None, several: bool) -> str:
-    """A category's label: the family, the G step where the family has several sources, the FID."""
-    step = step_of(src)
-    at = ("final" if step is None else f"step {step}") if several else ""
-    return "\n".join(filter(None, (family_of(src), at, "FID unknown" if fid is None else f"FID {fid:.1f}")))
+def _tick(src: str, fid: str, several: bool) -> str:
+    """A category's label: the family, the snapshot where the family has several sources, the FIDs known."""
+    at = snapshot_label(src) if several else ""
+    return "\n".join(filter(None, (family_of(src), at, fid or "FID unknown")))
 
 
 def _panel(ax, rows: list[dict], key: str, x_of, dodge: float, families: list[str], ratios: list[float],
@@ -132,10 +154,31 @@ def _panel(ax, rows: list[dict], key: str, x_of, dodge: float, families: list[st
                 err = None if lo is None or hi is None else [[y - 100 * lo], [100 * hi - y]]
                 ax.errorbar([x], [y], yerr=err, color=color, marker=marker, markersize=8, capsize=3, linestyle="")
                 if label_steps and len(pts) > 1 and i == len(ratios) - 1:
-                    ax.annotate("final" if r["step"] is None else f"{r['step']}", (x, y), xytext=(6, 6),
+                    ax.annotate(snapshot_label(r["source"]), (x, y), xytext=(6, 6),
                                 textcoords="offset points", fontsize=7, color="0.3")
     ax.axhline(0.0, color="0.5", linewidth=1)
     ax.grid(True, alpha=0.3)
+
+
+FID_AXES = {"standard": "generator FID (standard Inception, against the training images; lower: closer to the "
+                        "real images)",
+            "authors": "generator FID by the authors' own measure (5k samples, torchvision Inception; lower: closer "
+                       "to the real images; not comparable to the standard FID)"}
+
+
+def _fid_axis(srcs: list[str], fids: dict, authors: dict) -> str | None:
+    """Which FID the x axis shows: the standard one when every source has it, else the authors' own measure when
+    every source has that (the authors' imported snapshots), else None (categories)."""
+    if srcs and all(fids[s] is not None for s in srcs):
+        return "standard"
+    if srcs and all(authors[s] is not None for s in srcs):
+        return "authors"
+    return None
+
+
+def _fids_text(fid: float | None, authors: float | None) -> str:
+    parts = ([] if fid is None else [f"FID {fid:.1f}"]) + ([] if authors is None else [f"authors' FID {authors:.1f}"])
+    return "\n".join(parts)
 
 
 def figure_effect(groups: list[Group], study: str, dataset: str, arch: str):
@@ -151,15 +194,19 @@ def figure_effect(groups: list[Group], study: str, dataset: str, arch: str):
     cmap = colormaps["viridis"]
     colors = [cmap(0.1 + 0.75 * i / max(1, len(ratios) - 1)) for i in range(len(ratios))]
     fids = {s: source_fid(groups, s) for s in srcs}
-    on_fid = bool(srcs) and all(v is not None for v in fids.values())
+    authors = {s: source_fid(groups, s, authors=True) for s in srcs}
+    axis = _fid_axis(srcs, fids, authors)
+    on_fid = axis is not None
+    fid_key = "fid_authors" if axis == "authors" else "fid"
+    chosen = authors if axis == "authors" else fids
     position = {s: i for i, s in enumerate(srcs)}
 
     def x_of(r: dict):
-        return r["fid"] if on_fid else position[r["source"]]
+        return r[fid_key] if on_fid else position[r["source"]]
 
     if on_fid:
-        span = max(fids.values()) - min(fids.values())
-        dodge = 0.012 * (span or max(1.0, abs(max(fids.values()))))
+        span = max(chosen.values()) - min(chosen.values())
+        dodge = 0.012 * (span or max(1.0, abs(max(chosen.values()))))
     else:
         dodge = 0.6 / max(2, len(ratios))
 
@@ -172,10 +219,11 @@ def figure_effect(groups: list[Group], study: str, dataset: str, arch: str):
             ax.set_ylabel(f"change in {WHAT[key]}\n(percentage points)")
             ax.set_title(f"{WHAT[key]}, {m} teacher{'s' * (m > 1)}: synthetic minus real only", fontsize=11)
             if on_fid:
-                ax.set_xlabel("generator FID (lower: closer to the real images)")
+                ax.set_xlabel(FID_AXES[axis])
             else:
                 size = {f: sum(family_of(s) == f for s in srcs) for f in families}
-                ax.set_xticks(range(len(srcs)), [_tick(s, fids[s], size[family_of(s)] > 1) for s in srcs], fontsize=7)
+                ax.set_xticks(range(len(srcs)), [_tick(s, _fids_text(fids[s], authors[s]), size[family_of(s)] > 1)
+                                               for s in srcs], fontsize=7)
                 ax.set_xlim(-0.6, len(srcs) - 0.4)
     handles = [Line2D([], [], color="0.3", marker=FAMILY_MARKERS[i % len(FAMILY_MARKERS)], linestyle="",
                       markersize=8, label=f) for i, f in enumerate(families)]
@@ -185,11 +233,13 @@ def figure_effect(groups: list[Group], study: str, dataset: str, arch: str):
     axes[0][1].legend(handles=handles, loc="best", fontsize=8)
     fig.suptitle("Effect of the synthetic data against the generator's sample quality", fontsize=13)
     trials = sorted({r[f"{k}_n"] for r in rows for k in DELTAS})
-    unknown = [s for s in srcs if fids[s] is None]
+    unknown = [s for s in srcs if fids[s] is None and authors[s] is None]
     tau = fig1_temperature(groups)
-    which = "every source" if len(unknown) == len(srcs) else ", ".join(unknown)
-    note = (f" · FID unknown for {which}: sources in categories, not on an FID axis" if unknown else
-            " · labels: the G step of a snapshot")
+    if on_fid:
+        note = f" · x: {FID_AXES[axis]} · labels: the snapshot of a training"
+    else:
+        which = "every source" if len(unknown) == len(srcs) else ", ".join(unknown) or "some sources"
+        note = f" · no one FID known for {which}: sources in categories, not on an FID axis"
     fig.text(0.5, -0.01, f"study {study} · dataset {dataset} · student {arch} · τ = "
              f"{'-' if tau is None else f'{tau:g}'} · per trial: synthetic minus real only of the same trial; "
              f"mean and 95% t-interval over n = {'/'.join(map(str, trials)) or '0'} paired trials{note}",

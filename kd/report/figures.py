@@ -21,14 +21,17 @@ from kd import names
 from kd.io import temp_beside
 from kd.report.aggregate import FIG1_SIZES, Group, fig1_temperature, for_source, source_fid, sources, stats, trial_of
 
-BAND = "min–max over trials"
+# What the shading around a mean line is (python -m kd.report --band=...): the paper's captions give mean ± one
+# standard deviation over trials; the range of the trials is the other choice.
+BANDS = {"std": "mean ± 1 std over trials", "minmax": "min–max over trials"}
+DEFAULT_BAND = "std"
 
 
-def _lines_note(groups) -> str:
+def _lines_note(groups, band: str = DEFAULT_BAND) -> str:
     """What the lines and the shading are, as drawn: a band only where a point has two trials or more."""
     ns = [len(g.runs) for g in groups if g is not None and g.runs]
     if ns and max(ns) > 1:
-        return f"lines: mean over trials; shaded: {BAND}"
+        return f"lines: mean over trials; shaded: {BANDS[band]}"
     return "one trial per point: lines join single runs (no band)"
 ACC, AGREEMENT, TEACHER_ACC = names.TEST_ACC, names.TEST_AGREEMENT, names.TEACHER_ACC
 
@@ -63,11 +66,21 @@ def _pct(v):
     return math.nan if v is None else 100 * v
 
 
-def _band(ax, x, groups: list[Group | None], metric: str, color, **kw):
-    """Mean line with a min–max band over trials; a None group (no runs) is skipped (labelled elsewhere)."""
+def _limits(s: dict, band: str) -> tuple[float, float]:
+    """The band's (low, high) of one point's statistics: mean ∓ std, or min and max (NaN for one trial)."""
+    if band == "minmax":
+        return _pct(s["min"]), _pct(s["max"])
+    if s["std"] is None or s["mean"] is None:
+        return math.nan, math.nan
+    return _pct(s["mean"] - s["std"]), _pct(s["mean"] + s["std"])
+
+
+def _band(ax, x, groups: list[Group | None], metric: str, color, band: str = DEFAULT_BAND, **kw):
+    """Mean line with a band over trials (:data:`BANDS`); a None group (no runs) is skipped (labelled elsewhere)."""
     pts = [(xi, g.stats[metric]) for xi, g in zip(x, groups) if g is not None and g.stats[metric]["n"]]
     x = [xi for xi, _ in pts]
-    mean, lo, hi = ([_pct(s[k]) for _, s in pts] for k in ("mean", "min", "max"))
+    mean = [_pct(s["mean"]) for _, s in pts]
+    lo, hi = ([lim[i] for lim in (_limits(s, band) for _, s in pts)] for i in (0, 1))
     marker = kw.pop("marker", "o")
     if len(pts) == 1 and not marker:  # a lone point of a marker-less line: a short horizontal dash
         marker, kw["markersize"] = "_", 28
@@ -92,13 +105,13 @@ def _trials(groups: list[Group]) -> str:
     return "-" if not ns else str(ns[0]) if len(ns) == 1 else f"{ns[0]}–{ns[-1]}"
 
 
-def _fig1_panel(ax, gs: list[Group | None], ratios: list[float], labels: dict) -> None:
+def _fig1_panel(ax, gs: list[Group | None], ratios: list[float], labels: dict, band: str) -> None:
     """One panel of Figure 1: agreement (left axis), student and teacher accuracy (right axis)."""
     x = list(range(len(ratios)))
     right = ax.twinx()
-    _band(ax, x, gs, AGREEMENT, "tab:blue")
-    _band(right, x, gs, ACC, "tab:orange")
-    _band(right, x, gs, TEACHER_ACC, "0.25", linestyle="--", marker="")
+    _band(ax, x, gs, AGREEMENT, "tab:blue", band)
+    _band(right, x, gs, ACC, "tab:orange", band)
+    _band(right, x, gs, TEACHER_ACC, "0.25", band, linestyle="--", marker="")
     for xi, g in zip(x, gs):
         if g is None:
             ax.text(xi, 0.03, "no runs", transform=ax.get_xaxis_transform(), ha="center", fontsize=8.5,
@@ -127,9 +140,10 @@ def _fig1_legend(fig, note: str) -> None:
                title=note + " · both axes on one scale", title_fontsize=9, frameon=False)
 
 
-def figure1(groups: list[Group], study: str, dataset: str, arch: str, source: str | None = None, facet: str = ""):
+def figure1(groups: list[Group], study: str, dataset: str, arch: str, source: str | None = None, facet: str = "",
+            band: str = DEFAULT_BAND):
     """Figure 1 for one synthetic source (None: every group; a study without synthetic data); ``facet`` names what
-    else its runs share where the study varies more (e.g. ``loss kd_nll``)."""
+    else its runs share where the study varies more (e.g. ``loss kd_nll``); ``band``: :data:`BANDS`."""
     from matplotlib.figure import Figure
 
     groups = for_source(groups, source)
@@ -149,11 +163,11 @@ def figure1(groups: list[Group], study: str, dataset: str, arch: str, source: st
         if not by_ratio:
             _empty(ax, f"no finished student runs with ensemble_size={m}" + (f", τ={tau:g}" if tau else ""))
             continue
-        _fig1_panel(ax, [by_ratio.get(r) for r in ratios], ratios, labels)  # None: a gap in the lines
+        _fig1_panel(ax, [by_ratio.get(r) for r in ratios], ratios, labels, band)  # None: a gap in the lines
         drawn = True
     fig.suptitle("Fidelity vs generalization as synthetic data is added to distillation", fontsize=13, y=0.99)
     if drawn:
-        _fig1_legend(fig, _lines_note(at_tau))
+        _fig1_legend(fig, _lines_note(at_tau, band))
     tau_txt = "-" if tau is None else f"{tau:g}"
     fig.text(0.5, 0.01, f"study {study} · dataset {dataset} · student {arch} · temperature τ = {tau_txt} · "
              + (f"{facet} · " if facet else "")
@@ -162,26 +176,26 @@ def figure1(groups: list[Group], study: str, dataset: str, arch: str, source: st
     return fig
 
 
-def _fig2_lines(ax_acc, ax_agr, at0: list[Group]) -> None:
+def _fig2_lines(ax_acc, ax_agr, at0: list[Group], band: str) -> None:
     colors = ["tab:orange", "tab:green", "tab:purple", "tab:red", "tab:brown"]
     teacher = _teacher_groups(at0)
-    _band(ax_acc, [g.ensemble_size for g in teacher], teacher, TEACHER_ACC, "0.25", linestyle="--",
+    _band(ax_acc, [g.ensemble_size for g in teacher], teacher, TEACHER_ACC, "0.25", band, linestyle="--",
           marker="s", label="teacher (ensemble) accuracy")
     for i, t in enumerate(sorted({g.temperature for g in at0})):
         gs = sorted((g for g in at0 if g.temperature == t), key=lambda g: g.ensemble_size)
         c = colors[i % len(colors)]
         xs = [g.ensemble_size for g in gs]
-        _band(ax_acc, xs, gs, ACC, c, label=f"student, τ = {t:g}")
-        _band(ax_agr, xs, gs, AGREEMENT, c, label=f"τ = {t:g}")
+        _band(ax_acc, xs, gs, ACC, c, band, label=f"student, τ = {t:g}")
+        _band(ax_agr, xs, gs, AGREEMENT, c, band, label=f"τ = {t:g}")
     for ax, ylabel in ((ax_acc, "test accuracy (%)"), (ax_agr, "test agreement with teacher (%)")):
         ax.set_xticks(sorted({g.ensemble_size for g in at0}))
         ax.set_xlabel("teacher ensemble size m (number of teachers)")
         ax.set_ylabel(ylabel)
         ax.grid(True, alpha=0.3)
-        ax.legend(loc="best", fontsize=9, title=_lines_note(at0), title_fontsize=8.5)
+        ax.legend(loc="best", fontsize=9, title=_lines_note(at0, band), title_fontsize=8.5)
 
 
-def figure2(groups: list[Group], study: str, dataset: str, arch: str, facet: str = ""):
+def figure2(groups: list[Group], study: str, dataset: str, arch: str, facet: str = "", band: str = DEFAULT_BAND):
     from matplotlib.figure import Figure
 
     at0 = [g for g in groups if g.synthetic_ratio == 0.0]
@@ -193,7 +207,7 @@ def figure2(groups: list[Group], study: str, dataset: str, arch: str, facet: str
         for ax in (ax_acc, ax_agr):
             _empty(ax, "no finished student runs with synthetic_ratio=0")
     else:
-        _fig2_lines(ax_acc, ax_agr, at0)
+        _fig2_lines(ax_acc, ax_agr, at0, band)
     fig.suptitle("Does a bigger teacher ensemble give a better or a more faithful student?", fontsize=13)
     fig.text(0.5, -0.02, f"study {study} · dataset {dataset} · student {arch} · real data only "
              f"(synthetic_ratio 0) · {f'{facet} · ' if facet else ''}trials per point: {_trials(at0)} · one line per "

@@ -57,8 +57,8 @@ def table(groups: list[Group], teachers: list[Run]) -> str:
 
 
 def results_csv(groups: list[Group], study: str, dataset: str, arch: str) -> str:
-    cols = ["study", "dataset", "arch", *(a.key for a in GROUP_AXES), "synthetic_source", "synthetic_fid", "n_runs",
-            "n_real", "n_synthetic"]
+    cols = ["study", "dataset", "arch", *(a.key for a in GROUP_AXES), "synthetic_source", "synthetic_fid",
+            "synthetic_fid_authors", "n_runs", "n_real", "n_synthetic"]
     for k in METRICS:
         cols += [f"{k.replace('/', '_')}_{s}" for s in STATS]
     cols.append("run_ids")
@@ -67,7 +67,7 @@ def results_csv(groups: list[Group], study: str, dataset: str, arch: str) -> str
     w.writerow(cols)
     for g in groups:
         row = [study, dataset, arch, *(g.get(a.key) for a in GROUP_AXES), g.synthetic_source, g.synthetic_fid,
-               len(g.runs), g.n_real, g.n_synthetic]
+               g.synthetic_fid_authors, len(g.runs), g.n_real, g.n_synthetic]
         for k in METRICS:
             row += [g.stats[k][s] for s in STATS]
         row.append(" ".join(r.id for r in g.runs))

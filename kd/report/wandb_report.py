@@ -21,7 +21,7 @@ from pathlib import Path
 from kd import names
 from kd.config import GROUP_AXES
 from kd.report.aggregate import ENSEMBLE_SIZE, Group
-from kd.report.figures import BAND
+from kd.report.figures import BANDS, DEFAULT_BAND
 
 FIGURES = ("fig1", "fig2")
 
@@ -113,7 +113,8 @@ def build_report(target: Target, content: Content, figures_run_id: str | None = 
         f"({dataset}, student {arch}): {n_students} finished student runs (one per grid point) in "
         f"{len(groups)} groups, {n_teachers} teacher runs. **Agreement** is the share of test images where "
         f"student and teacher predict the same class (fidelity); **accuracy** is generalization. Figures show "
-        f"the mean over trials with a {BAND} band. Made with `python -m kd.report --study={study} --publish`."
+        f"the mean over trials, shaded: {BANDS[DEFAULT_BAND]}. Made with `python -m kd.report --study={study} "
+        "--publish`."
     )
     if moved := regrouped(groups):
         intro += (f" The live panels group {len(moved)} run(s) by their config's ensemble_size, not by the "

@@ -116,6 +116,7 @@ def needs(rows: list[SpecRuns]) -> dict:
 
     from kd.data import Data, num_views
     from kd.datasets import dataset_spec
+    from kd.draws import pool_images_needed
     from kd.session import kept_bytes
     from kd.teacher_cache import cache_bytes
 
@@ -127,10 +128,11 @@ def needs(rows: list[SpecRuns]) -> dict:
     teachers = [c for r in rows if r.program == "train.py" for c in r.cfgs]
     students = [c for r in rows if r.program == "distill.py" for c in r.cfgs]
     image = 3 * spec.image_size * spec.image_size
-    pools = {(c.synthetic_pool, round(c.synthetic_ratio * spec.n_train)) for c in students if c.synthetic_ratio}
-    pool_images = {}
-    for name, n in pools:
-        pool_images[name] = max(pool_images.get(name, 0), n)
+    pool_images: dict[str, int] = {}  # each trial draws its own block of a pool (kd.draws)
+    for c in students:
+        if c.synthetic_ratio and c.synthetic_pool:
+            need = pool_images_needed(round(c.synthetic_ratio * spec.n_train), c.trial)
+            pool_images[c.synthetic_pool] = max(pool_images.get(c.synthetic_pool, 0), need)
     run_bytes = sum(kept_bytes(_params(c.arch, spec.num_classes)) for c in cfgs)
     largest = max(students, key=lambda c: (len(c.teacher_names()) or c.ensemble_size, c.batch_size), default=None)
     gpu = {}

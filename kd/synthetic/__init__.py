@@ -12,20 +12,16 @@
 In a notebook, ``load_generator("generator-cifar100-gnosis-e500")`` is the generator as a torch module (latents
 [N, 128] -> images in [-1, 1], eval mode).
 
-Modules: :mod:`.config` (the settings), :mod:`.presets` (DDPM and SN-GAN recipes), :mod:`.sngan` (the SN-GAN),
-:mod:`.sampling` (seeds, reverse diffusion, pixels, grids), :mod:`.generators` (what ``--model`` samples from),
-:mod:`.pool` (``generate`` and ``load_pool``: what distillation calls), :mod:`.quality` (FID / IS),
-:mod:`.trainer` (the one training skeleton) with its jobs :mod:`.train_ddpm` and :mod:`.train_gan`,
-:mod:`.gnosis` (``import``: the authors' checkpoints, verified, and ``load_generator``) with :mod:`.oil` (their
-file format, read without running code), :mod:`.cli` (the command line; ``python -m kd.synthetic`` runs it).
+Modules: :mod:`.config` (the settings), :mod:`.families` (the generator families a run trains: recipes, jobs),
+:mod:`.pool` (``generate``), :mod:`.quality` (FID / IS), :mod:`.trainer` (the one training skeleton) with its
+jobs :mod:`.train_ddpm` and :mod:`.train_gan`, :mod:`.gnosis` (``import``: the authors' checkpoints, verified)
+with :mod:`.oil` (their file format, read without running code), :mod:`.cli` (the command line; ``python -m
+kd.synthetic`` runs it). The generators' models, recipes and samplers, which students sample too, are
+:mod:`kd.generators`; reading a pool is :mod:`kd.pools`.
 """
 
-from kd.pools import POOL_FILE, load_pool
-from kd.synthetic.cli import USAGE, main
-from kd.synthetic.config import GenerateConfig, GeneratorTrainConfig, source_name
-from kd.synthetic.gnosis import ImportConfig, import_generator, load_generator
-from kd.synthetic.pool import generate
-from kd.synthetic.sampling import (
+from kd.generators import load_generator
+from kd.generators.sampling import (
     denoise,
     derived_seed,
     load_pipeline,
@@ -34,6 +30,11 @@ from kd.synthetic.sampling import (
     scheduler_class,
     to_pixels,
 )
+from kd.pools import POOL_FILE, load_pool
+from kd.synthetic.cli import USAGE, main
+from kd.synthetic.config import GenerateConfig, GeneratorTrainConfig, source_name
+from kd.synthetic.gnosis import ImportConfig, import_generator
+from kd.synthetic.pool import generate
 from kd.synthetic.trainer import train
 
 __all__ = ["USAGE", "POOL_FILE", "GenerateConfig", "GeneratorTrainConfig", "ImportConfig", "denoise", "derived_seed",

@@ -13,12 +13,12 @@ from kd import names
 from kd.datasets import DATASETS, dataset_spec
 from kd.errors import KDError, check_name
 from kd.flags import check_fields, fingerprint, identity, setting
+from kd.generators.presets import GanPreset, Preset
 from kd.synthetic.families import FAMILIES, family
-from kd.synthetic.presets import GanPreset, Preset
 
 SCHEDULERS = ("ddpm", "ddim", "dpm")
 _SEED_MAX = 2**63 - 1
-STEP_MARK = "@step"  # a pool of G at step N names its model "{model}@stepN" (the report's generator family)
+STEP_MARK = names.STEP_MARK
 
 
 @dataclass

@@ -1,14 +1,13 @@
 """Generator families, one registry: what ``train --generator=NAME`` fits and what ``generate --model=M`` samples.
 
 A :class:`Family` is one entry: its recipes (presets), the job that trains it (a :class:`GeneratorJob`, run by
-the one generator trainer, :mod:`kd.synthetic.trainer`), how a folder it exported is recognised and sampled (a
-:class:`Sampler`), and the ``train`` settings only it takes. :func:`register_family` adds one; the choices of
-``--generator``, the trainer, ``generate`` and the pools' metadata follow.
+the one generator trainer, :mod:`kd.synthetic.trainer`) and the ``train`` settings only it takes;
+:func:`register_family` adds one, and the choices of ``--generator`` and the trainer follow. How a folder it
+exported is recognised and sampled is its sampler kind, below the stages (:func:`kd.generators.register_sampler`):
+pools and students both sample it.
 
-* ``ddpm``: an unconditional diffusers UNet + DDPMScheduler (:mod:`kd.synthetic.train_ddpm`); sampled with a
-  diffusers scheduler. It is the fallback: any folder no other family recognises, or a Hugging Face hub id, is
-  taken for a diffusers pipeline.
-* ``sngan``: the paper's SN-GAN (:mod:`kd.synthetic.train_gan`, :mod:`kd.synthetic.sngan`); one forward pass.
+* ``ddpm``: an unconditional diffusers UNet + DDPMScheduler (:mod:`kd.synthetic.train_ddpm`).
+* ``sngan``: the paper's SN-GAN (:mod:`kd.synthetic.train_gan`, :mod:`kd.generators.sngan`).
 """
 
 from __future__ import annotations
@@ -62,21 +61,6 @@ class GeneratorJob(Protocol):
         """The export (weights first) in ``out / export_dir``, and its metadata."""
 
 
-class Sampler(Protocol):
-    """What ``generate`` samples from: image ids to float images in [-1, 1], image i from (seed, i) only."""
-
-    kind: str  # the family's name
-    device: torch.device
-
-    def identity(self) -> dict:
-        """What decides the images (a shard made under another identity is not reused): the model's sha256 and
-        settings, and the ``device`` (its type) and ``dtype`` it samples on."""
-
-    def describe(self) -> str: ...
-
-    def __call__(self, ids, seed: int) -> torch.Tensor: ...
-
-
 @dataclass(frozen=True)
 class Family:
     name: str
@@ -84,8 +68,6 @@ class Family:
     presets: Callable[[], dict]  # preset name -> recipe
     default_preset: Callable[[str], str]  # a dataset's recipe family (kd.datasets) -> the preset --preset="" means
     job: Callable[[object], GeneratorJob]  # GeneratorTrainConfig -> its job
-    sampler: Callable[[Path, object, torch.device], Sampler]  # (export folder, GenerateConfig, device) -> sampler
-    detect: Callable[[Path], Path | None] = lambda path: None  # the export folder at or in ``path``, if it is one
     settings: tuple[str, ...] = ()  # the ``train`` settings only this family takes
 
 
@@ -105,12 +87,9 @@ def family(name: str) -> Family:
     return FAMILIES[name]
 
 
-FALLBACK = "ddpm"  # what a folder no family recognises, or a hub id, is taken for
-
-
 def _presets(kind: str) -> Callable[[], dict]:
     def get() -> dict:
-        from kd.synthetic.presets import presets_of
+        from kd.generators.presets import presets_of
 
         return presets_of(kind)
 
@@ -119,7 +98,7 @@ def _presets(kind: str) -> Callable[[], dict]:
 
 def _default(kind: str) -> Callable[[str], str]:
     def get(dataset: str) -> str:
-        from kd.synthetic.presets import default_preset
+        from kd.generators.presets import default_preset
 
         return default_preset(kind, dataset)
 
@@ -138,29 +117,7 @@ def _gan_job(cfg):
     return GanJob(cfg)
 
 
-def _diffusion_sampler(path: Path, cfg, device: torch.device):
-    from kd.synthetic.generators import DiffusionSampler
-    from kd.synthetic.sampling import pipeline_at
-
-    return DiffusionSampler(pipeline_at(path, cfg.model_ref(), cfg.dataset), cfg.scheduler, cfg.steps, device)
-
-
-def _gan_sampler(path: Path, cfg, device: torch.device):
-    from kd.synthetic.generators import GanSampler
-
-    return GanSampler(path, device, cfg.step)
-
-
-def _gan_folder(path: Path) -> Path | None:
-    from kd.synthetic import sngan
-
-    for folder in (path, path / "generator"):  # an export, or a trainer's run folder holding one
-        if folder.exists() and sngan.is_generator_folder(folder):
-            return folder
-    return None
-
-
 register_family(Family("ddpm", "an unconditional diffusion model (diffusers)", _presets("ddpm"), _default("ddpm"),
-                       _ddpm_job, _diffusion_sampler, settings=("epochs",)))
-register_family(Family("sngan", "the paper's SN-GAN", _presets("sngan"), _default("sngan"), _gan_job, _gan_sampler,
-                       detect=_gan_folder, settings=("g_steps", "n_dis", "snapshots")))
+                       _ddpm_job, settings=("epochs",)))
+register_family(Family("sngan", "the paper's SN-GAN", _presets("sngan"), _default("sngan"), _gan_job,
+                       settings=("g_steps", "n_dis", "snapshots")))

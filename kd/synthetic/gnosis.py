@@ -1,4 +1,5 @@
-"""The authors' own SN-GAN weights: ``python -m kd.synthetic import``, and :func:`load_generator` for notebooks.
+"""The authors' own SN-GAN weights: ``python -m kd.synthetic import`` (:func:`kd.generators.load_generator` loads
+an imported generator in a notebook).
 
 The code that made Figure 1 of Stanton et al. 2021 (samuelstanton/gnosis at :data:`COMMIT`,
 ``gnosis/utils/checkpointing.py: load_generator``) sampled ``cifar100_generator_500.ckpt`` of the run
@@ -14,7 +15,7 @@ Inception, not the standard FID). ``import``:
 3. reads the state dict without running code (:mod:`kd.synthetic.oil`) and maps it onto the repository's
    SN-GAN Generator (arch gnosis) with the upsampling it was trained with (nearest; ``--upsample=bilinear``
    samples the same weights bilinearly, as olive-oil-ml's G did from 2020-12-23 on);
-4. writes ``generator.safetensors`` + ``generator.json`` (:func:`kd.synthetic.sngan.save_generator`, with the
+4. writes ``generator.safetensors`` + ``generator.json`` (:func:`kd.generators.sngan.save_generator`, with the
    provenance: URL, commit, path, blob id, sha256, the authors' FID/IS, the upsampling) and publishes them as the
    generator artifact ``generator-{dataset}-gnosis-e{epoch}`` (``-bilinear`` appended for that mode), into the
    local store and through a W&B run, so ``generate --model=generator-cifar100-gnosis-e500`` samples it.
@@ -39,16 +40,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import ClassVar
 
-import torch
-
 from kd import names
 from kd.errors import KDError, first_line
 from kd.flags import check_fields, identity, setting
+from kd.generators import sngan
+from kd.generators.presets import FIG1_EPOCH_STEPS, GAN_PRESETS
 from kd.io import sha256_file
 from kd.session import Session
-from kd.synthetic import oil, sngan
-from kd.synthetic.presets import FIG1_EPOCH_STEPS, GAN_PRESETS
-from kd.synthetic.sampling import model_path
+from kd.synthetic import oil
 
 COMMIT = "32cc303648a01a738dfca7da8eb24188caadbfbd"
 URL_BASE = "https://raw.githubusercontent.com/samuelstanton/gnosis"
@@ -268,19 +267,3 @@ def _import_file(cfg: ImportConfig, session: Session, path: Path, tmp: Path, lab
         session.finish({"blob_id": blob, "verified": meta["verified"], names.FINAL: True})
     print(f"artifact {name} ({where.name}) in {where.parent}: generate with --model={name}", file=sys.stderr)
     return where
-
-
-def load_generator(name: str | Path, *, store=None, device: str = "cpu", step: int = 0) -> torch.nn.Module:
-    """An SN-GAN generator (a generator artifact of the local store, or a folder holding ``generator.json``, e.g.
-    an import or a trainer's output) as a torch module in eval mode that maps latents [N, z_dim] (z ~ N(0, I);
-    128 on CIFAR) to images in [-1, 1] [N, C, H, W]; ``step``: a snapshot (0: the final G). Its
-    ``generator.json`` (provenance included) is the module's ``info``."""
-    path = model_path(str(name), store, None)
-    for folder in (path, path / "generator"):
-        if folder.is_dir() and sngan.is_generator_folder(folder):
-            g, info = sngan.load_generator(folder, device, step)
-            g.info = info
-            return g.eval()
-    raise KDError(f"{name} is not an SN-GAN generator (no generator.json of kind sngan in {path}): import the "
-                  "authors' with `python -m kd.synthetic import --dataset=cifar100`, or train one with "
-                  "`python -m kd.synthetic train --generator=sngan`")

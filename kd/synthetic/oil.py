@@ -15,7 +15,7 @@ refused before anything is called. A ``torch.save`` archive of the same state di
 The state dict's keys are those of oil's modules: ``model`` is ``Sequential(Linear, view, 3 x ResBlockGenerator,
 BatchNorm2d, ReLU, Conv2d, Tanh)`` and each block's ``model`` is ``Sequential(BN, ReLU, Upsample, Conv3x3, BN,
 ReLU, Conv3x3)`` (its ``upsample`` and empty ``bypass`` hold no tensors). :func:`to_generator` checks keys, shapes,
-kinds and finiteness, and maps them onto :class:`kd.synthetic.sngan.Generator` (arch ``gnosis``): ``model.0`` ->
+kinds and finiteness, and maps them onto :class:`kd.generators.sngan.Generator` (arch ``gnosis``): ``model.0`` ->
 ``l1``, ``model.{2+i}.model.{0,3,4,6}`` -> ``blocks.{i}.{b1,c1,b2,c2}``, ``model.5`` -> ``b_out``, ``model.7`` ->
 ``c_out``.
 """
@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from kd.errors import KDError, first_line
-from kd.synthetic.sngan import Generator, GeneratorShape
+from kd.generators.sngan import Generator, GeneratorShape
 
 MAX_BYTES = 256 << 20  # a CIFAR generator is about 16 MB; a larger file is refused before it is read
 N_BLOCKS = 3

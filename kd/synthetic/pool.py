@@ -21,6 +21,8 @@ from kd import faults, names
 from kd.data import load_dataset
 from kd.datasets import DATASETS
 from kd.errors import KDError, one_line
+from kd.generators import load_sampler
+from kd.generators.sampling import save_grid, to_pixels
 from kd.io import (
     POOL,
     SHARD_INDEX,
@@ -35,8 +37,6 @@ from kd.pools import POOL_FILE
 from kd.session import Session
 from kd.synthetic import quality
 from kd.synthetic.config import GenerateConfig
-from kd.synthetic.generators import load_sampler
-from kd.synthetic.sampling import save_grid, to_pixels
 
 QUALITY_KEYS = ("fid", "fid_reason", "inception_score", "inception_score_std", "fid_features", "fid_real_images")
 

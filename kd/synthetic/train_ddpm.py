@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from kd.checkpoint import load_state_tensors, state_tensors
+from kd.generators.sampling import denoise, image_generators, scheduler_class, to_pixels
 from kd.io import sha256_file
-from kd.synthetic.sampling import denoise, image_generators, scheduler_class, to_pixels
 
 
 def lr_at(step: int, total: int, peak: float, warmup: int) -> float:

@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 
 from kd.checkpoint import load_state_tensors, state_tensors
+from kd.generators import sngan
+from kd.generators.sampling import image_generators, to_pixels
 from kd.io import GENERATOR, read_json, sha256_file
-from kd.synthetic import sngan
-from kd.synthetic.sampling import image_generators, to_pixels
 
 
 class GanJob:

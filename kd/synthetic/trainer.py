@@ -28,11 +28,11 @@ import torch
 from kd import faults, names
 from kd.data import epoch_generator, load_dataset
 from kd.errors import Interrupted, KDError, stop_requests
+from kd.generators.sampling import derived_seed, save_grid
 from kd.run_folder import Layout
 from kd.session import Session
 from kd.synthetic.config import GeneratorTrainConfig
 from kd.synthetic.families import family
-from kd.synthetic.sampling import derived_seed, save_grid
 
 LAYOUT = Layout(ckpt_dir="checkpoints", pointer="state.json", stem="step", required=("step",))
 LOG_EVERY = 10  # steps per logged row

@@ -38,8 +38,8 @@ import torch.nn.functional as F
 from torch.nn.utils.parametrizations import spectral_norm
 
 from kd.errors import KDError
+from kd.generators.presets import ARCHS, GAN_PRESETS, UPSAMPLING, GanPreset
 from kd.io import GENERATOR, load_tensors, plain_file_name, read_json, save_tensors, write_json
-from kd.synthetic.presets import ARCHS, GAN_PRESETS, UPSAMPLING, GanPreset
 
 _RES_GAIN = math.sqrt(2.0)
 

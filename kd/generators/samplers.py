@@ -1,12 +1,11 @@
-"""What ``generate --model=M`` samples from: a diffusion pipeline or an SN-GAN, behind one interface.
+"""The two samplers (:class:`kd.generators.Sampler`): a diffusion pipeline and an SN-GAN.
 
-:func:`load_sampler` resolves ``M`` (a folder, a generator artifact or a hub id) and asks each generator family
-(:mod:`kd.synthetic.families`) whether it recognises what the folder holds: a ``generator.json`` with ``"kind":
-"sngan"`` beside safetensors weights is an SN-GAN (:func:`kd.synthetic.sngan.save_generator` writes it); anything
+:func:`kd.generators.load_sampler` picks one for what ``--model`` names: a ``generator.json`` with ``"kind":
+"sngan"`` beside safetensors weights is an SN-GAN (:func:`kd.generators.sngan.save_generator` writes it); anything
 else is a diffusers DDPM pipeline. A sampler maps
 image ids to float images in [-1, 1]; image ``i``'s noise (the diffusion's, or the GAN's latent) comes from
 ``derived_seed(seed, i)`` only, so every pool is bit-identical per seed. ``--step=N`` picks an SN-GAN's snapshot
-at G step N (:func:`kd.synthetic.sngan.generator_json`) instead of its final weights.
+at G step N (:func:`kd.generators.sngan.generator_json`) instead of its final weights.
 """
 
 from __future__ import annotations
@@ -14,9 +13,8 @@ from __future__ import annotations
 import torch
 
 from kd.errors import KDError
-from kd.synthetic import sngan
-from kd.synthetic.families import FALLBACK, FAMILIES
-from kd.synthetic.sampling import denoise, image_generators, model_fingerprint, model_path, scheduler_class
+from kd.generators import sngan
+from kd.generators.sampling import denoise, image_generators, model_fingerprint, scheduler_class
 
 DEFAULT_STEPS = {"ddim": 100, "dpm": 25}  # ddpm: all of the model's training timesteps
 
@@ -75,17 +73,3 @@ class GanSampler:
     def __call__(self, ids, seed: int) -> torch.Tensor:
         z = torch.stack([torch.randn(self.g.z_dim, generator=g) for g in image_generators(ids, seed)])
         return sngan.sample(self.g, z.to(self.device)).float().cpu()
-
-
-def load_sampler(model: str, cfg, device: torch.device, store=None, run=None):
-    """The sampler for ``--model``: the family (:mod:`kd.synthetic.families`) that recognises its folder, else a
-    diffusers pipeline (a folder or a hub id)."""
-    path = model_path(model, store, run, cfg.dataset)
-    for fam in FAMILIES.values():
-        folder = fam.detect(path) if path.exists() else None
-        if folder is not None:
-            return fam.sampler(folder, cfg, device)
-    if getattr(cfg, "step", 0):
-        raise KDError(f"--step={cfg.step} picks an SN-GAN snapshot, but {model} is not an SN-GAN generator: drop "
-                      "--step (a diffusion model's sampler steps are --steps)")
-    return FAMILIES[FALLBACK].sampler(path, cfg, device)

@@ -91,7 +91,7 @@ PRESETS: dict[str, Preset] = {
 class GanPreset:
     """One SN-GAN recipe. ``channels`` is the image channels; ``ema_decay`` 0 means no EMA copy of G.
 
-    ``arch`` picks the blocks (:mod:`kd.synthetic.sngan`): "miyato" (nearest upsampling, 1x1-conv shortcuts
+    ``arch`` picks the blocks (:mod:`kd.generators.sngan`): "miyato" (nearest upsampling, 1x1-conv shortcuts
     where a block resamples, D sum-pooled, the paper's initialisation) or "gnosis" (bilinear upsampling,
     identity shortcuts where the channels match, D average-pooled, olive-oil-ml's initialisation). The learning
     rate goes linearly from ``lr`` at G step 0 to ``lr_end`` at ``g_steps`` (G and D alike; ``lr_end == lr``:
