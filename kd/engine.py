@@ -12,9 +12,11 @@ depend only on its own state, so this is what an uninterrupted run computes.
 
 The per-epoch randomness depends on (seed, epoch) only, so a resumed run continues exactly (bitwise on CPU).
 W&B steps are epochs. SIGTERM or SIGINT: every member checkpoints at the next step, then
-:class:`~kd.errors.Interrupted` (exit 143 / 130). With several processes a stop is agreed (:class:`StopVote`): a
-signal to any one rank (the W&B UI's stop reaches rank 0 only) stops every rank after the same step, each with the
-same exit code; a rank never leaves the loop through a failed collective.
+:class:`~kd.errors.Interrupted` (exit 143 / 130); one that arrives after the last step (during the last epoch's
+evaluation or checkpoint) stops the run after that checkpoint, before anything is published. With several
+processes a stop is agreed (:class:`StopVote`): a signal to any one rank (the W&B UI's stop reaches rank 0 only)
+stops every rank after the same step, each with the same exit code; a rank never leaves the loop through a failed
+collective.
 """
 
 from __future__ import annotations
@@ -67,6 +69,16 @@ class StopVote:
             agreed = int(flag.item())
         flag = torch.tensor([self._mine()], dtype=torch.int64, device=self.device)
         self.pending = (dist.all_reduce(flag, op=dist.ReduceOp.MAX, async_op=True), flag)
+        return agreed
+
+    def now(self) -> int:
+        """The agreed signal number at once (one synchronous all-reduce with several processes)."""
+        self.settle()
+        if not self.several:
+            return self._mine()
+        self()  # this rank's vote
+        agreed = self()  # every rank's
+        self.settle()
         return agreed
 
     def settle(self) -> None:
@@ -152,6 +164,9 @@ def fit(members: list[Member], stepper: Callable[[list[Member]], Stepper] = loop
                 group = [m for m in todo if m.position == pos]
                 ahead = [m.step for m in todo if m.epoch == pos[0] and m.step > pos[1]]
                 train_segment(group, pos[0], pos[1], min(ahead, default=steps(pos[0])), stepper(group), stops, bar)
+            # a stop during the last epoch's evaluation or checkpoint (on any rank): saved, and still a stop
+            if signum := StopVote(members[0].session.accelerator, stops).now():
+                raise Interrupted(signum)
         finally:
             bar.close()
 

@@ -73,7 +73,11 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def one_line(text: str) -> str:
-    return " ".join(str(text).split())
+    """``text`` on one line, printable whatever the terminal's encoding (a character it cannot show, or a
+    surrogate escape of a non-UTF-8 path, as a backslash escape)."""
+    text = " ".join(str(text).split())
+    encoding = getattr(sys.stderr, "encoding", None) or "utf-8"
+    return text.encode(encoding, "backslashreplace").decode(encoding, "replace")
 
 
 def first_line(e: BaseException, limit: int = 200) -> str:

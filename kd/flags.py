@@ -9,8 +9,10 @@ a W&B sweep passes its parameters back as ``--key=value`` (booleans as ``True``/
 
 The parser takes ``--key=value``, ``--key value``, ``--flag`` (a boolean: True), the dashed spelling
 ``--dry-run`` of ``--dry_run``, and positional arguments for fields declared positional. Unknown flags, a flag
-given twice, wrong types and out-of-range values are refused with one line that names the problem and the fix
-(:class:`~kd.errors.KDError`, exit code 2).
+given twice, wrong types, out-of-range values and values that are not UTF-8 text (a path of other bytes, which
+``sys.argv`` holds as surrogate escapes) are refused with one line that names the problem and the fix
+(:class:`~kd.errors.KDError`, exit code 2). The parser also checks the test-only ``KD_FAULT``
+(:func:`kd.faults.check`), so every command refuses a malformed one before it writes anything.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import math
 import sys
 from dataclasses import field, fields
 
-from kd import names
+from kd import faults, names
 from kd.errors import KDError, check_name
 
 SEED_MAX = 2**32 - 1  # numpy's and torch's generators take seeds up to this
@@ -237,8 +239,15 @@ def parse_flags(cls, argv: list[str] | None = None, notes: bool = True):
         extra = positional[len(slots)]
         raise KDError(f"unexpected argument {extra!r}: settings are written --key=value (see --help)")
     pairs = [(f.name, raw) for f, raw in zip(slots, positional)] + pairs
+    faults.check()
     given: dict[str, str] = {}
     for key, raw in pairs:
+        try:
+            raw.encode("utf-8")
+        except UnicodeEncodeError:
+            shown = raw.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")[:80]
+            raise KDError(f"--{key}={shown!r} holds bytes that are not UTF-8 text: pass it in UTF-8 (e.g. a path "
+                          "of letters, digits, . _ -)") from None
         if key in given:
             raise KDError(f"--{key} is given twice ({given[key]!r} and {raw!r}): give it once")
         given[key] = raw

@@ -2,7 +2,8 @@
 
 Every file this repository writes goes through :func:`atomic_write` (temp file in the same folder, fsync,
 ``os.replace``). Weights are safetensors (no pickle) with a JSON of metadata beside them that records the
-sha256 of the weights; :func:`load_weights` refuses a file whose hash does not match.
+sha256 of the weights; :func:`load_weights` refuses a file whose hash does not match. Every JSON file is read by
+:func:`kd.metadata.read_json` (re-exported here), within bounds and against the shape of its kind.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import re
 import shutil
 import socket
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -24,6 +24,24 @@ from safetensors.torch import load_file, save_file
 
 from kd import faults
 from kd.errors import KDError
+from kd.metadata import (  # noqa: F401  (the metadata reader and its shapes, re-exported where they were)
+    CACHE_META,
+    DONE,
+    GENERATOR,
+    MANIFEST,
+    OBJECT,
+    POINTER,
+    POOL,
+    REPORT_CACHE,
+    RUN_ID,
+    SHARD_INDEX,
+    SWEEP_STATE,
+    WEIGHTS_META,
+    Each,
+    Shape,
+    Within,
+    read_json,
+)
 
 
 def owner_tag() -> str:
@@ -104,96 +122,6 @@ def write_json(path: str | Path, obj) -> None:
         fh.write("\n")
 
 
-@dataclass(frozen=True)
-class Shape:
-    """What a metadata file must hold: a JSON object with ``required`` keys (and ``optional`` ones when present) of
-    the given types; ``what`` names it in the one-line refusal, ``fix`` says what to do about a wrong one."""
-
-    what: str
-    required: dict = field(default_factory=dict)
-    optional: dict = field(default_factory=dict)
-    fix: str = "delete it and rerun"
-
-
-_NONE = type(None)
-OBJECT = Shape("a JSON object")
-POINTER = Shape('a store pointer {"version": "vN"}', {"version": str},
-                fix="publish the artifact again, or delete the file")
-MANIFEST = Shape("an artifact manifest (name, type, version, files)",
-                 {"name": str, "type": str, "version": str, "files": dict},
-                 {"metadata": dict, "aliases": list, "run_id": (str, _NONE)},
-                 fix="delete its version folder and publish it again")
-WEIGHTS_META = Shape("weights metadata (sha256, file, arch, dataset, num_classes)", {"sha256": str},
-                     {"file": str, "arch": str, "dataset": str, "num_classes": int},
-                     fix="publish the weights again")
-RUN_ID = Shape('a run id {"run_id": "..."}', {"run_id": str}, fix="delete it (or pass --resume=False)")
-DONE = Shape("a finished run's marker (run_id, summary)", {"run_id": str},
-             {"summary": dict, "artifact": str, "store_path": str, "wandb": str, "fingerprint": str},
-             fix="delete it to train the run (or pass --resume=False)")
-POOL = Shape("pool metadata (sha256, count, dataset)", {"sha256": str},
-             {"count": int, "dataset": str, "num_classes": int, "model": str, "fid": (float, int, _NONE)},
-             fix="generate the pool again with `python -m kd.synthetic generate`")
-GENERATOR = Shape("generator metadata (kind, preset, file, sha256)", {},
-                  {"kind": str, "preset": dict, "sha256": str, "file": str},
-                  fix="train or publish the generator again")
-REPORT_CACHE = Shape("the report's cache (version, entries or runs)", {},
-                     {"version": int, "entries": dict, "runs": list, "fingerprint": list},
-                     fix="delete it (the report then reads every run again)")
-
-_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false", dict: "an object",
-               list: "a list", _NONE: "null"}
-
-
-def _json_kind(value) -> str:
-    for t in (bool, int, float, str, list, dict, _NONE):
-        if isinstance(value, t):
-            return _TYPE_NAMES[t]
-    return type(value).__name__
-
-
-def _fits(value, types) -> bool:
-    types = types if isinstance(types, tuple) else (types,)
-    if isinstance(value, bool) and bool not in types:  # JSON true is not a count
-        return False
-    if isinstance(value, int) and float in types:
-        return True
-    return isinstance(value, types)
-
-
-def read_json(path: str | Path, shape: Shape = OBJECT) -> dict:
-    """The JSON object in ``path``, checked against ``shape``; anything else (missing, a folder, binary bytes,
-    cut-off JSON, a list or number, a key of the wrong type) is one KDError naming the file and what it should
-    hold."""
-    path = Path(path)
-    should = f"it should hold {shape.what}: {shape.fix}"
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise KDError(f"missing file {path}") from None
-    except IsADirectoryError:
-        raise KDError(f"{path} is a folder, not a file: {should}") from None
-    except OSError as e:
-        raise KDError(f"cannot read {path} ({e.strerror or type(e).__name__}): {should}") from None
-    try:
-        data = json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError:
-        raise KDError(f"{path} is not JSON text (binary bytes): {should}") from None
-    except json.JSONDecodeError as e:
-        raise KDError(f"corrupt JSON in {path} ({e.msg} at line {e.lineno}): {should}") from None
-    if not isinstance(data, dict):
-        raise KDError(f"{path} holds {_json_kind(data)}, not a JSON object: {should}")
-    for key, types in (*shape.required.items(), *shape.optional.items()):
-        if key not in data:
-            if key in shape.required:
-                raise KDError(f"{path} has no {key!r}: {should}")
-            continue
-        if not _fits(data[key], types):
-            want = " or ".join(_TYPE_NAMES.get(t, t.__name__) for t in (types if isinstance(types, tuple) else
-                                                                          (types,)))
-            raise KDError(f"{path}: {key!r} is {_json_kind(data[key])}, not {want}: {should}")
-    return data
-
-
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -212,8 +140,16 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: d
     return digest
 
 
-def load_tensors(path: str | Path, sha256: str | None = None, device: str = "cpu") -> dict[str, torch.Tensor]:
-    """Load a safetensors file, verifying its sha256 first when one is given."""
+def tensor_device(device) -> str:
+    """``device`` as safetensors takes it: every CPU device (Accelerate's ``cpu:0`` of each process of a
+    several-process CPU run included) is ``cpu``."""
+    device = torch.device(device)
+    return "cpu" if device.type == "cpu" else str(device)
+
+
+def load_tensors(path: str | Path, sha256: str | None = None, device="cpu") -> dict[str, torch.Tensor]:
+    """Load a safetensors file (onto ``device``: a name or a torch.device), verifying its sha256 first when one
+    is given."""
     path = Path(path)
     if not path.exists():
         raise KDError(f"missing file {path}")
@@ -225,7 +161,7 @@ def load_tensors(path: str | Path, sha256: str | None = None, device: str = "cpu
                 f"{sha256[:12]}...; delete it and recreate it"
             )
     try:
-        return load_file(str(path), device=device)
+        return load_file(str(path), device=tensor_device(device))
     except (SafetensorError, OSError, ValueError) as e:
         raise KDError(f"{path} is not a readable safetensors file ({e}); delete it and recreate it") from None
 

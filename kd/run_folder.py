@@ -8,12 +8,16 @@ It holds, and this module alone decides:
   refused, naming the settings that differ;
 * the checkpoints, in the one format of :mod:`kd.checkpoint`;
 * ``run.json``: the W&B run id, recorded before W&B first sees it, so a run killed before its first checkpoint
-  continues the same W&B run;
+  continues the same W&B run; a checkpoint fetched from the run's mirror (another machine's) records its run id
+  there too, so the run stays the same run here;
 * ``done.json``: the marker of a finished run (written after its W&B run ended); it counts only while its run id
   is the one ``run.json`` records (and the one its artifact's manifest records);
 * ``.lock``: held (``fcntl.flock``) by the one process that trains in the folder, from its first write until
   ``done.json``: a second process on the same folder waits for it (a packed grid skips the run instead) and then
-  finds the run finished, or resumes its checkpoint; it never trains it too.
+  finds the run finished, or resumes its checkpoint; it never trains it too. With a ``claim``
+  (:class:`kd.claims.RunClaim`), the run is also claimed in the artifact store at the same moment, so a folder of
+  the same run on another machine sharing the store waits too (or is skipped); a ``.lock`` that is not a file is
+  refused, and a read-only finished folder is read without writing (its lock is taken read-only).
 
 Only the main process writes here; every process reads the checkpoint it resumes from.
 """
@@ -31,7 +35,7 @@ from kd.checkpoint import Checkpoints
 from kd.errors import AlreadyDone, KDError
 from kd.flags import fingerprint
 from kd.io import DONE, MANIFEST, RUN_ID, check_name_lengths, read_json, write_json
-from kd.wandb_runs import new_run_id
+from kd.wandb_runs import exported_run_id, new_run_id
 
 RUN_ID_FILE = "run.json"
 DONE_FILE = "done.json"
@@ -46,7 +50,7 @@ def recorded_run_id(folder: Path, main: bool = True) -> str:
     file = Path(folder) / RUN_ID_FILE
     if file.exists() or file.is_symlink():
         return read_json(file, RUN_ID)["run_id"]
-    run_id = os.environ.get("WANDB_RUN_ID") or new_run_id()
+    run_id = exported_run_id() or new_run_id()
     if main:
         file.parent.mkdir(parents=True, exist_ok=True)
         write_json(file, {"run_id": run_id})
@@ -68,8 +72,10 @@ class RunFolder:
     """``path`` with its checkpoints as ``layout`` says."""
 
     def __init__(self, path: str | Path, identity: dict, resume: str = "auto", layout: Layout = Layout(),
-                 main: bool = True):
+                 main: bool = True, claim=None):
+        """``claim``: the run's claim in the store (:class:`kd.claims.RunClaim`), taken with the lock."""
         self.path = Path(path)
+        self.store_claim = claim
         self.identity = json.loads(json.dumps(identity, default=str))  # tuples -> lists, as read back from JSON
         self.fingerprint = fingerprint(identity)
         self.resume, self.main = str(resume), main
@@ -112,20 +118,43 @@ class RunFolder:
         return info
 
     # ----------------------------------------------------------------------------------------- the lock
-    def claim(self, wait: bool = True) -> bool:
+    def claim(self, wait: bool = True, store: bool = True) -> bool:
         """Hold the folder's lock (main process; made on the folder's first write). Another process holding it:
         ``wait`` waits for it (one line says so), else returns False. Once held, the folder must be as
         :meth:`open` found it: finished meanwhile raises :class:`AlreadyDone`, a checkpoint changed meanwhile is
-        refused (run the command again to resume it)."""
-        if not self.main or self._lock is not None:
+        refused (run the command again to resume it). ``store``: the run's claim in the store is taken too (not
+        while :meth:`open` only reads the folder)."""
+        if not self.main:
             return True
-        self.path.mkdir(parents=True, exist_ok=True)
+        fresh = False
+        if self._lock is None:
+            if not self._flock(wait):
+                return False
+            fresh = True
+        if store and self.store_claim is not None and not self.store_claim.token:
+            if not self.store_claim.acquire(wait):
+                self.release()
+                return False
+            fresh = True
+        if fresh and self._seen is not None and self._state() != self._seen:
+            self.release()
+            if self.finished:
+                raise AlreadyDone(f"already finished (by another process meanwhile): {self.path}")
+            done = (self.store_claim.replaced or {}) if self.store_claim is not None else {}
+            if done.get("state") == "finished":
+                raise AlreadyDone(f"already finished meanwhile by pid {done['pid']} on {done['host']} (run folder "
+                                  f"{done.get('run_folder')}): {self.path}")
+            raise KDError(f"another process trained {self.path.name} while this one prepared: run the same command "
+                          "again to resume its checkpoint")
+        return True
+
+    def _flock(self, wait: bool) -> bool:
         key = str(self.path.resolve())
         holder = _HELD.get(key)
         if holder is not None:  # an earlier object of this same process (one it gave up on): the lock passes on
             fd, holder._lock = holder._lock, None
         else:
-            fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+            fd = self._open_lock()
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -135,15 +164,28 @@ class RunFolder:
                 print(f"waiting: another process is training {self.path}", file=sys.stderr, flush=True)
                 fcntl.flock(fd, fcntl.LOCK_EX)
         self._lock, _HELD[key] = fd, self
-        if self._seen is not None and self._state() != self._seen:
-            self.release()
-            if self.finished:
-                raise AlreadyDone(f"already finished (by another process meanwhile): {self.path}")
-            raise KDError(f"another process trained in {self.path} while this one prepared: run the same command "
-                          "again to resume its checkpoint")
         return True
 
-    def release(self) -> None:
+    def _open_lock(self) -> int:
+        """The descriptor of ``.lock`` (made if missing); read-only where the folder cannot be written (flock needs
+        no write access: a finished run in a read-only folder is read, never written)."""
+        lock = self.path / LOCK_FILE
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            return os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        except IsADirectoryError:
+            raise KDError(f"{lock} is a folder, not the run folder's lock file: remove it and run again") from None
+        except OSError as e:
+            try:
+                return os.open(lock, os.O_RDONLY)
+            except OSError:
+                raise KDError(f"cannot make the lock file {lock} ({e.strerror or type(e).__name__}): the run folder "
+                              "must be writable by this user; pass another --out_dir") from None
+
+    def release(self, finished: bool = False) -> None:
+        """Drop the lock and the run's claim in the store (``finished``: kept there as the finished run's record)."""
+        if self.store_claim is not None:
+            self.store_claim.release(finished)
         if self._lock is not None:
             os.close(self._lock)  # closing the descriptor drops the flock
             self._lock = None
@@ -152,7 +194,8 @@ class RunFolder:
     def _state(self) -> tuple:
         done = self.path / DONE_FILE
         pointer = self.checkpoints.pointer
-        return done.exists(), pointer.read_bytes() if pointer.is_file() else None
+        mirrored = self.store_claim.mirror_state() if self.store_claim is not None else None
+        return done.exists(), pointer.read_bytes() if pointer.is_file() else None, mirrored
 
     def open(self) -> dict | None:
         """Apply the resume rules; returns the checkpoint to continue from (verified), or None.
@@ -161,8 +204,12 @@ class RunFolder:
         clears the folder); otherwise the folder is read as it stands and locked at the first write
         (:meth:`run_id`), where a change since is noticed. Reading writes nothing."""
         check_name_lengths(self.path, "the run folder")
-        if self.main and (self.path / LOCK_FILE).is_file():
-            self.claim(wait=self.resume == "False")
+        lock = self.path / LOCK_FILE
+        if lock.is_symlink() or (lock.exists() and not lock.is_file()):
+            raise KDError(f"{lock} is not a file (a folder or a link): the run folder's lock must be a plain file; "
+                          "remove it and run again")
+        if self.main and lock.is_file():
+            self.claim(wait=self.resume == "False", store=self.resume == "False")
         ckpt = self._open()
         self._seen = self._state()
         if self._seen[0] and self.resume == "auto":
@@ -211,12 +258,25 @@ class RunFolder:
         if not self.ckpt:
             self._check_exported_run_id()
         self.claim()  # the first write to the folder: from here on no other process trains in it
-        return self.ckpt["run_id"] if self.ckpt else recorded_run_id(self.path, self.main)
+        if not self.ckpt:
+            return recorded_run_id(self.path, self.main)
+        self.record_run_id(self.ckpt["run_id"])
+        return self.ckpt["run_id"]
+
+    def record_run_id(self, run_id: str) -> None:
+        """``run.json`` names ``run_id`` (main process): the run of a checkpoint this folder resumes (one fetched
+        from the run's mirror included), so ``done.json`` later names the run ``run.json`` records."""
+        file = self.path / RUN_ID_FILE
+        if not self.main:
+            return
+        if (file.exists() or file.is_symlink()) and read_json(file, RUN_ID)["run_id"] == run_id:
+            return
+        write_json(file, {"run_id": run_id})
 
     def _check_exported_run_id(self) -> None:
         """An exported $WANDB_RUN_ID that another run folder beside this one already records is refused before
         anything is written: a run id names one run (otherwise this run would merge into that one's W&B run)."""
-        exported = os.environ.get("WANDB_RUN_ID")
+        exported = exported_run_id()
         if not exported or (self.path / RUN_ID_FILE).exists():
             return
         for other in sorted(self.path.parent.glob(f"*/{RUN_ID_FILE}")):
@@ -244,4 +304,4 @@ class RunFolder:
     def mark_done(self, info: dict) -> None:
         if self.main:
             write_json(self.path / DONE_FILE, {**info, "fingerprint": self.fingerprint})
-            self.release()
+            self.release(finished=True)

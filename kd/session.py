@@ -4,8 +4,10 @@ A :class:`Session` is what a run is:
 
 * ``accelerator``: Accelerate (device, mixed precision, processes) and the run's seed;
 * ``folder``: its run folder (:class:`kd.run_folder.RunFolder`: resume rules, checkpoints, run id, done marker),
-  ``cfg.run_dir()``; a folder without a checkpoint first takes the run's mirrored one (:mod:`kd.mirror`), so a run
-  requeued onto another machine continues;
+  ``cfg.run_dir()``; a folder without a checkpoint (or with an older one of the same W&B run) first takes the
+  run's mirrored one (:mod:`kd.mirror`) and records its run id, so a run requeued onto another machine continues
+  as the same run; the run is claimed in the store with the folder's lock (:mod:`kd.claims`), so two machines
+  never train it at once;
 * ``tracker``: its W&B run (:class:`kd.tracker.Tracker`, main process only).
 
 Every trainer goes through the same steps: ``Session(cfg, job)``; ``if session.already_finished(): return`` (one
@@ -25,17 +27,18 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Protocol
 
 import torch
 
-from kd import artifacts, faults, mirror, names, wandb_runs
+from kd import artifacts, claims, faults, mirror, names, wandb_runs
 from kd.accel import accelerator, compile_model
 from kd.checkpoint import load_state_tensors
 from kd.engine import Member, fit
-from kd.errors import Interrupted, KDError
+from kd.errors import Interrupted, KDError, first_line
 from kd.flags import to_dict
 from kd.io import check_folder, check_name_lengths, remove_stale_temps, save_weights, write_json
 from kd.run_folder import Layout, RunFolder
@@ -89,6 +92,8 @@ class Session:
         cfg = resolve_device_defaults(cfg)  # the "auto" settings as this machine runs them
         self.cfg, self.job = cfg, job
         self.mode = wandb_runs.wandb_mode()
+        wandb_runs.exported_run_id()  # settings checked before anything is written
+        faults.check()
         self.accelerator = accelerator(cfg.mixed_precision, cfg.cpu)
         self.device = self.accelerator.device
         n, batch = self.accelerator.num_processes, getattr(cfg, "batch_size", None)
@@ -97,7 +102,9 @@ class Session:
                           f"divide it: pass a multiple of {n}, or start fewer processes")
         self.main = self.accelerator.is_main_process
         self.run_dir = Path(cfg.run_dir())
-        self.folder = RunFolder(self.run_dir, cfg.identity(), cfg.resume, layout, main=self.main)
+        check_name_lengths(self.run_dir, "the run folder")
+        self.claim = claims.RunClaim(self.run_dir, cfg.store) if self.main else None
+        self.folder = RunFolder(self.run_dir, cfg.identity(), cfg.resume, layout, main=self.main, claim=self.claim)
         self.tracker = Tracker(self.main, self.mode)
         self.extra_config: dict = {}
         self.extra_state: dict = {}
@@ -108,7 +115,10 @@ class Session:
         if torch.cuda.is_available():
             torch.backends.cudnn.benchmark = True
         set_seed(cfg.run_seed, device_specific=False)
-        self.check_outputs()  # before anything is fetched into them
+        if str(cfg.resume) == "auto" and self.folder.finished:  # nothing will be written (a read-only folder)
+            self.check_wandb_folder()
+        else:
+            self.check_outputs()  # before anything is fetched into them
         if self.mode == "online" and self.main:
             wandb_runs.check_reachable()
         self.main_first(self._fetch_checkpoint)
@@ -134,6 +144,11 @@ class Session:
         """Every folder this run will write is a writable folder with room, checked before any work or W&B run."""
         check_folder(self.run_dir.parent, f"the output folder ({self.cfg.out_flag})", need_bytes)
         check_folder(artifacts.store_root(self.cfg.store), "the artifact store (--store or $KD_STORE)", need_bytes)
+        if self.run_dir.is_dir():
+            check_folder(self.run_dir, "the run folder")
+        self.check_wandb_folder()
+
+    def check_wandb_folder(self) -> None:
         if self.mode != "disabled":
             check_folder(wandb_runs.wandb_dir() or ".", "the W&B folder ($WANDB_DIR, else the current folder)")
 
@@ -198,6 +213,8 @@ class Session:
                 self._start(self.folder.run_id())
                 self.tracker.end(143)
             raise
+        finally:
+            self.folder.release()  # a run that stopped or failed: its lock and its claim in the store
 
     def finish(self, summary: dict, done: bool = True) -> None:
         """The final summary, the end of the W&B run (its artifact uploaded), then ``done.json``: a kill before
@@ -218,7 +235,7 @@ class Session:
         if not os.environ.get("WANDB_SWEEP_ID") or self.mode == "disabled":
             return
         info = self.folder.done_info()
-        self._start(os.environ.get("WANDB_RUN_ID") or wandb_runs.new_run_id())
+        self._start(wandb_runs.exported_run_id() or wandb_runs.new_run_id())
         self.tracker.summary({**info.get("summary", {}), "duplicate_of": info.get("run_id")})
         self.tracker.end()
 
@@ -230,22 +247,40 @@ class Session:
         if not self.main:
             return
         self.ckpt = self.folder.save(tensors, {**info, "extra": self.extra_state}, self.tracker.run_id, name=name)
+        try:
+            self.claim.refresh()  # the heartbeat; a run taken over meanwhile stops here, before it mirrors
+        except OSError as e:
+            print(f"warning: this run's claim in the store was not refreshed ({first_line(e)})", file=sys.stderr,
+                  flush=True)
         if last or time.monotonic() - self._mirrored >= MIRROR_EVERY_S:
-            checkpoints = self.folder.checkpoints
+            self._mirror()
+
+    def _mirror(self) -> None:
+        """The newest checkpoint into the store (and W&B); a store that fails (full, unwritable) is one warning
+        line: the checkpoint stays in the run folder, and a stop is still a preemption (exit 143)."""
+        checkpoints = self.folder.checkpoints
+        try:
             mirror.publish(self.run_dir, checkpoints.folder / self.ckpt["file"], checkpoints.pointer, self.ckpt,
                            run=self.tracker.run if self.mode == "online" else None, store=self.cfg.store)
-            self._mirrored = time.monotonic()
-            self._mirrored_online = self._mirrored_online or self.mode == "online"
+        except (OSError, KDError) as e:
+            why = e.strerror if isinstance(e, OSError) and e.strerror else first_line(e)
+            print(f"warning: the checkpoint was not mirrored to the store ({why}); it is kept in {self.run_dir}, "
+                  "where this run resumes (another machine cannot)", file=sys.stderr, flush=True)
+        self._mirrored = time.monotonic()
+        self._mirrored_online = self._mirrored_online or self.mode == "online"
 
     def _fetch_checkpoint(self) -> None:
-        """A run folder with no checkpoint (a run requeued onto another machine) takes the mirrored one."""
+        """A run folder with no checkpoint (a run requeued onto another machine), or with an older one of the same
+        W&B run than the mirror's, takes the mirrored one and records its run id as this folder's."""
         folder = self.folder
-        check_name_lengths(self.run_dir, "the run folder")
-        if str(self.cfg.resume) == "False" or folder.finished or folder.checkpoints.pointer.exists():
+        if str(self.cfg.resume) == "False" or folder.finished:
             return
-        source = mirror.fetch(self.run_dir, folder.checkpoints.pointer, self.mode, self.cfg.project,
-                              store=self.cfg.store)
+        pointer = folder.checkpoints.pointer
+        if not mirror.newer(self.run_dir, pointer, folder.checkpoints.shape, store=self.cfg.store):
+            return
+        source = mirror.fetch(self.run_dir, pointer, self.mode, self.cfg.project, store=self.cfg.store)
         if source is not None:
+            folder.record_run_id(mirror.fetched_run_id(pointer, folder.checkpoints.shape))
             print(f"fetched the checkpoint of {self.run_dir.name} from {source}", flush=True)
 
     # ----------------------------------------------------------------------------------------- training
@@ -259,7 +294,11 @@ class Session:
         model, optimizer = self.accelerator.prepare(model, optimizer)
         m = Member(self, model, optimizer, objective, compile_model(model, self.cfg) if compile else model)
         if self.ckpt:
-            load_state_tensors(self.folder.tensors(str(self.device)), self.ckpt,
+            if len(self.ckpt["history"]) != self.ckpt["epoch"]:
+                raise KDError(f"the checkpoint pointer {self.folder.checkpoints.pointer} says epoch "
+                              f"{self.ckpt['epoch']} but holds {len(self.ckpt['history'])} epochs of history (an "
+                              "edited pointer?): restore it, or pass --resume=False to train this run from scratch")
+            load_state_tensors(self.folder.tensors(self.device), self.ckpt,
                                self.accelerator.unwrap_model(model), optimizer)
             self.extra_state = self.ckpt.get("extra", {})
             if self.main:

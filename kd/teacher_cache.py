@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from kd import faults
 from kd.data import Data, apply_views
 from kd.errors import KDError
-from kd.io import load_tensors, read_json, remove_stale_temps, save_tensors, write_json
+from kd.io import CACHE_META, load_tensors, read_json, remove_stale_temps, save_tensors, write_json
 from kd.models import Ensemble
 
 FOLD_ROWS = 1 << 16  # (pair) rows of [pairs, C] combined per chunk
@@ -128,7 +128,7 @@ def check_cache_fits(data: Data, num_classes: int, dtype: torch.dtype, share: fl
 def _load(path: Path, meta_path: Path, data: Data, dtype: torch.dtype) -> torch.Tensor:
     """A member's file, verified against its recorded sha256 (refused, never rebuilt, when it does not match)."""
     shape = [data.n_train, data.num_views, data.spec.num_classes]
-    meta = read_json(meta_path)
+    meta = read_json(meta_path, CACHE_META)
     try:
         t = load_tensors(path, meta["sha256"], device=str(data.train_x.device))["log_probs"]
     except KDError as e:

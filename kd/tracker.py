@@ -12,7 +12,10 @@ W&B run per member): each holds its own run (``reinit="create_new"``).
 * ``end``: a run stopped by SIGTERM (exit 143: a scheduler's preemption, a cancelled sweep) is marked preempting
   first, so W&B's agent (and ``python -m kd.sweep``) reruns it and it resumes; a run stopped by SIGINT (exit 130:
   Ctrl-C, or a stop from the W&B UI, which the SDK delivers as SIGINT) ends as stopped and is not rerun; a
-  failed run ends with its exit code.
+  failed run ends with its exit code. A stop or a failure whose W&B service is gone already (SLURM's own stop and
+  a cancel signal every process, W&B's service process too, which may exit first) is one warning line, and the
+  process keeps its exit code (143 stays a preemption); a normal end that W&B does not take is one error line
+  (exit 2), and the run is not marked done, so the same command finishes it.
 """
 
 from __future__ import annotations
@@ -114,9 +117,20 @@ class Tracker:
         self._ended = True
         if self.run is None:
             return
-        if exit_code == 143:  # SIGTERM: preempted, to be rerun; SIGINT (Ctrl-C, or a stop from the W&B UI): stopped
-            self.run.mark_preempting()
-        self.run.finish(exit_code=exit_code or None)
+        try:
+            if exit_code == 143:  # SIGTERM: preempted, to be rerun; SIGINT (Ctrl-C, or a W&B UI stop): stopped
+                self.run.mark_preempting()
+            self.run.finish(exit_code=exit_code or None)
+        except Exception as e:  # W&B's service connection (ConnectionResetError, BrokenPipeError, its own errors)
+            why = f"{type(e).__name__}: {first_line(e)}"
+            if exit_code == 0:
+                _drop_service(1)
+                raise KDError(f"W&B did not take the end of run {self.run_id} ({why}): run the same command again "
+                              "to finish it") from None
+            _drop_service(exit_code)
+            what = "marked preempting" if exit_code == 143 else "ended"
+            print(f"warning: the W&B run {self.run_id} could not be {what} ({why}): its W&B service is gone; "
+                  f"exiting {exit_code} all the same", file=sys.stderr, flush=True)
 
     @contextlib.contextmanager
     def ending(self):
@@ -132,3 +146,12 @@ class Tracker:
             raise
         finally:
             self.end()
+
+
+def _drop_service(exit_code: int) -> None:
+    """This process's connection to a W&B service that is gone, torn down now (quietly): else W&B's own exit hook
+    tries again at exit and prints a traceback."""
+    import wandb
+
+    with contextlib.suppress(Exception):
+        wandb.teardown(exit_code)

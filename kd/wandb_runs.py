@@ -95,6 +95,21 @@ def wandb_dir() -> str | None:
     return os.environ.get("WANDB_DIR") or None
 
 
+RUN_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}\Z")  # letters, digits, . _ - (W&B refuses :;,#?/')
+
+
+def exported_run_id() -> str | None:
+    """$WANDB_RUN_ID (as a sweep agent sets it), checked before anything records it; None when unset."""
+    raw = os.environ.get("WANDB_RUN_ID")
+    if raw is None or raw == "":
+        return None
+    if not RUN_ID_RE.match(raw) or ".." in raw:
+        shown = raw.encode("utf-8", "backslashreplace").decode()[:60]
+        raise KDError(f"WANDB_RUN_ID={shown!r} is not a W&B run id (letters, digits, '.', '_' and '-', at most 128): "
+                      "unset it for a new id")
+    return raw
+
+
 def new_run_id() -> str:
     from wandb.sdk.lib.runid import generate_id
 

@@ -468,3 +468,24 @@ def test_two_packs_and_a_sweep_runner_on_one_spec_train_each_run_once(tmp_path, 
     wandb_runs = wandb_by_run(folder)
     assert len(wandb_runs) == len(runs)  # one W&B run per run, and each step logged once
     assert all(sorted(wb["steps"]) == [1, 2] for wb in wandb_runs.values()), wandb_runs
+
+
+def test_a_recipe_key_the_spec_does_not_name_must_be_its_default(tmp_path):
+    """The grid's identity is the whole recipe: a key the spec leaves out (weight decay here) is DistillConfig's
+    default, so a run with another value is outside the grid, and a run that does not record it took the
+    default."""
+    import dataclasses
+
+    from kd.config import DistillConfig
+    from kd.report.grid import split_by_grid
+
+    default_wd = {f.name: f.default for f in dataclasses.fields(DistillConfig)}["weight_decay"]
+    spec = "\n".join(line for line in SPEC.splitlines() if not line.lstrip().startswith(("weight_decay", "study")))
+    (tmp_path / "sweeps").mkdir()
+    (tmp_path / "sweeps" / "self_distill.yaml").write_text(spec + "\n")
+    same = grid_run("same", 1.0, 0.8, weight_decay=default_wd)
+    unrecorded = grid_run("unrecorded", 2.0, 0.8)
+    del unrecorded.config["weight_decay"]
+    other = grid_run("other", 3.0, 0.8, weight_decay=default_wd * 5)
+    inside, outside = split_by_grid([same, unrecorded, other], tmp_path / "sweeps", "grid")
+    assert [r.id for r in inside] == ["same", "unrecorded"] and [r.id for r in outside] == ["other"]

@@ -75,6 +75,20 @@ def test_two_process_teacher_and_student_finish_publish_once_and_log_once(two_pr
         assert json.loads(done.read_text())["run_id"] in {f.name.rsplit("-", 1)[1] for f in runs}
 
 
+def test_two_processes_resume_a_checkpoint_like_one(tmp_path):
+    """Stopped by SIGTERM mid-epoch (every process, as a scheduler signals them), the same two-process command
+    resumes the checkpoint on both ranks (each a CPU device of its own: cpu:0, cpu:1) and finishes the run."""
+    args = [*ELASTIC, str(ROOT / "train.py"), *tiny(batch_size=64), "--epochs=2", "--seed=4"]
+    out = subprocess.run(args, cwd=tmp_path, env=env_for(tmp_path, KD_FAULT="train-step@5:TERM"),
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode != 0 and list(tmp_path.glob("runs/*/checkpoint.json")), out.stderr[-3000:]
+    assert not list(tmp_path.glob("runs/*/done.json"))
+    run_id = json.loads(next(tmp_path.glob("runs/*/run.json")).read_text())["run_id"]
+    again = run(args, tmp_path)
+    assert "resuming" in again.stdout and "at epoch 0 step 0" not in again.stdout, again.stdout[-2000:]
+    assert json.loads(next(tmp_path.glob("runs/*/done.json")).read_text())["run_id"] == run_id
+
+
 def test_stored_config_round_trips_as_flags(two_process_runs):
     folder, _, _ = two_process_runs
     for f in offline_folders(folder):

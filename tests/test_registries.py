@@ -22,7 +22,7 @@ import torch
 from kd import report
 from kd.datasets import DATASETS, DatasetSpec, register_dataset
 from kd.generators import SAMPLERS, SamplerKind
-from kd.io import read_json, save_tensors, sha256_file, write_json
+from kd.io import OBJECT, read_json, save_tensors, sha256_file, write_json
 from kd.synthetic.families import FAMILIES, Family
 from kd.wandb_runs import inspect_summary, offline_folders
 from tests.conftest import run_main
@@ -110,7 +110,7 @@ class ToySampler:
     def __init__(self, folder: Path, cfg, device: torch.device):
         from kd.io import load_tensors
 
-        self.info = read_json(folder / "toy.json")
+        self.info = read_json(folder / "toy.json", OBJECT)
         self.mean = load_tensors(folder / "toy.safetensors", self.info["sha256"])["mean"]
         self.device, self.fingerprint = device, sha256_file(folder / "toy.safetensors")
 

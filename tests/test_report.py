@@ -208,14 +208,15 @@ def test_expect_reads_sweep_specs(study, tmp_path):
     sweeps = tmp_path / "sweeps"
     sweeps.mkdir()
     common = "program: distill.py\nmethod: grid\n"
+    recipe = f"  dataset: {{value: digits}}\n  arch: {{value: preresnet8}}\n  epochs: {{value: {EPOCHS}}}\n"
     (sweeps / "self_distill.yaml").write_text(common + (
-        "parameters:\n  ensemble_size: {value: 1}\n  synthetic_ratio: {values: [0.0, 0.5]}\n"
+        "parameters:\n" + recipe + "  ensemble_size: {value: 1}\n  synthetic_ratio: {values: [0.0, 0.5]}\n"
         "  trial: {values: [0, 1]}\n  temperature: {value: 1.0}\n  study: {value: tiny}\n"))
     (sweeps / "ensemble_distill.yaml").write_text(common + (
-        "parameters:\n  ensemble_size: {value: 3}\n  synthetic_ratio: {values: [0.0, 0.5]}\n"
+        "parameters:\n" + recipe + "  ensemble_size: {value: 3}\n  synthetic_ratio: {values: [0.0, 0.5]}\n"
         "  trial: {values: [0, 1]}\n"))
     (sweeps / "ensemble_size.yaml").write_text(common + (
-        "parameters:\n  ensemble_size: {values: [1, 3]}\n  temperature: {values: [1.0, 4.0]}\n"
+        "parameters:\n" + recipe + "  ensemble_size: {values: [1, 3]}\n  temperature: {values: [1.0, 4.0]}\n"
         "  trial: {values: [0, 1]}\n"))
     (sweeps / "teachers.yaml").write_text("program: train.py\nmethod: grid\n"
                                           "parameters:\n  seed: {values: [0, 1]}\n")

@@ -110,3 +110,23 @@ def test_a_run_stopped_on_one_machine_resumes_on_another_from_its_mirrored_check
     # offline, the second machine cannot see the first one's W&B folder: it logs every epoch once, from the
     # checkpoint's history (online, W&B's resumed run says epoch 1 is there, and only 2..4 are logged)
     assert history_steps(second)[run_id] == [1, 2, 3, 4]
+    # the fetched checkpoint made the run this folder's: run.json names it, and the run is finished here
+    assert json.loads(next(second.glob("runs/*/run.json")).read_text())["run_id"] == run_id
+    again = run_script("train.py", *ARGS, cwd=second, env={"KD_STORE": str(store)})
+    assert "already finished" in again.stdout + again.stderr
+
+
+@pytest.mark.chaos
+def test_a_stop_in_the_last_epoch_with_a_full_store_is_a_preemption(tmp_path):
+    """SIGTERM after the last epoch's checkpoint while the store is full: one warning, the local checkpoint
+    kept, exit 143 (not a silent exit 0); the same command then finishes the run from that checkpoint."""
+    store = tmp_path / "store"
+    args = [*tiny(batch_size=64), "--epochs=2", "--seed=3"]
+    env = {"KD_STORE": str(store), "KD_FAULT": "epoch-saved@2:TERM,mirror-publish@1:ENOSPC"}
+    out = run_script("train.py", *args, cwd=tmp_path, check=False, env=env)
+    assert out.returncode == 143, out.stderr[-2000:]
+    assert "the checkpoint was not mirrored to the store" in out.stderr
+    assert not list(tmp_path.glob("runs/*/done.json")) and list(tmp_path.glob("runs/*/checkpoint.json"))
+    run_id = json.loads(next(tmp_path.glob("runs/*/run.json")).read_text())["run_id"]
+    run_script("train.py", *args, cwd=tmp_path, env={"KD_STORE": str(store)})
+    assert json.loads(next(tmp_path.glob("runs/*/done.json")).read_text())["run_id"] == run_id

@@ -7,10 +7,13 @@
   (:data:`kd.config.STUDENT_AXES`); a parameter a spec leaves out takes DistillConfig's default. A point counts
   as present when any generator holds it (the specs name pools, not generators).
 * ``--expect=SWEEP_DIR`` also decides which runs belong to the study's grid (:func:`split_by_grid`): a run counts
-  only if its config holds, for every key one of those specs sets, one of that spec's values (the grid keys a
-  spec leaves out at DistillConfig's default; the pool of a real-only run is not compared: the run does not
-  depend on it). Any other run of the study (an ad-hoc ``distill.py --study=S --lr=0.01``, say) is named as not
-  in the study's grid and never averaged into a grid point.
+  only if its config holds, for every key of a student run's identity (every :class:`~kd.config.DistillConfig`
+  field that is part of the identity, :func:`kd.flags.identity`: the whole recipe, not only the keys a spec names),
+  one of that spec's values, and DistillConfig's default for a key the spec does not name (a run that does not
+  record a key took its default); a key the identity leaves out for a run is not compared (the pool of a
+  real-only run: the run does not depend on it). Any other run of the study (an ad-hoc
+  ``distill.py --study=S --lr=0.01`` or ``--weight_decay=0.001``, say) is named as not in the study's grid and
+  never averaged into a grid point.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import dataclasses
 import itertools
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 from kd import names
 from kd.config import AXIS, DistillConfig
@@ -122,19 +126,35 @@ def expected_from_specs(path: str | Path, study: str, warnings: list[str]) -> di
     return points
 
 
-_MISSING = object()
 _CONFIG_DEFAULTS = {f.name: f.default for f in dataclasses.fields(DistillConfig)}
+# the recipe: what a student run's numbers depend on (the study is the one the report reads)
+_IDENTITY = {f.name: f.metadata.get("identity", True) for f in dataclasses.fields(DistillConfig)
+             if f.metadata.get("identity", True) is not False and f.name != names.STUDY}
 
 
 def _allowed(spec: dict) -> dict[str, list]:
-    """Key -> the values a grid spec lets it take (the grid keys it leaves out: DistillConfig's default)."""
-    allowed: dict[str, list] = {k: [DEFAULTS[k]] for k in GRID_KEYS}
+    """Identity key -> the values a grid spec lets it take (a key it leaves out: DistillConfig's default)."""
+    allowed: dict[str, list] = {k: [_CONFIG_DEFAULTS[k]] for k in _IDENTITY}
     for key, p in (spec.get("parameters") or {}).items():
+        if key not in allowed:
+            continue  # where a run is written, how it is resumed or cached: not what it computes
         if isinstance(p, dict) and isinstance(p.get("values"), list):
             allowed[key] = p["values"]
         elif isinstance(p, dict) and "value" in p:
             allowed[key] = [p["value"]]
     return allowed
+
+
+def _compared(key: str, config: dict) -> bool:
+    """Whether ``key`` is part of this run's identity (a field whose rule depends on the config, such as the pool,
+    which a real-only run does not depend on)."""
+    rule = _IDENTITY[key]
+    if not callable(rule):
+        return True
+    try:
+        return bool(rule(SimpleNamespace(**{**_CONFIG_DEFAULTS, **config})))
+    except (TypeError, ValueError):  # a value of another type than the field's: compared, and refused there
+        return True
 
 
 def _same(value, want) -> bool:
@@ -147,12 +167,11 @@ def _same(value, want) -> bool:
 
 
 def _holds(run: Run, allowed: dict[str, list]) -> bool:
-    real_only = _same(run.config.get("synthetic_ratio", DEFAULTS.get("synthetic_ratio", 0.0)), 0.0)
     for key, values in allowed.items():
-        if key in ("synthetic_pool", "synthetic_generator") and real_only:  # real data only: no synthetic source
+        if not _compared(key, run.config):
             continue
-        value = run.config.get(key, _CONFIG_DEFAULTS.get(key, _MISSING))
-        if value is _MISSING or not any(_same(value, v) for v in values):
+        value = run.config.get(key, _CONFIG_DEFAULTS[key])
+        if not any(_same(value, v) for v in values):
             return False
     return True
 

@@ -60,6 +60,6 @@ class State:
         """The state without the lock (dry runs, summaries; never written)."""
         if not self.path.exists():
             return None
-        from kd.io import read_json
+        from kd.metadata import SWEEP_STATE, read_json
 
-        return read_json(self.path)
+        return read_json(self.path, SWEEP_STATE)

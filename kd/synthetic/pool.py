@@ -23,7 +23,16 @@ from kd.datasets import DATASETS
 from kd.errors import KDError, one_line
 from kd.generators import load_sampler
 from kd.generators.sampling import save_grid, to_pixels
-from kd.io import load_tensors, read_json, remove_stale_temps, save_tensors, sha256_file, write_json
+from kd.io import (
+    POOL,
+    SHARD_INDEX,
+    load_tensors,
+    read_json,
+    remove_stale_temps,
+    save_tensors,
+    sha256_file,
+    write_json,
+)
 from kd.pools import POOL_FILE
 from kd.session import Session
 from kd.synthetic import quality
@@ -91,7 +100,7 @@ def _open_index(out: Path, identity: dict) -> tuple[dict, Path]:
     remove_stale_temps(shard_dir)  # left by a kill in the middle of a write (temps of live writers stay)
     remove_stale_temps(out)  # likewise of the pool file (as large as the pool)
     index_path = shard_dir / "index.json"
-    index = read_json(index_path) if index_path.exists() else {"identity": identity, "shards": {}}
+    index = read_json(index_path, SHARD_INDEX) if index_path.exists() else {"identity": identity, "shards": {}}
     if index["identity"] != identity:
         diff = sorted(k for k in identity if index["identity"].get(k) != identity[k])
         raise KDError(f"{shard_dir} holds shards of another generation (differs in {', '.join(diff)}): "
@@ -178,7 +187,7 @@ def _quality(cfg, images: torch.Tensor, meta_path: Path, digest: str, feature, d
     if cfg.fid == "False":
         return {"fid": None, "fid_reason": "not computed (--fid=False)", "inception_score": None}
     features = quality.STANDARD if feature is None else type(feature).__name__
-    old = read_json(meta_path) if meta_path.exists() else {}
+    old = read_json(meta_path, POOL) if meta_path.exists() else {}
     if old.get("sha256") == digest and old.get("fid") is not None and old.get("fid_features") == features:
         return {k: old[k] for k in QUALITY_KEYS if k in old}
     try:

@@ -23,7 +23,7 @@ import torch
 from kd.checkpoint import load_state_tensors, state_tensors
 from kd.generators import sngan
 from kd.generators.sampling import image_generators, to_pixels
-from kd.io import read_json, sha256_file
+from kd.io import GENERATOR, read_json, sha256_file
 
 
 class GanJob:
@@ -129,7 +129,7 @@ class GanJob:
         dropped = []
         for s in sngan.snapshot_steps(self.folder):
             info = self.folder / f"{sngan.snapshot_stem(s)}.json"
-            if read_json(info).get("identity") != self.identity:
+            if read_json(info, GENERATOR).get("identity") != self.identity:
                 for path in (info, info.with_suffix(".safetensors")):
                     path.unlink(missing_ok=True)
                 dropped.append(s)
