@@ -5,7 +5,7 @@ a group of one. A :class:`Stepper` maps the group's batches to their logits and 
 
 * :class:`LoopedStep`: the members one after another, each through its own forward (compiled or not) and
   optimizer: for one member exactly the plain loop; for several, bitwise the numbers of separate runs, and the
-  faster way on CPUs (where vmap over convolutions costs more than it saves);
+  faster way on CPUs (where a fused step costs more than it saves);
 * :class:`FusedStep`: the members (PreResNets of one depth) as one :class:`~kd.fused.FusedPreResNet` with one
   fused SGD: one network's kernel launches per step instead of m, the lever on accelerators; equal to separate
   runs up to float rounding (a grouped convolution sums in another order).

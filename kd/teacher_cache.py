@@ -8,7 +8,9 @@ One file per *teacher* (its weights' sha256, the dataset and the storage dtype),
 that contains it: a study's sweeps build each of its teachers' caches once (12 member passes for the
 CIFAR-100 study instead of about 120 when each ensemble had its own file). An ensemble's targets are
 combined on the fly from its members' files, ``log(mean_i p_i) = logsumexp_i(log p_i) - log m``, member by
-member in chunks: the peak memory is one member plus the float32 accumulator.
+member in chunks: the peak memory is one member plus the float32 accumulator. The students of one process
+(a pack) share them through :class:`ResidentTeachers`: each teacher's file is read once, and students of the
+same teacher set read one combined tensor.
 """
 
 from __future__ import annotations
