@@ -156,11 +156,11 @@ class Ensemble(nn.Module):
         return super().train(False)
 
     def fusable(self) -> bool:
-        """Whether the members fuse: PreResNets of one depth and class count (more than one)."""
+        """Whether the members fuse (more than one): PreResNets of one depth, class count, dtype and device whose
+        BatchNorms agree in eps, momentum and ``num_batches_tracked`` (what one fused BatchNorm holds once)."""
         if len(self.members) < 2 or any(type(m) is not PreResNet for m in self.members):
             return False
-        heads = {(len(m.layer1), type(m.layer1[0]), m.fc.out_features, m.conv1.weight.dtype) for m in self.members}
-        return len(heads) == 1
+        return len({_fuse_signature(m) for m in self.members}) == 1
 
     def _fused_members(self, device: torch.device) -> nn.Module:
         if self._fused is None or self._fused[0] != device:
@@ -183,6 +183,13 @@ class Ensemble(nn.Module):
     def _apply(self, fn, recurse=True):  # .to(device) invalidates the fused copy
         self._fused = None
         return super()._apply(fn, recurse)
+
+
+def _fuse_signature(model: PreResNet) -> tuple:
+    p = model.conv1.weight
+    bns = tuple((b.eps, b.momentum, int(b.num_batches_tracked)) for b in model.modules()
+                if isinstance(b, nn.BatchNorm2d))
+    return len(model.layer1), type(model.layer1[0]), model.fc.out_features, p.dtype, p.device, bns
 
 
 def to_device(model: nn.Module, device, channels_last: bool = True) -> nn.Module:

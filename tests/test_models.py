@@ -1,3 +1,4 @@
+import copy
 import math
 
 import pytest
@@ -91,6 +92,9 @@ def test_fused_ensemble_equals_plain_loop(threads):
     mixed = [members[0], build_model("preresnet14", 10).eval()]  # two depths: looped even when asked to fuse
     assert not Ensemble(mixed, stacked=True).fusable()
     assert torch.equal(Ensemble(mixed, stacked=True).member_logits(x), Ensemble(mixed, stacked=False).member_logits(x))
+    later = copy.deepcopy(members[0])
+    later.bn.num_batches_tracked += 1  # trained one step longer: its count cannot share a fused BatchNorm's
+    assert not Ensemble([members[1], later], stacked=True).fusable()
     stacked.train()
     assert not any(m.training for m in stacked.members)
     assert math.isclose(sum(p.requires_grad for p in stacked.parameters()), 0)

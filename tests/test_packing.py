@@ -38,7 +38,7 @@ from kd.steppers import FusedStep, LoopedStep
 from kd.sweep.pack import check_pack_fits, fuses, member_step_bytes, plan
 from kd.teachers import select_block
 from kd.wandb_runs import clean, inspect_summary, leet_records
-from tests.conftest import run_script
+from tests.conftest import refused, run_script
 from tests.test_fused import bounds
 
 # synthetic data (a pool of 720 random images; ratio 0.25: 359 of them, a 103/25-like split of each batch) and
@@ -200,6 +200,16 @@ def test_looped_pack_is_the_plain_loop_and_only_preresnets_fuse(one_thread):
     gpu = torch.device("cuda")  # only its type is read
     assert not fuses("auto", "timm:resnet18", gpu) and fuses("auto", "preresnet8", gpu)
     assert not fuses("auto", "preresnet8", torch.device("cpu"))
+
+
+def test_a_pack_that_cannot_fuse_is_refused_before_anything_is_written(workdir, capsys):
+    from kd.sweep.pack import main
+
+    params = {**{k: {"value": v} for k, v in {**RECIPE, "arch": "timm:resnet18"}.items()},
+              **{k: {"values": v} for k, v in GRID.items()}}
+    (workdir / "grid.yaml").write_text(yaml.safe_dump({"program": "distill.py", "method": "grid",
+                                                       "parameters": params}, sort_keys=False))
+    refused(capsys, workdir, main, ["grid.yaml", "--stacked=True"], "'timm:resnet18' runs cannot be fused")
 
 
 def test_a_pack_that_does_not_fit_names_the_pack_that_does(monkeypatch):

@@ -43,6 +43,7 @@ from kd import names, student
 from kd.config import DistillConfig
 from kd.errors import AlreadyDone, KDError, cli
 from kd.flags import REQUIRED, pack_key, parse_flags, setting
+from kd.fused import check_fusable
 from kd.sweep.spec import load_spec
 
 
@@ -152,7 +153,7 @@ def check_pack_fits(cfgs: list[DistillConfig], spec, device: torch.device, share
 def fuses(stacked: str, arch: str, device: torch.device) -> bool:
     """Whether the pack trains fused: --stacked=True (refused for an architecture that does not fuse), or auto on
     an accelerator for an architecture that fuses."""
-    from kd.fused import can_fuse, check_fusable
+    from kd.fused import can_fuse
 
     if stacked == "True":
         check_fusable(arch)
@@ -163,8 +164,9 @@ def fuses(stacked: str, arch: str, device: torch.device) -> bool:
 def run_pack(cfgs: list[DistillConfig], stacked: str) -> None:
     from kd.session import Session
 
-    sessions = [(cfg, session) for cfg in cfgs
-                if not (session := Session(cfg, job=names.STUDENT)).already_finished() and claimed(session)]
+    if stacked == "True":
+        check_fusable(cfgs[0].arch)  # before anything is opened
+    sessions = [(cfg, session) for cfg in cfgs if not (session := Session(cfg, job=names.STUDENT)).already_finished()]
     if not sessions:
         return
     acc = sessions[0][1].accelerator
@@ -175,6 +177,13 @@ def run_pack(cfgs: list[DistillConfig], stacked: str) -> None:
     from kd.data import load_dataset
     from kd.datasets import dataset_spec
     from kd.engine import fit
+
+    fused = fuses(stacked, cfgs[0].arch, acc.device)
+    check_pack_fits([cfg for cfg, _ in sessions], dataset_spec(cfgs[0].dataset), acc.device)  # before any claim
+    sessions = [(cfg, session) for cfg, session in sessions if claimed(session)]
+    if not sessions:
+        return
+    data = load_dataset(cfgs[0].dataset, cfgs[0].data_dir, acc.device)
     from kd.teacher_cache import ResidentTeachers
 
     fused = fuses(stacked, cfgs[0].arch, acc.device)
