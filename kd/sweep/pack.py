@@ -43,7 +43,7 @@ from kd import names, student
 from kd.config import DistillConfig
 from kd.errors import AlreadyDone, KDError, cli
 from kd.flags import REQUIRED, pack_key, parse_flags, setting
-from kd.fused import check_fusable
+from kd.fused import can_fuse, check_fusable
 from kd.sweep.spec import load_spec
 
 
@@ -153,8 +153,6 @@ def check_pack_fits(cfgs: list[DistillConfig], spec, device: torch.device, share
 def fuses(stacked: str, arch: str, device: torch.device) -> bool:
     """Whether the pack trains fused: --stacked=True (refused for an architecture that does not fuse), or auto on
     an accelerator for an architecture that fuses."""
-    from kd.fused import can_fuse
-
     if stacked == "True":
         check_fusable(arch)
         return True
