@@ -9,13 +9,11 @@ registered with timm (``@register_model``), so ``timm.create_model("preresnet56"
 
 from __future__ import annotations
 
-import copy
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, stack_module_state
 
 from kd.errors import KDError
 from kd.names import PRERESNET, check_arch, check_depth
@@ -133,12 +131,14 @@ def ensemble_log_probs(logits: torch.Tensor) -> torch.Tensor:
 
 
 class Ensemble(nn.Module):
-    """m frozen members in eval mode, run as one stacked model (torch.func vmap over stacked weights).
+    """m frozen members in eval mode, run as one fused network where they can be (:mod:`kd.fused`).
 
     ``forward(x)`` returns the ensemble's log-probabilities (log of mean probabilities), ``[B, C]``;
-    ``member_logits(x)`` returns ``[m, B, C]``. ``stacked=False`` runs the members one by one (reference);
-    ``stacked=None`` (default) stacks on accelerators and loops on the CPU, where vmap over convolutions is
-    slower than the loop (``make bench`` measures both).
+    ``member_logits(x)`` returns ``[m, B, C]``. ``stacked=True`` runs PreResNet members of one depth and class
+    count as one :class:`~kd.fused.FusedPreResNet` in eval mode (its ``fused_member_logits``: the batch is read
+    once for all members), other members one by one; ``stacked=False`` runs the members one by one (the
+    reference); ``stacked=None`` (default) fuses on accelerators and loops on the CPU, where the loop is the
+    faster (``make bench`` measures both).
     """
 
     def __init__(self, members: list[nn.Module], stacked: bool | None = None):
@@ -150,38 +150,46 @@ class Ensemble(nn.Module):
             p.requires_grad_(False)
         self.stacked = stacked
         self.eval()
-        self._stack = None
+        self._fused = None  # (device, the fused network) once built
 
     def train(self, mode: bool = True):  # members stay in eval mode whatever the caller asks
         return super().train(False)
 
-    def _stacked_state(self):
-        dev = next(self.members[0].parameters()).device
-        if self._stack is None or self._stack[2] != dev:
-            params, buffers = stack_module_state(list(self.members))
-            base = copy.deepcopy(self.members[0]).to("meta")
-            self._stack = (params, buffers, dev, base)
-        return self._stack
+    def fusable(self) -> bool:
+        """Whether the members fuse (more than one): PreResNets of one depth, class count, dtype and device whose
+        BatchNorms agree in eps, momentum and ``num_batches_tracked`` (what one fused BatchNorm holds once)."""
+        if len(self.members) < 2 or any(type(m) is not PreResNet for m in self.members):
+            return False
+        return len({_fuse_signature(m) for m in self.members}) == 1
+
+    def _fused_members(self, device: torch.device) -> nn.Module:
+        if self._fused is None or self._fused[0] != device:
+            from kd.fused import FusedPreResNet  # kd.fused builds on this module's PreResNet
+
+            self._fused = (device, FusedPreResNet.from_members(list(self.members)).eval())
+        return self._fused[1]
 
     @torch.no_grad()
     def member_logits(self, x: torch.Tensor) -> torch.Tensor:
-        stacked = x.device.type != "cpu" if self.stacked is None else self.stacked
-        if not stacked or len(self.members) == 1:
+        fused = x.device.type != "cpu" if self.stacked is None else self.stacked
+        if not fused or not self.fusable():
             return torch.stack([m(x) for m in self.members])
-        params, buffers, _, base = self._stacked_state()
-
-        def one(p, b, inp):
-            return functional_call(base, (p, b), (inp,))
-
-        return torch.vmap(one, in_dims=(0, 0, None))(params, buffers, x)
+        return self._fused_members(x.device).fused_member_logits(x)
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return ensemble_log_probs(self.member_logits(x))
 
-    def _apply(self, fn, recurse=True):  # .to(device) invalidates the stacked copy
-        self._stack = None
+    def _apply(self, fn, recurse=True):  # .to(device) invalidates the fused copy
+        self._fused = None
         return super()._apply(fn, recurse)
+
+
+def _fuse_signature(model: PreResNet) -> tuple:
+    p = model.conv1.weight
+    bns = tuple((b.eps, b.momentum, int(b.num_batches_tracked)) for b in model.modules()
+                if isinstance(b, nn.BatchNorm2d))
+    return len(model.layer1), type(model.layer1[0]), model.fc.out_features, p.dtype, p.device, bns
 
 
 def to_device(model: nn.Module, device, channels_last: bool = True) -> nn.Module:

@@ -7,7 +7,7 @@ part of a step's batch). Both satisfy :class:`kd.engine.Objective`, the protocol
 The student's static pool (paper App. A.3): N = round(r * n_real) synthetic images, labelled once by the
 teacher in eval mode, never augmented. Every batch of B holds ceil(B * n_real / (n_real + N)) real images and
 the rest synthetic; an epoch is one pass over the real data. The teacher sees exactly the student's augmented
-batch: either run on it (stacked ensemble) or, identically, looked up in the cache of all views.
+batch: either run on it (the ensemble, fused on accelerators) or, identically, looked up in the cache of all views.
 """
 
 from __future__ import annotations

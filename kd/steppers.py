@@ -5,10 +5,10 @@ a group of one. A :class:`Stepper` maps the group's batches to their logits and 
 
 * :class:`LoopedStep`: the members one after another, each through its own forward (compiled or not) and
   optimizer: for one member exactly the plain loop; for several, bitwise the numbers of separate runs, and the
-  faster way on CPUs (where vmap over convolutions costs more than it saves);
-* :class:`StackedStep`: the members as one :class:`~kd.stacking.StackedModel` with one stacked optimizer: one
-  network's kernel launches per step instead of m, the lever on accelerators; equal to separate runs up to
-  float rounding.
+  faster way on CPUs (where a fused step costs more than it saves);
+* :class:`FusedStep`: the members (PreResNets of one depth) as one :class:`~kd.fused.FusedPreResNet` with one
+  fused SGD: one network's kernel launches per step instead of m, the lever on accelerators; equal to separate
+  runs up to float rounding (a grouped convolution sums in another order).
 
 Both are siblings under the one :class:`Stepper` protocol; neither is a variant of the other.
 """
@@ -19,7 +19,7 @@ from typing import Protocol
 
 import torch
 
-from kd.stacking import StackedModel, stack_optimizer
+from kd.fused import FusedPreResNet, fuse_optimizer, unfuse_optimizer_into
 
 
 class Stepper(Protocol):
@@ -69,30 +69,32 @@ class LoopedStep:
         pass  # the members' own models and optimizers were stepped
 
 
-class StackedStep:
-    """m models and optimizers trained as one :class:`StackedModel` with one stacked optimizer; the members'
-    own models and optimizers are not touched until :meth:`close` writes the state back into them."""
+class FusedStep:
+    """m PreResNets and their SGDs trained as one :class:`FusedPreResNet` with one fused SGD; the members' own
+    models and optimizers are not touched until :meth:`close` writes weights, BatchNorm buffers, the learning
+    rate and momentum buffers back into them (so checkpoints and evaluation read the members' own)."""
 
-    def __init__(self, models: list, optimizers: list, channels_last: bool = False):
+    def __init__(self, models: list, optimizers: list):
         self.models = models
         # the optimizers Accelerate wraps: their own state is what a checkpoint holds
         self.optimizers = [getattr(o, "optimizer", o) for o in optimizers]
-        self.stacked = StackedModel(models)
-        self.optimizer = stack_optimizer(self.stacked, self.optimizers)
+        self.fused = FusedPreResNet.from_members(models)
+        self.optimizer = fuse_optimizer(self.fused, models, self.optimizers)
 
     def set_lr(self, lr: float) -> None:
         for g in self.optimizer.param_groups:
             g["lr"] = lr
 
     def train(self) -> None:
-        self.stacked.train()
+        self.fused.train()
 
     def __call__(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
-        return list(self.stacked(torch.stack(xs)).unbind(0))
+        return list(self.fused(xs).unbind(0))
 
     def step(self) -> None:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
     def close(self) -> None:
-        self.stacked.unstack_into(self.models, self.optimizers, self.optimizer)
+        self.fused.to_members(self.models)
+        unfuse_optimizer_into(self.fused, self.optimizer, self.models, self.optimizers)

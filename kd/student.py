@@ -120,8 +120,9 @@ def _version(folder) -> str:
     return Path(folder).name.removeprefix("wandb-")
 
 
-def teacher_targets(cfg, session, ensemble, data, hashes):
-    """The exact cache of teacher outputs over every view (None with --teacher_cache=False)."""
+def teacher_targets(cfg, session, ensemble, data, hashes, resident=None):
+    """The exact cache of teacher outputs over every view (None with --teacher_cache=False); given ``resident``
+    (a :class:`kd.teacher_cache.ResidentTeachers` shared by a pack's students), read from its teachers' tensors."""
     from kd.artifacts import store_root
     from kd.teacher_cache import cached_targets, member_targets
 
@@ -129,10 +130,11 @@ def teacher_targets(cfg, session, ensemble, data, hashes):
         return None
     root, dtype, acc = store_root(cfg.store) / "_cache", getattr(torch, cfg.cache_dtype), session.accelerator
     built = False
-    if acc.num_processes > 1:  # the main process builds each member's file (one at a time, so that no process waits
-        for member, h in zip(ensemble.members, hashes):  # long at a barrier); then every process loads them
+    if acc.num_processes > 1 and resident is None:  # the main process builds each member's file (one at a time, so
+        for member, h in zip(ensemble.members, hashes):  # that no process waits long at a barrier); then all load them
             built |= session.main_first(lambda m=member, h=h: member_targets(m, h, data, root, dtype, acc.autocast)[2])
-    cache, path, made = cached_targets(ensemble, data, hashes, root, dtype, acc.autocast, main=session.main)
+    read = cached_targets if resident is None else resident.targets
+    cache, path, made = read(ensemble, data, hashes, root, dtype, acc.autocast, main=session.main)
     built = built or made
     if session.main:
         print(f"teacher cache ({'built' if built else 'reused'}, {cfg.cache_dtype}, "
@@ -140,9 +142,10 @@ def teacher_targets(cfg, session, ensemble, data, hashes):
     return cache
 
 
-def prepare(cfg, session, data, model):
+def prepare(cfg, session, data, model, resident=None):
     """Teachers, pool, W&B config, cache and objective of one student, its W&B run started (online it starts
-    first: teachers and pool are resolved through it). Returns (objective, extra config)."""
+    first: teachers and pool are resolved through it); ``resident``: the pack's shared teacher caches
+    (:func:`teacher_targets`). Returns (objective, extra config)."""
     from kd.models import Ensemble, count_params, weights_sha256
     from kd.objectives import Distill
 
@@ -163,7 +166,7 @@ def prepare(cfg, session, data, model):
     else:
         session.start_tracking(extra)
     ensemble = Ensemble(members).to(session.device)
-    cache = teacher_targets(cfg, session, ensemble, data, extra[names.TEACHER_HASHES])
+    cache = teacher_targets(cfg, session, ensemble, data, extra[names.TEACHER_HASHES], resident)
     objective = Distill(cfg, data, ensemble, synthetic, cache, session.accelerator)
     if session.ckpt:  # the teacher's accuracy is logged once, with the first evaluation
         objective.teacher_acc_logged = any(names.TEACHER_ACC in r for r in session.ckpt["history"])

@@ -8,7 +8,9 @@ One file per *teacher* (its weights' sha256, the dataset and the storage dtype),
 that contains it: a study's sweeps build each of its teachers' caches once (12 member passes for the
 CIFAR-100 study instead of about 120 when each ensemble had its own file). An ensemble's targets are
 combined on the fly from its members' files, ``log(mean_i p_i) = logsumexp_i(log p_i) - log m``, member by
-member in chunks: the peak memory is one member plus the float32 accumulator.
+member in chunks: the peak memory is one member plus the float32 accumulator. The students of one process
+(a pack) share them through :class:`ResidentTeachers`: each teacher's file is read once, and students of the
+same teacher set read one combined tensor.
 """
 
 from __future__ import annotations
@@ -90,7 +92,7 @@ def cache_bytes(data: Data, num_classes: int, dtype: torch.dtype) -> int:
     return data.n_train * data.num_views * num_classes * torch.empty(0, dtype=dtype).element_size()
 
 
-def _free_bytes(device: torch.device) -> int | None:
+def free_bytes(device: torch.device) -> int | None:
     """Free memory of the device (CUDA) or available RAM (Linux CPU); None where unknown."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
@@ -112,7 +114,7 @@ def check_cache_fits(data: Data, num_classes: int, dtype: torch.dtype, share: fl
     if members > 1:
         need += cache_bytes(data, num_classes, torch.float32)
     dev = data.train_x.device
-    free = _free_bytes(dev)
+    free = free_bytes(dev)
     if free is not None and need > share * free:
         smaller, what = "", ", combined from its members' files" if members > 1 else ""
         if dtype == torch.float32:
@@ -160,13 +162,15 @@ def member_targets(member: torch.nn.Module, teacher_hash: str, data: Data, root:
 
 
 def cached_targets(ensemble: Ensemble, data: Data, teacher_hashes: list[str], root: Path, dtype: torch.dtype,
-                   autocast=None, main: bool = True) -> tuple[torch.Tensor, Path, bool]:
+                   autocast=None, main: bool = True, files: dict | None = None) -> tuple[torch.Tensor, Path, bool]:
     """The ensemble's all-view targets [n, V, C] in ``dtype``, combined from its members' cache files.
 
     Each member's file is loaded (verified by hash) or built (atomically) by :func:`member_targets`. Returns
     (targets, the first member's file, whether any member was computed). A member file that no longer
     matches its recorded sha256 is refused (:class:`KDError`), never rebuilt silently: it was damaged or
     changed behind our back, and the user decides (delete it, or run without). A missing file is rebuilt.
+    ``files`` (``{(teacher hash, dtype): tensor}``, filled here) holds the members' tensors already loaded in
+    this process (:class:`ResidentTeachers`): those are read from it, never loaded again, and never changed.
     """
     members = list(ensemble.members)
     if len(members) != len(teacher_hashes):
@@ -177,14 +181,45 @@ def cached_targets(ensemble: Ensemble, data: Data, teacher_hashes: list[str], ro
     acc, first, built = None, None, False
     for i, (member, h) in enumerate(zip(members, teacher_hashes)):
         desc = f"teacher cache {i + 1}/{len(members)}" if len(members) > 1 else "teacher cache"
-        lp, path, made = member_targets(member, h, data, root, dtype, autocast, main, desc)
+        if files is not None and (h, dtype) in files:
+            lp, path, made = files[h, dtype], member_path(root, h, data, dtype), False
+        else:
+            lp, path, made = member_targets(member, h, data, root, dtype, autocast, main, desc)
+            if files is not None:
+                files[h, dtype] = lp
         first, built = first or path, built or made
         if len(members) == 1:
             return lp, path, made
-        if acc is None:
-            acc = lp.float() if lp.dtype != torch.float32 else lp  # ours: a fresh tensor, updated in place
+        if acc is None:  # a float32 tensor of ours, updated in place (a resident member's tensor is copied)
+            acc = lp.to(torch.float32, copy=files is not None)
         else:
             combine(acc, lp)
         del lp
     acc.sub_(math.log(len(members)))
     return (acc if dtype == torch.float32 else acc.to(dtype)), first, built
+
+
+
+class ResidentTeachers:
+    """The teacher caches of the students in one process (a pack), each held once: every teacher's file is
+    loaded (verified) or built at most once, and the students that distill from the same teacher set read one
+    combined tensor, computed by :func:`cached_targets` as a plain run computes it (the same numbers, bitwise).
+    :meth:`release_files` then drops the teachers' own tensors that no set holds."""
+
+    def __init__(self):
+        self.files: dict[tuple[str, torch.dtype], torch.Tensor] = {}  # (teacher hash, dtype) -> [n, V, C]
+        self.sets: dict[tuple[tuple[str, ...], torch.dtype], tuple[torch.Tensor, Path]] = {}
+
+    def targets(self, ensemble: Ensemble, data: Data, teacher_hashes: list[str], root: Path, dtype: torch.dtype,
+                autocast=None, main: bool = True) -> tuple[torch.Tensor, Path, bool]:
+        """(targets, the first teacher's file, whether any file was built), as :func:`cached_targets`."""
+        key = (tuple(teacher_hashes), dtype)
+        if key in self.sets:
+            return *self.sets[key], False
+        targets, path, built = cached_targets(ensemble, data, teacher_hashes, root, dtype, autocast, main,
+                                              files=self.files)
+        self.sets[key] = (targets, path)
+        return targets, path, built
+
+    def release_files(self) -> None:
+        self.files.clear()  # a single teacher's set still holds its tensor

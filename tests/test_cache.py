@@ -133,7 +133,7 @@ def test_corrupt_cache_refused_missing_cache_rebuilt(tmp_path):
 
 def test_cache_too_large_for_memory_is_refused(tmp_path, monkeypatch):
     data = digits_subset(4)
-    monkeypatch.setattr(kt, "_free_bytes", lambda device: 1000)
+    monkeypatch.setattr(kt, "free_bytes", lambda device: 1000)
     with pytest.raises(KDError, match="--teacher_cache=False"):
         cached_targets(Ensemble(make_teachers(1, 10)), data, ["t"], tmp_path, torch.float32)
     assert not list(tmp_path.iterdir())

@@ -1,3 +1,4 @@
+import copy
 import math
 
 import pytest
@@ -74,7 +75,7 @@ def test_ensemble_log_probs_matches_direct_computation():
                           atol=float_tol(torch.float32, 10, scale=float(single.abs().max())))
 
 
-def test_stacked_ensemble_equals_plain_loop(threads):
+def test_fused_ensemble_equals_plain_loop(threads):
     torch.manual_seed(0)
     members = [build_model("preresnet8", 10) for _ in range(3)]
     for m in members:  # give each member its own BN statistics
@@ -87,6 +88,13 @@ def test_stacked_ensemble_equals_plain_loop(threads):
     assert_close_as(stacked(x), loop(x), torch.float32, terms, msg="ensemble")
     manual = torch.log(torch.stack([F.softmax(m.eval()(x), -1) for m in members]).mean(0))
     assert_close_as(loop(x), manual, torch.float32, 3 * 10, msg="log of the mean probability")
+    assert stacked.fusable() and stacked._fused is not None and not stacked._fused[1].training  # one network
+    mixed = [members[0], build_model("preresnet14", 10).eval()]  # two depths: looped even when asked to fuse
+    assert not Ensemble(mixed, stacked=True).fusable()
+    assert torch.equal(Ensemble(mixed, stacked=True).member_logits(x), Ensemble(mixed, stacked=False).member_logits(x))
+    later = copy.deepcopy(members[0])
+    later.bn.num_batches_tracked += 1  # trained one step longer: its count cannot share a fused BatchNorm's
+    assert not Ensemble([members[1], later], stacked=True).fusable()
     stacked.train()
     assert not any(m.training for m in stacked.members)
     assert math.isclose(sum(p.requires_grad for p in stacked.parameters()), 0)
