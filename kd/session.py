@@ -244,8 +244,10 @@ class Session:
         model, optimizer = self.accelerator.prepare(model, optimizer)
         m = Member(self, model, optimizer, objective, compile_model(model, self.cfg) if compile else model)
         if self.ckpt:
-            load_state_tensors(self.folder.tensors(str(self.device)), self.ckpt,
-                               self.accelerator.unwrap_model(model), optimizer)
+            tensors = self.folder.tensors(str(self.device))
+            load_state_tensors(tensors, self.ckpt, self.accelerator.unwrap_model(model), optimizer)
+            if hasattr(objective, "load_state"):
+                objective.load_state(tensors)
             self.extra_state = self.ckpt.get("extra", {})
             if self.main:
                 print(f"resuming {self.run_dir} at epoch {self.ckpt['epoch']} step {self.ckpt['step']}", flush=True)
