@@ -42,7 +42,11 @@ RUNS = {("cifar10", "teachers"): 12, ("cifar10", "self_distill"): 30, ("cifar10"
         ("demo", "self_distill"): 10, ("demo", "ensemble_distill"): 10, ("demo", "ensemble_size"): 8,
         ("demo-generators", "teachers"): 1, ("demo-generators", "self_distill"): 24,
         # CIFAR-100's Figure 1 uses the paper's generator only (the authors' SN-GAN): 5 amounts x 3 trials
-        ("cifar100", "self_distill"): 15, ("cifar100", "ensemble_distill"): 15}
+        ("cifar100", "self_distill"): 15, ("cifar100", "ensemble_distill"): 15,
+        # Figure 1 online: 1 and 3 teachers x 5 amounts x 3 trials (the demo: 2 trials)
+        ("cifar10", "online"): 30, ("cifar100", "online"): 30, ("demo", "online"): 20}
+ONLINE_GENERATOR = {"cifar10": "generator-cifar10-gnosis-e500", "cifar100": "generator-cifar100-gnosis-e500",
+                    "demo": "generator-digits-hard-sngan"}
 LAUNCH = ["${env}", "${interpreter}", "-m", "kd.sweep.launch", "${program}", "${args}"]
 
 PROGRAM = r'''
@@ -129,7 +133,8 @@ def test_every_spec_is_there():
         (d, s) for d in STUDY if d != "demo-generators"
         for s in ("teachers", "self_distill", "ensemble_distill", "ensemble_size")} | {
         ("demo-generators", "teachers"), ("demo-generators", "self_distill"),
-        ("cifar10", "generator_quality"), ("cifar100", "generator_quality")}
+        ("cifar10", "generator_quality"), ("cifar100", "generator_quality"),
+        ("cifar10", "online"), ("cifar100", "online"), ("demo", "online")}
 
 
 @pytest.mark.parametrize("path", SPECS, ids=lambda p: f"{p.parent.name}/{p.name}")
@@ -152,7 +157,13 @@ def test_spec_is_valid_for_wandb_and_the_program(path):
         assert len(spec.grid) == RUNS.get((folder, kind), RUNS[("cifar10", kind)])
     else:
         assert len(spec.grid) == RUNS[(folder, kind)]
-    if (folder, kind) in QUALITY_SPECS:
+    if kind == "online":  # the authors' SN-GAN sampled in every step: no pool
+        assert params["synthetic_mode"] == {"value": "online"} and "synthetic_pool" not in params
+        assert params["synthetic_generator"] == {"value": ONLINE_GENERATOR[folder]}
+        assert params["synthetic_ratio"] == {"values": [0.0, 0.25, 0.5, 0.75, 1.0]}
+        assert params["ensemble_size"] == {"values": [1, 3]}
+        assert all(run.get("synthetic_generator_bn", {"value": "train"}) == {"value": "train"} for run in spec.grid)
+    elif (folder, kind) in QUALITY_SPECS:
         pools = params["synthetic_pool"]["values"]
         steps = [p for p in pools if p.startswith(SNGAN_FAMILY[folder] + "-step")]
         assert len(steps) >= 2 and SNGAN_FAMILY[folder] in pools and POOL[folder] in pools  # 3+ qualities + DDPM
@@ -169,7 +180,8 @@ def test_spec_is_valid_for_wandb_and_the_program(path):
 
 
 def test_demo_fits_in_minutes():
-    total = sum(len(sweep_spec.load_spec(p).grid) for p in SPECS if p.parent.name == "demo")
+    total = sum(len(sweep_spec.load_spec(p).grid) for p in SPECS if p.parent.name == "demo"
+                and p.stem != "online")  # the online demo is a sweep of its own, not a step of make demo
     assert total <= 32  # 4 teachers and 28 grid points (24 students: 4 real-only points are shared)
 
 

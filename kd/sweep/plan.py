@@ -127,7 +127,8 @@ def needs(rows: list[SpecRuns]) -> dict:
     teachers = [c for r in rows if r.program == "train.py" for c in r.cfgs]
     students = [c for r in rows if r.program == "distill.py" for c in r.cfgs]
     image = 3 * spec.image_size * spec.image_size
-    pools = {(c.synthetic_pool, round(c.synthetic_ratio * spec.n_train)) for c in students if c.synthetic_ratio}
+    pools = {(c.synthetic_pool, round(c.synthetic_ratio * spec.n_train)) for c in students
+             if c.synthetic_ratio and c.synthetic_pool}  # an online run samples a generator: no pool
     pool_images = {}
     for name, n in pools:
         pool_images[name] = max(pool_images.get(name, 0), n)
