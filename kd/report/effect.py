@@ -19,13 +19,14 @@ import math
 import statistics
 
 from kd import names
-from kd.report.aggregate import FIG1_SIZES, Group, fig1_temperature, source_fid, sources, trial_of
+from kd.report.aggregate import FIG1_SIZES, Group, fig1_temperature, source_fid, trial_of
 
 DELTAS = {"d_acc": names.TEST_ACC, "d_agreement": names.TEST_AGREEMENT}
 WHAT = {"d_acc": "student test accuracy", "d_agreement": "test agreement"}
 STEP_MARK = names.STEP_MARK
 FAMILY_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 LEVEL = 0.95
+ONLINE_MARK = " (online)"  # an online source's category: its family and protocol
 
 
 def family_of(source: str) -> str:
@@ -73,15 +74,18 @@ def synthetic_effects(groups: list[Group]) -> list[dict]:
     trials) and ``{key}_trials`` (trial -> change)."""
     tau = fig1_temperature(groups)
     rows = []
-    for src in sources(groups):
+    pairs = sorted({(g.synthetic_source, g.protocol) for g in groups if g.synthetic_source is not None})
+    for src, protocol in pairs:
         for m in FIG1_SIZES:
             base = [g for g in groups if (g.ensemble_size, g.synthetic_ratio, g.temperature) == (m, 0.0, tau)]
+            base.sort(key=lambda g: g.protocol != protocol)  # real only of the same protocol first (they are equal)
             own = [g for g in groups if g.synthetic_source == src and g.ensemble_size == m and g.temperature == tau
-                   and g.synthetic_ratio > 0]
+                   and g.synthetic_ratio > 0 and g.protocol == protocol]
             if not base:
                 continue
             for top in sorted(own, key=lambda g: g.synthetic_ratio):
-                row = {"source": src, "family": family_of(src), "step": step_of(src), "fid": source_fid(groups, src),
+                row = {"source": src, "protocol": protocol, "family": family_of(src) + ONLINE_MARK * (
+                       protocol == "online"), "step": step_of(src), "fid": source_fid(groups, src),
                        "ensemble_size": m, "ratio": top.synthetic_ratio, "n_synthetic": top.n_synthetic}
                 for key, metric in DELTAS.items():
                     changes = paired_changes(base[0], top, metric)
@@ -93,9 +97,15 @@ def synthetic_effects(groups: list[Group]) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------------------ drawing
-def _order(rows: list[dict]) -> list[str]:
-    """Sources by family, then step (a family's final generator last)."""
-    return sorted({r["source"] for r in rows}, key=lambda s: (family_of(s), step_of(s) is None, step_of(s) or 0))
+def category(row: dict) -> tuple[str, str]:
+    """An effect row's category: (source, protocol)."""
+    return row["source"], row.get("protocol", "static")
+
+
+def _order(rows: list[dict]) -> list[tuple[str, str]]:
+    """Categories by family, then protocol (static first), then step (a family's final generator last)."""
+    return sorted({category(r) for r in rows}, key=lambda c: (family_of(c[0]), c[1] != "static", c[1],
+                                                             step_of(c[0]) is None, step_of(c[0]) or 0))
 
 
 def _amount(row: dict) -> str:
@@ -103,11 +113,14 @@ def _amount(row: dict) -> str:
     return f"ratio {row['ratio']:g}" + (f" (+{n:,} images)" if n else "")
 
 
-def _tick(src: str, fid: float | None, several: bool) -> str:
-    """A category's label: the family, the G step where the family has several sources, the FID."""
+def _tick(cat: tuple[str, str], fid: float | None, several: bool) -> str:
+    """A category's label: the family, the G step where the family has several sources, the protocol where it is
+    online, the FID."""
+    src, protocol = cat
     step = step_of(src)
     at = ("final" if step is None else f"step {step}") if several else ""
-    return "\n".join(filter(None, (family_of(src), at, "FID unknown" if fid is None else f"FID {fid:.1f}")))
+    how = "online" if protocol == "online" else ""
+    return "\n".join(filter(None, (family_of(src), at, how, "FID unknown" if fid is None else f"FID {fid:.1f}")))
 
 
 def _panel(ax, rows: list[dict], key: str, x_of, dodge: float, families: list[str], ratios: list[float],
@@ -145,17 +158,18 @@ def figure_effect(groups: list[Group], study: str, dataset: str, arch: str):
 
     rows = synthetic_effects(groups)
     sizes = sorted({r["ensemble_size"] for r in rows}) or list(FIG1_SIZES[:1])
-    srcs = _order(rows)
-    families = sorted({family_of(s) for s in srcs})
+    cats = _order(rows)
+    srcs = sorted({c[0] for c in cats})
+    families = sorted({r["family"] for r in rows})
     ratios = sorted({r["ratio"] for r in rows})
     cmap = colormaps["viridis"]
     colors = [cmap(0.1 + 0.75 * i / max(1, len(ratios) - 1)) for i in range(len(ratios))]
     fids = {s: source_fid(groups, s) for s in srcs}
     on_fid = bool(srcs) and all(v is not None for v in fids.values())
-    position = {s: i for i, s in enumerate(srcs)}
+    position = {c: i for i, c in enumerate(cats)}
 
     def x_of(r: dict):
-        return r["fid"] if on_fid else position[r["source"]]
+        return r["fid"] if on_fid else position[category(r)]
 
     if on_fid:
         span = max(fids.values()) - min(fids.values())
@@ -174,9 +188,10 @@ def figure_effect(groups: list[Group], study: str, dataset: str, arch: str):
             if on_fid:
                 ax.set_xlabel("generator FID (lower: closer to the real images)")
             else:
-                size = {f: sum(family_of(s) == f for s in srcs) for f in families}
-                ax.set_xticks(range(len(srcs)), [_tick(s, fids[s], size[family_of(s)] > 1) for s in srcs], fontsize=7)
-                ax.set_xlim(-0.6, len(srcs) - 0.4)
+                size = {f: sum(family_of(s) == f for s in srcs) for f in {family_of(s) for s in srcs}}
+                ax.set_xticks(range(len(cats)), [_tick(c, fids[c[0]], size[family_of(c[0])] > 1) for c in cats],
+                              fontsize=7)
+                ax.set_xlim(-0.6, len(cats) - 0.4)
     handles = [Line2D([], [], color="0.3", marker=FAMILY_MARKERS[i % len(FAMILY_MARKERS)], linestyle="",
                       markersize=8, label=f) for i, f in enumerate(families)]
     amounts = {r["ratio"]: _amount(r) for r in rows}
