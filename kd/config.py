@@ -132,7 +132,7 @@ class DistillConfig(TrainConfig):
                                            "--synthetic_pool", identity=lambda cfg: cfg.synthetic_ratio > 0)
     synthetic_mode: str = setting("static", "static: the run's draw of round(r * n_real) images, made once (Figure "
                                   "1) | online: fresh --synthetic_generator samples in every step, int(B * r / (1 + "
-                                  "r)) of each batch", choices=SYNTHETIC_MODES, identity="non_default", packs=True)
+                                  "r)) of each batch", choices=SYNTHETIC_MODES, identity="non_default")
     synthetic_generator_bn: str = setting("train", "--synthetic_mode=online: the SN-GAN's BatchNorm while sampling: "
                                                    "train (batch statistics, the authors' online code) or eval "
                                                    "(running statistics)", choices=("train", "eval"),
