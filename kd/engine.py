@@ -55,7 +55,7 @@ class Objective(Protocol):
         """Clean test-set metrics."""
 
     # optional: ``state() -> dict`` of tensors a checkpoint keeps beside model and optimizer, and
-    # ``load_state(tensors)`` that restores them on resume (:mod:`kd.online_synthetic`)
+    # ``restore_state(tensors)`` that restores them on resume (:mod:`kd.online_synthetic`)
 
 
 @dataclass

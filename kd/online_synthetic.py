@@ -68,7 +68,7 @@ class FreshSamples:
             out.update({f"{BN_PREFIX}{k}": v.detach().clone() for k, v in self.module.named_buffers()})
         return out
 
-    def load_state(self, tensors: dict) -> None:
+    def restore_state(self, tensors: dict) -> None:
         self.rng.set_state(tensors[RNG_KEY].to("cpu", torch.uint8))
         if self.module is not None:
             for k, v in self.module.named_buffers():
@@ -115,5 +115,5 @@ class OnlineDistill(Distill):
         """The tensors a checkpoint keeps beyond model and optimizer: the RNG and the generator's statistics."""
         return self.fresh.state()
 
-    def load_state(self, tensors: dict) -> None:
-        self.fresh.load_state(tensors)
+    def restore_state(self, tensors: dict) -> None:
+        self.fresh.restore_state(tensors)

@@ -246,8 +246,8 @@ class Session:
         if self.ckpt:
             tensors = self.folder.tensors(str(self.device))
             load_state_tensors(tensors, self.ckpt, self.accelerator.unwrap_model(model), optimizer)
-            if hasattr(objective, "load_state"):
-                objective.load_state(tensors)
+            if hasattr(objective, "restore_state"):
+                objective.restore_state(tensors)
             self.extra_state = self.ckpt.get("extra", {})
             if self.main:
                 print(f"resuming {self.run_dir} at epoch {self.ckpt['epoch']} step {self.ckpt['step']}", flush=True)

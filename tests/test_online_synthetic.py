@@ -152,7 +152,7 @@ def test_state_round_trip_continues_the_same_stream(generator_folder):
     assert "online.rng" in saved and any(k.startswith("online.generator.") for k in saved)
     want = obj.fresh.take(21)
     fresh, _ = _objective(generator_folder)
-    fresh.load_state(saved)
+    fresh.restore_state(saved)
     assert torch.equal(fresh.fresh.take(21), want)
     assert all(torch.equal(a, b) for a, b in zip(fresh.fresh.module.buffers(), obj.fresh.module.buffers()))
 
