@@ -25,6 +25,7 @@ from kd.losses import LOSSES
 from kd.names import check_arch
 from kd.optim import OPTIMIZERS, SCHEDULES
 
+SYNTHETIC_MODES = ("static", "online")
 COMPILE_MODES = ("auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 # What an "auto" setting becomes: (on CUDA, elsewhere). On CUDA: bf16 autocast over float32 master weights, the
 # static-shape step compiled with CUDA graphs, a test-set evaluation every 5 epochs (and the last), a checkpoint
@@ -172,6 +173,15 @@ class DistillConfig(TrainConfig):
     synthetic_generator: str = setting("", "a generator (artifact or folder; NAME@stepN: an SN-GAN snapshot): the run "
                                            "samples its own images from it, by its seed (the paper's way); or "
                                            "--synthetic_pool", identity=lambda cfg: cfg.synthetic_ratio > 0)
+    synthetic_mode: str = setting("static", "static: the run's draw of round(r * n_real) images, made once (Figure "
+                                  "1) | online: fresh --synthetic_generator samples in every step, int(B * r / (1 + "
+                                  "r)) of each batch", choices=SYNTHETIC_MODES, identity="non_default")
+    synthetic_generator_bn: str = setting("train", "--synthetic_mode=online: the SN-GAN's BatchNorm while sampling: "
+                                                   "train (batch statistics, the authors' online code) or eval "
+                                                   "(running statistics)", choices=("train", "eval"),
+                                          identity=lambda cfg: cfg.synthetic_mode == "online")
+    synthetic_temperature: float = setting(0.0, "--synthetic_mode=online: tau of the synthetic rows; 0: --temperature",
+                                           lo=0, hi=100, identity=lambda cfg: cfg.synthetic_mode == "online")
     teacher_cache: bool = setting(True, "reuse teacher outputs over the enumerable views (exact)",
                                   choices=(True, False), identity=False)
     cache_dtype: str = setting("float32", "storage of cached teacher log-probs",
@@ -193,6 +203,7 @@ class DistillConfig(TrainConfig):
                           "distinct teachers")
         for name in listed:
             check_name(name, "teacher name")
+        self._check_online()
         if self.synthetic_ratio and bool(self.synthetic_pool) == bool(self.synthetic_generator):
             given = "both --synthetic_pool and --synthetic_generator" if self.synthetic_pool else "neither"
             raise KDError(f"--synthetic_ratio={self.synthetic_ratio} needs one source of synthetic images, got "
@@ -205,6 +216,20 @@ class DistillConfig(TrainConfig):
                 if getattr(self, key) != _FIELDS[key].default:
                     raise KDError(f"--{key} is a setting of another loss than --loss={self.loss}: drop it, or pass "
                                   f"the loss that reads it")
+
+    def _check_online(self) -> None:
+        if self.synthetic_mode != "online":
+            for key in ("synthetic_generator_bn", "synthetic_temperature"):
+                if getattr(self, key) != _FIELDS[key].default:
+                    raise KDError(f"--{key} is a setting of --synthetic_mode=online: drop it, or pass "
+                                  "--synthetic_mode=online")
+            return
+        if 0 < self.synthetic_temperature < 0.01:
+            raise KDError(f"--synthetic_temperature must be 0 (= --temperature) or >= 0.01, got "
+                          f"{self.synthetic_temperature}")
+        if self.synthetic_pool:
+            raise KDError("--synthetic_mode=online samples fresh images in every step: pass --synthetic_generator "
+                          "in place of --synthetic_pool (a pool is the static protocol's)")
 
     @property
     def student_seed(self) -> int:
@@ -270,6 +295,7 @@ STUDENT_AXES: tuple[Axis, ...] = (
     Axis("temperature", "T", "tau"),
     Axis("loss", "L", "loss", named="non_default"),
     Axis("alpha", "a", "alpha", named="non_default"),
+    Axis("synthetic_mode", "P", "protocol", named="non_default"),
 )
 GROUP_AXES = tuple(a for a in STUDENT_AXES if a.group)
 AXIS = {a.key: a for a in STUDENT_AXES}

@@ -107,6 +107,9 @@ class Objective(Protocol):
     def evaluate(self, model) -> dict:
         """Clean test-set metrics."""
 
+    # optional: ``state() -> dict`` of tensors a checkpoint keeps beside model and optimizer, and
+    # ``restore_state(tensors)`` that restores them on resume (:mod:`kd.online_synthetic`)
+
 
 @dataclass
 class Member:
@@ -139,6 +142,9 @@ class Member:
         if not session.main:
             return
         tensors, info = state_tensors(session.accelerator.unwrap_model(self.model), self.optimizer)
+        own = getattr(self.objective, "state", None)  # an objective's own state (online sampling's RNG)
+        if own is not None:
+            tensors.update(own())
         session.save_checkpoint(tensors, {**info, "epoch": self.epoch, "step": self.step, "sums": floats(self.sums),
                                           "history": self.history}, last=last)
 

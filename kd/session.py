@@ -298,8 +298,10 @@ class Session:
                 raise KDError(f"the checkpoint pointer {self.folder.checkpoints.pointer} says epoch "
                               f"{self.ckpt['epoch']} but holds {len(self.ckpt['history'])} epochs of history (an "
                               "edited pointer?): restore it, or pass --resume=False to train this run from scratch")
-            load_state_tensors(self.folder.tensors(self.device), self.ckpt,
-                               self.accelerator.unwrap_model(model), optimizer)
+            tensors = self.folder.tensors(self.device)
+            load_state_tensors(tensors, self.ckpt, self.accelerator.unwrap_model(model), optimizer)
+            if hasattr(objective, "restore_state"):
+                objective.restore_state(tensors)
             self.extra_state = self.ckpt.get("extra", {})
             if self.main:
                 print(f"resuming {self.run_dir} at epoch {self.ckpt['epoch']} step {self.ckpt['step']}", flush=True)

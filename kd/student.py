@@ -27,6 +27,8 @@ def synthetic_images(cfg, data, session):
     if not cfg.synthetic_ratio:
         return None, {}
     n = round(cfg.synthetic_ratio * data.n_train)
+    if cfg.synthetic_mode == "online":
+        return None, online_source(cfg, data, session)
     if cfg.synthetic_generator:
         sampler, label, fids = _generator(cfg, data, session)
         images, draw = from_generator(sampler, n, draw_seed(cfg.run_seed, n), data.spec.image_size,
@@ -40,6 +42,28 @@ def synthetic_images(cfg, data, session):
     if session.main:
         print(f"synthetic: {n} images, {draw['kind']} of {draw['source']}, sha256 {draw['sha256'][:12]}", flush=True)
     return images, {**info, names.SYNTHETIC_DRAW: draw}
+
+
+def online_source(cfg, data, session) -> dict:
+    """The config keys of an online run's sampling (:mod:`kd.online_synthetic`), the sampler under ``"_fresh"``:
+    n_synthetic is the static amount round(s * n_real) with the same batch split (the report's x axis)."""
+    import hashlib
+    import json
+
+    from kd.online_synthetic import FreshSamples, online_seed, online_split
+
+    sampler, label, fids = _generator(cfg, data, session)
+    seed, (_, per_step) = online_seed(cfg.run_seed), online_split(cfg.batch_size, cfg.synthetic_ratio)
+    bn = cfg.synthetic_generator_bn if sampler.kind == "sngan" else "none"
+    draw = {"kind": "online", "source": cfg.synthetic_generator, "seed": seed, "per_step": per_step,
+            "generator_bn": bn, "sampler": sampler.identity()}
+    draw["sha256"] = hashlib.sha256(json.dumps(draw, sort_keys=True).encode()).hexdigest()
+    if session.main:
+        print(f"synthetic: online, {per_step} fresh images of {label} per step of {cfg.batch_size} (BatchNorm {bn})",
+              flush=True)
+    fresh = FreshSamples(sampler, seed, bn, data.spec.image_size)
+    return {names.SYNTHETIC_SOURCE: label, **fids, names.SYNTHETIC_DRAW: draw,
+            "_n": round(cfg.synthetic_ratio * data.n_train), "_fresh": fresh}
 
 
 def _pool(cfg, data, session):
@@ -72,7 +96,10 @@ def _generator(cfg, data, session):
     settings = SimpleNamespace(dataset=cfg.dataset, scheduler="ddim", steps="auto", step=int(step or 0),
                                model_ref=lambda: ref)
     sampler = load_sampler(folder, settings, session.device, store=cfg.store)
-    if sampler.kind != "sngan" and session.main:
+    if sampler.kind != "sngan" and session.main and cfg.synthetic_mode == "online":
+        print(f"note: {ref} is a {sampler.kind} generator: online, every step runs its whole reverse process (slow; "
+              "an SN-GAN is one forward pass)", flush=True)
+    elif sampler.kind != "sngan" and session.main:
         print(f"note: {ref} is a {sampler.kind} generator: every run samples its own images from it (slow for a "
               "diffusion model); a pool (--synthetic_pool) is made once", flush=True)
     meta = getattr(sampler, "info", {}) or {}
@@ -104,13 +131,14 @@ def inputs(cfg, session, data):
     if session.main:
         print("teachers: " + ", ".join(versions), flush=True)
     synthetic, syn_info = synthetic_images(cfg, data, session)
+    fresh, n_online = syn_info.pop("_fresh", None), syn_info.pop("_n", 0)
     hashes = [m["sha256"] for m in metas]
     session.folder.check_inputs({"teacher_hashes": hashes,
                                  "synthetic_pool_sha256": syn_info.get(names.SYNTHETIC_POOL_SHA),
                                  "synthetic_draw_sha256": syn_info.get(names.SYNTHETIC_DRAW, {}).get("sha256")})
     extra = {names.TEACHER_NAMES: teachers, names.TEACHER_HASHES: hashes, names.TEACHER_VERSIONS: versions,
-             "n_real": data.n_train, "n_synthetic": 0 if synthetic is None else len(synthetic), **syn_info}
-    return members, synthetic, extra
+             "n_real": data.n_train, "n_synthetic": n_online if synthetic is None else len(synthetic), **syn_info}
+    return members, fresh if fresh is not None else synthetic, extra
 
 
 def _version(folder) -> str:
@@ -167,7 +195,12 @@ def prepare(cfg, session, data, model, resident=None):
         session.start_tracking(extra)
     ensemble = Ensemble(members).to(session.device)
     cache = teacher_targets(cfg, session, ensemble, data, extra[names.TEACHER_HASHES], resident)
-    objective = Distill(cfg, data, ensemble, synthetic, cache, session.accelerator)
+    if cfg.synthetic_mode == "online" and synthetic is not None:
+        from kd.online_synthetic import OnlineDistill
+
+        objective = OnlineDistill(cfg, data, ensemble, synthetic, cache, session.accelerator)
+    else:
+        objective = Distill(cfg, data, ensemble, synthetic, cache, session.accelerator)
     if session.ckpt:  # the teacher's accuracy is logged once, with the first evaluation
         objective.teacher_acc_logged = any(names.TEACHER_ACC in r for r in session.ckpt["history"])
     return objective, extra

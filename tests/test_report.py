@@ -698,3 +698,55 @@ def test_figure1_band_is_mean_plus_minus_std_or_the_range(band):
         assert any(y == pytest.approx(100 * lo) for y in ys) and any(y == pytest.approx(100 * hi) for y in ys)
     assert BANDS[band] in fig.legends[0].get_title().get_text()
     assert report.parse_args(["--study=s", f"--band={band}"]).band == band
+
+
+# ------------------------------------------------------------------------------------------ static and online
+def _protocol_groups() -> list:
+    runs = []
+    for protocol, lift in (("static", 0.0), ("online", 0.03)):
+        for m in (1, 3):
+            for r in (0.0, 0.5, 1.0):
+                for t in (0, 1):
+                    acc = 0.6 + 0.05 * m + (lift * r) + 0.01 * t - 0.02 * r
+                    run = _run(f"{protocol}-{m}-{r}-{t}", m, r, t, 1, acc, source="gen" if r else None, fid=30.0)
+                    if protocol == "online":
+                        run.config["synthetic_mode"] = "online"
+                    runs.append(run)
+    return report.group_students(runs, [])
+
+
+def test_static_and_online_are_one_line_each_in_figure_1_and_categories_of_the_effect():
+    from kd.report.effect import synthetic_effects
+    from kd.report.figures import figure1, figure2
+
+    groups = _protocol_groups()
+    assert sorted({g.protocol for g in groups}) == ["online", "static"] and len(groups) == 12
+    fig = figure1(groups, STUDY, "cifar10", "preresnet56", source="gen")
+    agreement_axes = [fig.axes[0], fig.axes[1]]  # the two panels' left axes
+    for ax in agreement_axes:
+        styles = sorted(line.get_linestyle() for line in ax.lines if len(line.get_xdata()) == 3)
+        assert styles == ["-", ":"], styles  # one agreement line per protocol over the 3 amounts
+        assert len(ax.collections) == 2  # and a band over trials for each
+        online = next(line for line in ax.lines if line.get_linestyle() == ":")
+        want = [100 * g.stats["test/agreement"]["mean"] for g in sorted(
+            (g for g in groups if g.protocol == "online" and g.ensemble_size == (1 if ax is fig.axes[0] else 3)),
+            key=lambda g: g.synthetic_ratio)]
+        assert list(online.get_ydata()) == pytest.approx(want)
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert "static synthetic data" in legend and "online synthetic data" in legend
+    rows = synthetic_effects(groups)
+    assert {(r["protocol"], r["ensemble_size"], r["ratio"]) for r in rows} == {
+        (p, m, r) for p in ("static", "online") for m in (1, 3) for r in (0.5, 1.0)}
+    for r in rows:  # paired against the real-only runs of its own protocol: the lift is online's only
+        lift = 0.03 if r["protocol"] == "online" else 0.0
+        assert r["d_acc"] == pytest.approx((lift - 0.02) * r["ratio"])
+    from kd.report.effect import figure_effect
+
+    assert {r["family"] for r in rows} == {"gen", "gen (online)"}
+    effect = figure_effect(groups, STUDY, "cifar10", "preresnet56")  # on the FID axis: one marker per protocol
+    assert len({marker for _, _, marker in _drawn_points(effect.axes[0])}) == 2
+    from kd.report.effect import _tick
+
+    assert _tick(("gen", "online"), None, False) == "gen\nonline\nFID unknown"  # categories without FID
+    fig2 = figure2(groups, STUDY, "cifar10", "preresnet56")  # real data only: the static runs, once per m
+    assert all(len(line.get_xdata()) <= 2 for line in fig2.axes[1].lines)

@@ -45,7 +45,11 @@ RUNS = {("cifar10", "teachers"): 12, ("cifar10", "self_distill"): 15, ("cifar10"
         ("cifar10", "generator_quality_ddpm"): 12, ("demo", "teachers"): 4,
         ("demo", "self_distill"): 10, ("demo", "ensemble_distill"): 10, ("demo", "ensemble_size"): 8,
         ("demo-generators", "teachers"): 1, ("demo-generators", "self_distill"): 6,
-        ("demo-generators", "self_distill_sngan"): 18}
+        ("demo-generators", "self_distill_sngan"): 18,
+        # Figure 1 online: 1 and 3 teachers x 5 amounts x 3 trials (the demo: 2 trials)
+        ("cifar10", "online"): 30, ("cifar100", "online"): 30, ("demo", "online"): 20}
+ONLINE_GENERATOR = {"cifar10": "generator-cifar10-gnosis-e500", "cifar100": "generator-cifar100-gnosis-e500",
+                    "demo": "generator-digits-hard-sngan"}
 LAUNCH = ["${env}", "${interpreter}", "-m", "kd.sweep.launch", "${program}", "${args}"]
 
 PROGRAM = r'''
@@ -132,7 +136,8 @@ def test_every_spec_is_there():
         (d, s) for d in STUDY if d != "demo-generators"
         for s in ("teachers", "self_distill", "ensemble_distill", "ensemble_size")} | {
         ("demo-generators", "teachers"), ("demo-generators", "self_distill"), ("demo-generators", "self_distill_sngan"),
-        *((d, s) for d in ("cifar10", "cifar100") for s in ("generator_quality", "generator_quality_ddpm"))}
+        *((d, s) for d in ("cifar10", "cifar100") for s in ("generator_quality", "generator_quality_ddpm")),
+        ("cifar10", "online"), ("cifar100", "online"), ("demo", "online")}
 
 
 @pytest.mark.parametrize("path", SPECS, ids=lambda p: f"{p.parent.name}/{p.name}")
@@ -156,6 +161,12 @@ def test_spec_is_valid_for_wandb_and_the_program(path):
     source = {k: params[k] for k in ("synthetic_pool", "synthetic_generator") if k in params}
     if teacher:
         assert not source
+    elif kind == "online":  # the authors' SN-GAN sampled in every step: no pool
+        assert params["synthetic_mode"] == {"value": "online"}
+        assert source == {"synthetic_generator": {"value": ONLINE_GENERATOR[folder]}}
+        assert params["synthetic_ratio"] == {"values": [0.0, 0.25, 0.5, 0.75, 1.0]}
+        assert params["ensemble_size"] == {"values": [1, 3]}
+        assert all(run.get("synthetic_generator_bn", {"value": "train"}) == {"value": "train"} for run in spec.grid)
     elif kind == "generator_quality" or kind == "self_distill_sngan":
         assert source == {"synthetic_generator": {"values": QUALITY[folder]}}  # one family, 3+ qualities
     elif kind == "generator_quality_ddpm":
@@ -186,7 +197,8 @@ def test_no_student_of_a_study_shares_a_seed_with_a_teacher(folder):
 
 
 def test_demo_fits_in_minutes():
-    total = sum(len(sweep_spec.load_spec(p).grid) for p in SPECS if p.parent.name == "demo")
+    total = sum(len(sweep_spec.load_spec(p).grid) for p in SPECS if p.parent.name == "demo"
+                and p.stem != "online")  # the online demo is a sweep of its own, not a step of make demo
     assert total <= 32  # 4 teachers and 28 grid points (24 students: 4 real-only points are shared)
 
 

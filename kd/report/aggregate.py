@@ -31,7 +31,9 @@ FIG1_SIZES = (1, 3)  # panel (a) self-distillation, panel (b) 3-teacher ensemble
 UNKNOWN_SOURCE = "unknown"  # a run with synthetic data whose config does not name the pool's model
 DATASET, ARCH = "dataset", "arch"
 ENSEMBLE_SIZE, SYNTHETIC_RATIO, TEMPERATURE, TRIAL = "ensemble_size", "synthetic_ratio", "temperature", "trial"
-FIGURE_AXES = (ENSEMBLE_SIZE, SYNTHETIC_RATIO, TEMPERATURE)  # the figures' own coordinates; other axes facet them
+PROTOCOL = "synthetic_mode"  # static pool or online samples: one line each in Figure 1, a category in the effect
+FIGURE_AXES = (ENSEMBLE_SIZE, SYNTHETIC_RATIO, TEMPERATURE, PROTOCOL)  # the figures' own coordinates; other axes
+# facet them
 GRID_KEYS = tuple(a.key for a in STUDENT_AXES)  # a point of the grid, in this order
 DEFAULTS = {a.key: a.default for a in STUDENT_AXES}
 
@@ -128,6 +130,10 @@ class Group:
     @property
     def temperature(self) -> float:
         return self.get(TEMPERATURE)
+
+    @property
+    def protocol(self) -> str:
+        return self.get(PROTOCOL)
 
     @property
     def key(self) -> tuple:

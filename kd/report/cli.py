@@ -25,7 +25,6 @@ from kd.report.aggregate import (
     group_students,
     in_facet,
     only,
-    sources,
 )
 from kd.report.effect import figure_effect
 from kd.report.figures import BANDS, DEFAULT_BAND, fig1_names, figure1, figure2, save_figure, slug
@@ -140,7 +139,8 @@ def write_outputs(groups: list[Group], study: str, dataset: str, arch: str, out:
                   band: str = DEFAULT_BAND) -> dict[str, Path]:
     """Per facet (:func:`kd.report.aggregate.facets`: one for a study whose runs agree in every axis beyond the
     figures' own; the first without a suffix, the others ``-{facet}``): Figure 1 per synthetic source, Figure 2,
-    synthetic_effect.png (two sources or more); then the CSV of every group."""
+    synthetic_effect.png (two categories or more: sources, or one source static and online); then the CSV of every
+    group."""
     paths: dict[str, Path] = {}
     for i, facet in enumerate(facets(groups)):
         mine, label = in_facet(groups, facet), facet_text(facet)
@@ -150,7 +150,7 @@ def write_outputs(groups: list[Group], study: str, dataset: str, arch: str, out:
             save_figure(figure1(mine, study, dataset, arch, source, label, band), paths[stem + suffix])
         paths["fig2" + suffix] = out / f"fig2{suffix}.png"
         save_figure(figure2(mine, study, dataset, arch, label, band), paths["fig2" + suffix])
-        if len(sources(mine)) > 1:
+        if len({(g.synthetic_source, g.protocol) for g in mine if g.synthetic_source is not None}) > 1:
             paths["synthetic_effect" + suffix] = out / f"synthetic_effect{suffix}.png"
             save_figure(figure_effect(mine, study, dataset, arch), paths["synthetic_effect" + suffix])
     paths["csv"] = out / "results.csv"

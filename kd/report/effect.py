@@ -20,13 +20,14 @@ import re
 import statistics
 
 from kd import names
-from kd.report.aggregate import FIG1_SIZES, Group, fig1_temperature, source_fid, sources, trial_of
+from kd.report.aggregate import FIG1_SIZES, Group, fig1_temperature, source_fid, trial_of
 
 DELTAS = {"d_acc": names.TEST_ACC, "d_agreement": names.TEST_AGREEMENT}
 WHAT = {"d_acc": "student test accuracy", "d_agreement": "test agreement"}
 STEP_MARK = names.STEP_MARK
 FAMILY_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 LEVEL = 0.95
+ONLINE_MARK = " (online)"  # an online source's category: its family and protocol
 
 
 def _snapshot(source: str) -> tuple[str, str, int] | None:
@@ -95,17 +96,20 @@ def synthetic_effects(groups: list[Group]) -> list[dict]:
     trials) and ``{key}_trials`` (trial -> change)."""
     tau = fig1_temperature(groups)
     rows = []
-    for src in sources(groups):
+    pairs = sorted({(g.synthetic_source, g.protocol) for g in groups if g.synthetic_source is not None})
+    for src, protocol in pairs:
         for m in FIG1_SIZES:
             base = [g for g in groups if (g.ensemble_size, g.synthetic_ratio, g.temperature) == (m, 0.0, tau)]
+            base.sort(key=lambda g: g.protocol != protocol)  # real only of the same protocol first (they are equal)
             own = [g for g in groups if g.synthetic_source == src and g.ensemble_size == m and g.temperature == tau
-                   and g.synthetic_ratio > 0]
+                   and g.synthetic_ratio > 0 and g.protocol == protocol]
             if not base:
                 continue
             for top in sorted(own, key=lambda g: g.synthetic_ratio):
-                row = {"source": src, "family": family_of(src), "step": step_of(src), "fid": source_fid(groups, src),
-                       "fid_authors": source_fid(groups, src, authors=True),
-                       "ensemble_size": m, "ratio": top.synthetic_ratio, "n_synthetic": top.n_synthetic}
+                row = {"source": src, "protocol": protocol, "family": family_of(src) + ONLINE_MARK * (
+                       protocol == "online"), "step": step_of(src), "fid": source_fid(groups, src),
+                       "fid_authors": source_fid(groups, src, authors=True), "ensemble_size": m,
+                       "ratio": top.synthetic_ratio, "n_synthetic": top.n_synthetic}
                 for key, metric in DELTAS.items():
                     changes = paired_changes(base[0], top, metric)
                     mean, lo, hi = t_interval(list(changes.values()))
@@ -116,9 +120,15 @@ def synthetic_effects(groups: list[Group]) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------------------ drawing
-def _order(rows: list[dict]) -> list[str]:
-    """Sources by family, then step (a family's final generator last)."""
-    return sorted({r["source"] for r in rows}, key=lambda s: (family_of(s), step_of(s) is None, step_of(s) or 0))
+def category(row: dict) -> tuple[str, str]:
+    """An effect row's category: (source, protocol)."""
+    return row["source"], row.get("protocol", "static")
+
+
+def _order(rows: list[dict]) -> list[tuple[str, str]]:
+    """Categories by family, then protocol (static first), then step (a family's final generator last)."""
+    return sorted({category(r) for r in rows}, key=lambda c: (family_of(c[0]), c[1] != "static", c[1],
+                                                             step_of(c[0]) is None, step_of(c[0]) or 0))
 
 
 def _amount(row: dict) -> str:
@@ -126,10 +136,13 @@ def _amount(row: dict) -> str:
     return f"ratio {row['ratio']:g}" + (f" (+{n:,} images)" if n else "")
 
 
-def _tick(src: str, fid: str, several: bool) -> str:
-    """A category's label: the family, the snapshot where the family has several sources, the FIDs known."""
+def _tick(cat: tuple[str, str], fid: str, several: bool) -> str:
+    """A category's label: the family, the snapshot where the family has several sources, the protocol where it
+    is online, the FIDs known."""
+    src, protocol = cat
     at = snapshot_label(src) if several else ""
-    return "\n".join(filter(None, (family_of(src), at, fid or "FID unknown")))
+    how = "online" if protocol == "online" else ""
+    return "\n".join(filter(None, (family_of(src), at, how, fid or "FID unknown")))
 
 
 def _panel(ax, rows: list[dict], key: str, x_of, dodge: float, families: list[str], ratios: list[float],
@@ -188,8 +201,9 @@ def figure_effect(groups: list[Group], study: str, dataset: str, arch: str):
 
     rows = synthetic_effects(groups)
     sizes = sorted({r["ensemble_size"] for r in rows}) or list(FIG1_SIZES[:1])
-    srcs = _order(rows)
-    families = sorted({family_of(s) for s in srcs})
+    cats = _order(rows)
+    srcs = sorted({c[0] for c in cats})
+    families = sorted({r["family"] for r in rows})
     ratios = sorted({r["ratio"] for r in rows})
     cmap = colormaps["viridis"]
     colors = [cmap(0.1 + 0.75 * i / max(1, len(ratios) - 1)) for i in range(len(ratios))]
@@ -199,10 +213,10 @@ def figure_effect(groups: list[Group], study: str, dataset: str, arch: str):
     on_fid = axis is not None
     fid_key = "fid_authors" if axis == "authors" else "fid"
     chosen = authors if axis == "authors" else fids
-    position = {s: i for i, s in enumerate(srcs)}
+    position = {c: i for i, c in enumerate(cats)}
 
     def x_of(r: dict):
-        return r[fid_key] if on_fid else position[r["source"]]
+        return r[fid_key] if on_fid else position[category(r)]
 
     if on_fid:
         span = max(chosen.values()) - min(chosen.values())
@@ -221,10 +235,11 @@ def figure_effect(groups: list[Group], study: str, dataset: str, arch: str):
             if on_fid:
                 ax.set_xlabel(FID_AXES[axis])
             else:
-                size = {f: sum(family_of(s) == f for s in srcs) for f in families}
-                ax.set_xticks(range(len(srcs)), [_tick(s, _fids_text(fids[s], authors[s]), size[family_of(s)] > 1)
-                                               for s in srcs], fontsize=7)
-                ax.set_xlim(-0.6, len(srcs) - 0.4)
+                size = {f: sum(family_of(s) == f for s in srcs) for f in {family_of(s) for s in srcs}}
+                ax.set_xticks(range(len(cats)), [_tick(c, _fids_text(fids[c[0]], authors[c[0]]),
+                                                       size[family_of(c[0])] > 1) for c in cats],
+                              fontsize=7)
+                ax.set_xlim(-0.6, len(cats) - 0.4)
     handles = [Line2D([], [], color="0.3", marker=FAMILY_MARKERS[i % len(FAMILY_MARKERS)], linestyle="",
                       markersize=8, label=f) for i, f in enumerate(families)]
     amounts = {r["ratio"]: _amount(r) for r in rows}

@@ -105,14 +105,22 @@ def _trials(groups: list[Group]) -> str:
     return "-" if not ns else str(ns[0]) if len(ns) == 1 else f"{ns[0]}–{ns[-1]}"
 
 
-def _fig1_panel(ax, gs: list[Group | None], ratios: list[float], labels: dict, band: str) -> None:
-    """One panel of Figure 1: agreement (left axis), student and teacher accuracy (right axis)."""
+PROTOCOL_STYLE = {"static": ("-", "o"), "online": (":", "s")}  # Figure 1's line (style, marker) per protocol
+
+
+def _fig1_panel(ax, series: dict[str, list[Group | None]], ratios: list[float], labels: dict,
+                band: str = DEFAULT_BAND) -> None:
+    """One panel of Figure 1: agreement (left axis), student and teacher accuracy (right axis); one line of each
+    per protocol in ``series`` (static, online), each with its band over trials; the teacher's once."""
     x = list(range(len(ratios)))
     right = ax.twinx()
-    _band(ax, x, gs, AGREEMENT, "tab:blue", band)
-    _band(right, x, gs, ACC, "tab:orange", band)
-    _band(right, x, gs, TEACHER_ACC, "0.25", band, linestyle="--", marker="")
-    for xi, g in zip(x, gs):
+    for protocol, gs in series.items():
+        style, marker = PROTOCOL_STYLE.get(protocol, ("-.", "^"))
+        _band(ax, x, gs, AGREEMENT, "tab:blue", band, linestyle=style, marker=marker)
+        _band(right, x, gs, ACC, "tab:orange", band, linestyle=style, marker=marker)
+    teacher = [next((g for g in col if g is not None), None) for col in zip(*series.values())]
+    _band(right, x, teacher, TEACHER_ACC, "0.25", band, linestyle="--", marker="")
+    for xi, g in zip(x, teacher):
         if g is None:
             ax.text(xi, 0.03, "no runs", transform=ax.get_xaxis_transform(), ha="center", fontsize=8.5,
                     color="0.35", style="italic")
@@ -130,14 +138,18 @@ def _fig1_panel(ax, gs: list[Group | None], ratios: list[float], labels: dict, b
     ax.grid(True, alpha=0.3)
 
 
-def _fig1_legend(fig, note: str) -> None:
+def _fig1_legend(fig, note: str, protocols: list[str]) -> None:
     from matplotlib.lines import Line2D
 
     handles = [Line2D([], [], color="tab:blue", marker="o", label="test agreement (left axis)"),
                Line2D([], [], color="tab:orange", marker="o", label="student test accuracy (right axis)"),
                Line2D([], [], color="0.25", linestyle="--", label="teacher test accuracy (right axis)")]
-    fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.945), ncol=3, fontsize=9.5,
-               title=note + " · both axes on one scale", title_fontsize=9, frameon=False)
+    if len(protocols) > 1:  # the line style says the protocol
+        handles += [Line2D([], [], color="0.4", linestyle=PROTOCOL_STYLE.get(p, ("-.", "^"))[0],
+                           marker=PROTOCOL_STYLE.get(p, ("-.", "^"))[1], label=f"{p} synthetic data")
+                    for p in protocols]
+    fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.945), ncol=min(len(handles), 5),
+               fontsize=9.5, title=note + " · both axes on one scale", title_fontsize=9, frameon=False)
 
 
 def figure1(groups: list[Group], study: str, dataset: str, arch: str, source: str | None = None, facet: str = "",
@@ -155,19 +167,21 @@ def figure1(groups: list[Group], study: str, dataset: str, arch: str, source: st
     at_tau = [g for g in groups if g.ensemble_size in FIG1_SIZES and g.temperature == tau]
     ratios = sorted({g.synthetic_ratio for g in at_tau})  # the same categories in both panels
     labels = {g.synthetic_ratio: f"{x_label(g)}\n(ratio {g.synthetic_ratio:g})" for g in at_tau}
+    protocols = sorted({g.protocol for g in at_tau}, key=lambda p: (p != "static", p))
     drawn = False
     for ax, m in zip(axes, FIG1_SIZES):
         gen = f"\nsynthetic data: {source} · {fid_text(source_fid(groups, source))}" if source else ""
         ax.set_title(titles[m] + gen, fontsize=12)
-        by_ratio = {g.synthetic_ratio: g for g in at_tau if g.ensemble_size == m}
-        if not by_ratio:
+        by_point = {(g.protocol, g.synthetic_ratio): g for g in at_tau if g.ensemble_size == m}
+        if not by_point:
             _empty(ax, f"no finished student runs with ensemble_size={m}" + (f", τ={tau:g}" if tau else ""))
             continue
-        _fig1_panel(ax, [by_ratio.get(r) for r in ratios], ratios, labels, band)  # None: a gap in the lines
+        series = {p: [by_point.get((p, r)) for r in ratios] for p in protocols}  # None: a gap in the lines
+        _fig1_panel(ax, series, ratios, labels, band)
         drawn = True
     fig.suptitle("Fidelity vs generalization as synthetic data is added to distillation", fontsize=13, y=0.99)
     if drawn:
-        _fig1_legend(fig, _lines_note(at_tau, band))
+        _fig1_legend(fig, _lines_note(at_tau, band), protocols)
     tau_txt = "-" if tau is None else f"{tau:g}"
     fig.text(0.5, 0.01, f"study {study} · dataset {dataset} · student {arch} · temperature τ = {tau_txt} · "
              + (f"{facet} · " if facet else "")
@@ -199,6 +213,8 @@ def figure2(groups: list[Group], study: str, dataset: str, arch: str, facet: str
     from matplotlib.figure import Figure
 
     at0 = [g for g in groups if g.synthetic_ratio == 0.0]
+    if len({g.protocol for g in at0}) > 1:  # real data only is the same under both protocols: the static runs
+        at0 = [g for g in at0 if g.protocol == "static"]
     fig = Figure(figsize=(12.5, 5.0), layout="constrained")
     ax_acc, ax_agr = fig.subplots(1, 2)
     ax_acc.set_title("(a) Teacher and student accuracy vs ensemble size", fontsize=12)
