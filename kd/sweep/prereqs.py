@@ -115,9 +115,9 @@ def _local_problem(need: Need, store) -> str | None:
         return "missing"
     meta = folder / "pool.json"
     if need.images and meta.is_file():
-        from kd.io import read_json
+        from kd.io import POOL, read_json
 
-        count = read_json(meta).get("count")
+        count = read_json(meta, POOL).get("count")
         if isinstance(count, int) and count < need.images:
             return f"holds {count} images, the trials' blocks need {need.images}"
     return None
