@@ -204,6 +204,7 @@ def _final(cwd):
     return load_file(str(folder / "final" / "model.safetensors")), folder
 
 
+@pytest.mark.slow  # several seconds to half a minute: make chaos runs it
 def test_an_online_run_killed_mid_epoch_resumes_bitwise(tmp_path, teachers_dir, generator_folder):
     straight, cut = tmp_path / "straight", tmp_path / "cut"
     straight.mkdir()

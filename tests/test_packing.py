@@ -342,6 +342,7 @@ def test_a_looped_pack_is_bitwise_the_plain_runs(tmp_path, teachers_dir, plain):
         assert metrics[name] == want[name] and "test/agreement" in want[name]
 
 
+@pytest.mark.slow  # several seconds to half a minute: make chaos runs it
 def test_packed_grid_keeps_each_run_and_equals_plain_runs(packed, plain):
     """Fused (the accelerators' default): each run its own, its numbers the plain run's to float
     rounding (a grouped convolution sums in another order): weights within 1e-3 relative L2 after the run,

@@ -787,6 +787,7 @@ def test_pool_records_fid_with_a_stand_in_and_null_without_network(gan_store, ca
     assert not (gan_store / "must").exists()
 
 
+@pytest.mark.slow  # several seconds to half a minute: make chaos runs it
 def test_sngan_pool_feeds_distill(gan_store, teachers_dir):
     pool = syn.generate(_gan_pool(out="pool", num=144, batch_size=64, shard_size=144))  # ratio 0.1 of 1437
     out = run_script("distill.py", *TINY, "--epochs=1", "--teachers=teacher-digits-preresnet8-s0",

@@ -67,6 +67,7 @@ def test_sigkill_then_resume_same_run_no_duplicate_steps_bitwise_identical(tmp_p
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow  # several seconds to half a minute: make chaos runs it
 def test_sigterm_saves_mid_epoch_checkpoint_and_exits_cleanly(tmp_path):
     out = run_script("train.py", *ARGS, cwd=tmp_path, check=False, env={"KD_FAULT": "train-step@30:TERM"})
     assert out.returncode == 143, out.stderr[-2000:]
@@ -94,6 +95,7 @@ def test_bad_flags_one_line_exit_2_nothing_written(tmp_path, args, needle):
     assert not any(p.name in ("runs", "wandb", "artifacts") for p in tmp_path.iterdir())
 
 
+@pytest.mark.slow  # several seconds to half a minute: make chaos runs it
 def test_a_run_stopped_on_one_machine_resumes_on_another_from_its_mirrored_checkpoint(tmp_path):
     """Two clones share only the artifact store (as machines share a network store; online, W&B): the run
     requeued onto the second machine starts from the first one's checkpoint, in the same W&B run."""

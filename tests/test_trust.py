@@ -68,6 +68,7 @@ def test_a_declared_pool_refuses_a_missing_member(demo_teachers, tmp_path):
     assert len(out.stderr.strip().splitlines()) == 1 and not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow  # several seconds to half a minute: make chaos runs it
 def test_resume_refuses_a_teacher_republished_between_stop_and_rerun(demo_teachers, tmp_path):
     folder, _ = demo_teachers
     store = tmp_path / "store"
@@ -88,6 +89,7 @@ def test_resume_refuses_a_teacher_republished_between_stop_and_rerun(demo_teache
     assert "--resume=False" in lines[0]
 
 
+@pytest.mark.slow  # several seconds to half a minute: make chaos runs it
 def test_a_sigterm_during_set_up_is_a_preemption(demo_teachers, tmp_path):
     """Stopped while the teacher cache is built (before training): nothing to checkpoint, one line, exit 143, the
     W&B run marked preempting (so an agent reruns it); the same command then finishes."""
@@ -109,6 +111,7 @@ def test_a_sigterm_during_set_up_is_a_preemption(demo_teachers, tmp_path):
     assert "student artifact" in again.stdout
 
 
+@pytest.mark.slow  # several seconds to half a minute: make chaos runs it
 def test_sigint_checkpoints_one_line_exit_130_and_resumes(tmp_path):
     args = [*tiny(batch_size=64), "--epochs=2", "--seed=3"]
     out = run_script("train.py", *args, cwd=tmp_path, env={"KD_FAULT": "train-step@30:INT"}, check=False)
@@ -242,6 +245,7 @@ def test_login_is_detected_as_wandb_does_host_port_and_saved_host(tmp_path):
     assert wandb_mode_in(tmp_path, {"WANDB_API_KEY": key}) == "online"
 
 
+@pytest.mark.slow  # several seconds to half a minute: make chaos runs it
 def test_a_finished_config_under_a_sweep_agent_still_reports(tmp_path):
     args = [*TINY, "--epochs=1", "--seed=4"]
     run_script("train.py", *args, cwd=tmp_path)
