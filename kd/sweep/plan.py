@@ -153,6 +153,35 @@ def needs(rows: list[SpecRuns]) -> dict:
             "largest": largest.run_name() if largest is not None else None}
 
 
+# The GPU-time estimate's assumptions (README, "GPU-hours: ESTIMATED"): a step moves MOVED_PER_STEP times the
+# bytes its forward writes as activations, at an effective memory bandwidth of BANDWIDTH bytes/s (an H100 has
+# 3.35 TB/s); bf16 halves the activations' bytes. Not a measurement: python -m kd.bench --device=cuda measures.
+MOVED_PER_STEP = (4, 8)
+BANDWIDTH = (2.0e12, 2.5e12)
+
+
+def work(rows: list[SpecRuns]) -> dict:
+    """The study's training work, each run once: runs, images (epochs x real images x (1 + synthetic ratio)),
+    steps at the largest batch, one step's forward activations (float32), and the estimated GPU-hours."""
+    from kd.datasets import dataset_spec
+
+    runs = {c.run_dir(): c for r in rows for c in r.cfgs}
+    spec = dataset_spec(next(iter(runs.values())).dataset)
+    images = sum(c.epochs * spec.n_train * (1 + getattr(c, "synthetic_ratio", 0.0)) for c in runs.values())
+    batch = max(c.batch_size for c in runs.values() if hasattr(c, "synthetic_ratio"))
+    arch = next(c.arch for c in runs.values() if hasattr(c, "synthetic_ratio"))
+    steps = images / batch
+    act = activation_bytes(arch, spec.num_classes, batch, spec.image_size)
+
+    def hours(halve: bool) -> tuple[float, float]:
+        per = act / (2 if halve else 1)
+        return (steps * per * MOVED_PER_STEP[0] / BANDWIDTH[1] / 3600,
+                steps * per * MOVED_PER_STEP[1] / BANDWIDTH[0] / 3600)
+
+    return {"runs": len(runs), "images": images, "batch": batch, "steps": steps, "activations": act,
+            "bf16_hours": hours(True), "fp32_hours": hours(False)}
+
+
 def _gb(n: float) -> str:
     return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.0f} MB"
 
@@ -174,6 +203,13 @@ def markdown(folder: str | Path) -> str:
         gpu = need["gpu"]
         lines.append(f"GPU memory of the largest run ({need['largest']}): " + ", ".join(
             f"{k} {_gb(v)}" for k, v in gpu.items()) + f"; in all about {_gb(sum(gpu.values()))}.")
+    w = work(rows)
+    lines.append(f"Training work, each run once: {w['runs']} runs, {w['images'] / 1e9:.2f}G images, "
+                 f"{w['steps'] / 1e6:.1f}M steps at batch {w['batch']}; a step's forward writes "
+                 f"{_gb(w['activations'])} of activations (float32). Estimated, not measured (a step moving "
+                 f"{MOVED_PER_STEP[0]}-{MOVED_PER_STEP[1]}x that at {BANDWIDTH[0] / 1e12:.1f}-"
+                 f"{BANDWIDTH[1] / 1e12:.1f} TB/s): {w['bf16_hours'][0]:.0f}-{w['bf16_hours'][1]:.0f} GPU-hours "
+                 f"in bf16, {w['fp32_hours'][0]:.0f}-{w['fp32_hours'][1]:.0f} in float32, one run at a time.")
     return "\n".join(lines)
 
 
