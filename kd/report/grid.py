@@ -166,12 +166,26 @@ def _same(value, want) -> bool:
     return value == want
 
 
+def _resolved(key: str, values: list) -> list:
+    """The values a setting may hold in a run's record: an ``auto`` precision is what it resolves to on CUDA or
+    elsewhere (runs record the resolved value), ``fp32`` is recorded as ``no``."""
+    if key != "mixed_precision":
+        return values
+    from kd.config import precision
+
+    return sorted({precision(str(v), cuda) for v in values for cuda in (True, False)})
+
+
 def _holds(run: Run, allowed: dict[str, list]) -> bool:
     for key, values in allowed.items():
         if not _compared(key, run.config):
             continue
         value = run.config.get(key, _CONFIG_DEFAULTS[key])
-        if not any(_same(value, v) for v in values):
+        if key == "mixed_precision":
+            from kd.config import precision
+
+            value = precision(str(value), False)  # fp32 and no are one setting
+        if not any(_same(value, v) for v in _resolved(key, values)):
             return False
     return True
 
