@@ -396,23 +396,26 @@ def test_only_runs_of_the_studys_grid_are_counted(tmp_path, monkeypatch):
     (tmp_path / "sweeps" / "self_distill.yaml").write_text(SPEC)
     sweep_runs = [grid_run("a", 1.0, 0.80), grid_run("b", 2.0, 0.82, trial=1),
                   grid_run("c", 3.0, 0.70, synthetic_pool="synthetic-cifar10-b"),  # real-only: the pool is moot
-                  grid_run("d", 4.0, 0.75, synthetic_ratio=0.5, synthetic_source="a")]
+                  grid_run("d", 4.0, 0.75, synthetic_ratio=0.5, synthetic_source="a"),
+                  grid_run("e", 5.0, 0.76, trial=1, synthetic_ratio=0.5, synthetic_source="a",
+                           mixed_precision="no")]  # the spec's auto precision as a CPU run records it
     ad_hoc = [grid_run("lr", 9.0, 0.10, lr=0.01),  # `distill.py --study=grid --lr=0.01`, newest of its point
               grid_run("pool", 9.0, 0.10, synthetic_ratio=0.5, synthetic_pool="synthetic-cifar10-z"),
               grid_run("tau", 9.0, 0.10, temperature=4.0),  # a grid key the spec leaves at its default
-              grid_run("wd", 9.0, 0.10, weight_decay=0.0005), grid_run("nest", 9.0, 0.10, nesterov=False)]
+              grid_run("wd", 9.0, 0.10, weight_decay=0.0005), grid_run("nest", 9.0, 0.10, nesterov=False),
+              grid_run("fp16", 9.0, 0.10, mixed_precision="fp16")]
     inside, outside = split_by_grid([*sweep_runs, *ad_hoc], tmp_path / "sweeps", "grid")
-    assert [r.id for r in inside] == ["a", "b", "c", "d"] and [r.id for r in outside] == [r.id for r in ad_hoc]
+    assert [r.id for r in inside] == ["a", "b", "c", "d", "e"] and [r.id for r in outside] == [r.id for r in ad_hoc]
 
     monkeypatch.setattr(cli, "_load", lambda args, study, mode, warnings: cli.Loaded([*sweep_runs, *ad_hoc],
                                                                                       "here", []))
     res = report.run_report(report.parse_args(["--study=grid", "--offline", f"--out={tmp_path / 'figs'}",
                                                f"--cache_dir={tmp_path / 'cache'}",
                                                f"--expect={tmp_path / 'sweeps'}"]))
-    assert sorted(r.id for r in res.students) == ["b", "c", "d"]  # c replaces a (same point, newer): dedupe
+    assert sorted(r.id for r in res.students) == ["b", "c", "d", "e"]  # c replaces a (same point, newer): dedupe
     assert all(r.value("test/acc") != 0.10 for g in res.groups for r in g.runs)  # never averaged
     (line,) = [w for w in res.warnings if "not in the study's grid" in w]
-    assert line.startswith("5 run(s) of study grid not in the study's grid") and "student-lr (lr)" in line
+    assert line.startswith("6 run(s) of study grid not in the study's grid") and "student-lr (lr)" in line
 
 
 @pytest.mark.parametrize("data,needle", [(b"[1]", "holds a list, not a JSON object"),
