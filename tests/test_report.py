@@ -220,11 +220,15 @@ def test_expect_reads_sweep_specs(study, tmp_path):
         "  trial: {values: [0, 1]}\n"))
     (sweeps / "teachers.yaml").write_text("program: train.py\nmethod: grid\n"
                                           "parameters:\n  seed: {values: [0, 1]}\n")
+    (sweeps / "later.yaml").write_text(common + (  # a spec not run yet: one line, not one per point
+        "parameters:\n" + recipe + "  ensemble_size: {value: 4}\n  trial: {values: [0, 1]}\n"))
     res = report.run_report(_args(root, tmp_path / "figs", f"--expect={sweeps}"))
     expected = [f"missing grid point ({src}): no finished run with ensemble_size={m} synthetic_ratio={r} "
                 f"temperature={t} trial={k}"
                 for src, m, r, t in (("ensemble_distill.yaml", 3, 0.5, 1), ("ensemble_size.yaml", 3, 0, 4))
                 for k in (0, 1)]
+    expected.append("missing grid (later.yaml): none of its 2 grid points has a finished run (not run yet? "
+                    "python -m kd.sweep on it)")
     assert sorted(res.missing) == sorted(expected)
 
 

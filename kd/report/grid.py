@@ -206,11 +206,20 @@ def check_grid(students: list[Run], groups: list[Group], args, warnings: list[st
     missing = []
     if args.expect:
         have = {tuple(axis_values(r)[k] for k in GRID_KEYS) for r in students}
-        for point, src in sorted(expected_from_specs(args.expect, args.study, warnings).items(), key=str):
-            if point not in have:
-                values = dict(zip(GRID_KEYS, point))
-                text = point_text(values, trial=values[TRIAL])
-                missing.append(f"missing grid point ({src}): no finished run with {text}")
+        expected = expected_from_specs(args.expect, args.study, warnings)
+        per_spec: dict[str, list] = {}
+        for point, src in sorted(expected.items(), key=str):
+            per_spec.setdefault(src, []).append(point)
+        for src, points in per_spec.items():
+            if len(points) > 1 and not any(p in have for p in points):  # a spec not run yet: one line
+                missing.append(f"missing grid ({src}): none of its {len(points)} grid points has a finished run "
+                               f"(not run yet? python -m kd.sweep on it)")
+                continue
+            for point in points:
+                if point not in have:
+                    values = dict(zip(GRID_KEYS, point))
+                    text = point_text(values, trial=values[TRIAL])
+                    missing.append(f"missing grid point ({src}): no finished run with {text}")
     if not args.expect or args.expect_paper_grid:
         several = len(sources(groups)) > 1
         for facet in facets(groups):
