@@ -24,6 +24,7 @@ from pathlib import Path
 
 from kd import artifacts, names
 from kd.errors import KDError, cli, first_line
+from kd.flags import REQUIRED, check_fields, parse_flags, setting
 from kd.sweep.spec import load_spec
 
 
@@ -164,22 +165,29 @@ def _where(spec_path: Path, entity: str, project: str) -> str:
     return f"{entity}/{project}"
 
 
+@dataclass
+class PrereqSettings:
+    """python -m kd.sweep.prereqs SPEC: does every run of a sweep spec find its teachers, pools and generators?"""
+
+    spec: str = setting(REQUIRED, "a W&B grid spec of distill.py runs, e.g. sweeps/cifar100/self_distill.yaml",
+                        positional=True)
+    entity: str = setting("", "with a W&B login: the entity the sweep's runs log to; empty: $WANDB_ENTITY, else yours")
+    project: str = setting("", "with a W&B login: the project; empty: $WANDB_PROJECT, else the spec's project")
+    store: str = setting("", "without a login: the local artifact store; empty: $KD_STORE, else ./artifacts")
+
+    def validate(self) -> None:
+        check_fields(self)
+
+
 def main(argv: list[str] | None = None) -> int:
     from kd.wandb_runs import wandb_mode
 
-    argv = list(sys.argv[1:] if argv is None else argv)
     with cli():
-        flags = dict(a[2:].split("=", 1) for a in argv if a.startswith("--") and "=" in a)
-        specs = [a for a in argv if not a.startswith("-")]
-        unknown = set(flags) - {"entity", "project", "store"}
-        if len(specs) != 1 or unknown or any(a.startswith("-") and "=" not in a for a in argv):
-            print("usage: python -m kd.sweep.prereqs SPEC.yaml [--entity=E] [--project=P] [--store=DIR]",
-                  file=sys.stderr)
-            return 0 if {"-h", "--help"} & set(argv) else 2
-        spec_path = Path(specs[0])
+        args = parse_flags(PrereqSettings, argv)
+        spec_path = Path(args.spec)
         online = wandb_mode() == "online"
-        where = _where(spec_path, flags.get("entity", ""), flags.get("project", "")) if online else ""
-        missing = check(spec_path, online, where, flags.get("store") or None)
+        where = _where(spec_path, args.entity, args.project) if online else ""
+        missing = check(spec_path, online, where, args.store or None)
         if missing:
             for line in missing:
                 print(f"error: missing {line}", file=sys.stderr)
