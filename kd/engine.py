@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import math
 import signal
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -35,7 +34,7 @@ from tqdm.auto import tqdm
 
 from kd import faults, names
 from kd.checkpoint import state_tensors
-from kd.errors import Interrupted, KDError, stop_requests
+from kd.errors import Interrupted, KDError, say, stop_requests
 from kd.optim import lr_at
 from kd.steppers import Stepper
 
@@ -213,8 +212,8 @@ def train_segment(group: list[Member], epoch: int, start: int, stop: int, steppe
                 m.checkpoint(last=True)
             if acc.num_processes > 1:  # every rank leaves once the checkpoint is written, with the same code
                 acc.wait_for_everyone()
-                print(f"rank {acc.process_index}: stopped by {signal.Signals(signum).name} after epoch {epoch + 1} "
-                      f"step {step + 1}", file=sys.stderr, flush=True)
+                say(f"rank {acc.process_index}: stopped by {signal.Signals(signum).name} after epoch {epoch + 1} "
+                    f"step {step + 1}")
             raise Interrupted(signum)
     vote.settle()
     stepper.close()

@@ -97,6 +97,19 @@ def check_name(value: str, what: str) -> str:
     return value
 
 
+def say(text: str) -> None:
+    """``text`` as one line on stderr in one write: the processes of one run share the terminal, and their lines
+    must not interleave (print writes the text and its newline apart)."""
+    import os
+
+    sys.stderr.flush()
+    data = (text + "\n").encode(sys.stderr.encoding or "utf-8", errors="backslashreplace")
+    try:
+        os.write(sys.stderr.fileno(), data)
+    except (OSError, ValueError, AttributeError):  # a stderr without a file descriptor (captured, in tests)
+        print(text, file=sys.stderr, flush=True)
+
+
 @contextlib.contextmanager
 def cli():
     """Entry points: KDError -> one line, exit 2; Interrupted -> one line, exit 128 + signal; Ctrl-C before
@@ -110,17 +123,16 @@ def cli():
     try:
         yield
     except KDError as e:
-        print(f"error: {one_line(e)}", file=sys.stderr)
+        say(f"error: {one_line(e)}")
         raise SystemExit(2) from None
     except AlreadyDone as e:
         print(one_line(e), flush=True)
         raise SystemExit(0) from None
     except Interrupted as e:
         if e.saved:
-            print(f"interrupted by {e}: checkpoint saved; run the same command again to resume", file=sys.stderr)
+            say(f"interrupted by {e}: checkpoint saved; run the same command again to resume")
         else:
-            print(f"interrupted by {e} outside training (nothing to checkpoint); run the same command again",
-                  file=sys.stderr)
+            say(f"interrupted by {e} outside training (nothing to checkpoint); run the same command again")
         raise SystemExit(128 + e.signum) from None
     except KeyboardInterrupt:
         print("interrupted by SIGINT before anything was checkpointed; run the same command again",

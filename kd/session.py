@@ -166,7 +166,8 @@ class Session:
             except KDError as e:
                 value = ("error", str(e))
         value = broadcast_object_list([value])[0]
-        if value[0] == "error":
+        if value[0] == "error":  # every process has it before any exits (a launcher stops the rest at the first exit)
+            self.accelerator.wait_for_everyone()
             raise KDError(value[1])
         return value[1]
 
