@@ -39,6 +39,7 @@ from pathlib import Path
 
 from kd import artifacts
 from kd.errors import KDError
+from kd.flags import env_seconds
 from kd.io import owner_tag, write_json
 from kd.metadata import MANIFEST, Shape, Within, read_json
 
@@ -54,17 +55,8 @@ CLAIM = Shape("a run's claim (state, host, pid, heartbeat)",
 
 def stale_after() -> float:
     """KD_CLAIM_STALE_S: seconds without a heartbeat after which a claim of another host is taken over."""
-    raw = os.environ.get("KD_CLAIM_STALE_S", "").strip()
-    if not raw:
-        return STALE_S
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if not 10 <= value <= 7 * 86400:
-        raise KDError(f"KD_CLAIM_STALE_S={raw!r} must be a number of seconds from 10 to 604800 (how long a run's "
-                      f"claim in the store may go without a heartbeat): unset it for {STALE_S:.0f}")
-    return value
+    return env_seconds("KD_CLAIM_STALE_S", STALE_S, 10, 7 * 86400,
+                       "how long a run's claim in the store may go without a heartbeat")
 
 
 def _pid_start(pid: int) -> int | None:

@@ -21,6 +21,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import sys
 from dataclasses import field, fields
 
@@ -285,3 +286,19 @@ def usage(cls) -> str:
 
 def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
+
+
+def env_seconds(name: str, default: float, lo: float, hi: float, what: str) -> float:
+    """The environment setting ``name`` as seconds from ``lo`` to ``hi`` (``default`` when unset); anything else is
+    one KDError naming the range, what the setting is for (``what``) and the default."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = lo - 1
+    if not lo <= value <= hi:
+        raise KDError(f"{name}={raw!r} must be a number of seconds from {lo:g} to {hi:g} ({what}): unset it for "
+                      f"{default:.0f}")
+    return value

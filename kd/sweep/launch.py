@@ -44,6 +44,7 @@ import sys
 from pathlib import Path
 
 from kd.errors import KDError, one_line
+from kd.flags import env_seconds
 from kd.sweep.processes import TERM_GRACE_S, signal_group, start_watch, tell, wait_group
 
 FORWARDED = {signal.SIGTERM: signal.SIGTERM, signal.SIGINT: signal.SIGINT, signal.SIGHUP: signal.SIGTERM,
@@ -87,17 +88,7 @@ def num_processes(config: Path | None) -> int:
 
 def stop_grace() -> float:
     """KD_STOP_GRACE_S: how long a stopped run gets to checkpoint before its watcher SIGKILLs it."""
-    raw = os.environ.get("KD_STOP_GRACE_S", "").strip()
-    if not raw:
-        return TERM_GRACE_S
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if not 1 <= value <= 86400:
-        raise KDError(f"KD_STOP_GRACE_S={raw!r} must be a number of seconds from 1 to 86400 (how long a stopped "
-                      f"run gets to checkpoint): unset it for {TERM_GRACE_S:.0f}")
-    return value
+    return env_seconds("KD_STOP_GRACE_S", TERM_GRACE_S, 1, 86400, "how long a stopped run gets to checkpoint")
 
 
 MAX_PROCESSES = 1024
